@@ -1,0 +1,9 @@
+"""Op contracts: the selective scan and its decode step, registered with torch.library.
+
+Importing this package registers `torch.ops.mamba_compiled.*`. The oracle lives in
+`mamba_compiled.ops.reference` and is never registered.
+"""
+
+from mamba_compiled.ops.scan import selective_scan_fn, selective_state_update
+
+__all__ = ["selective_scan_fn", "selective_state_update"]

@@ -1,0 +1,187 @@
+"""Input checks for the selective-scan ops: run before any kernel, name the argument and the fix.
+
+Every check raises TypeError (not a tensor, wrong dtype) or ValueError (wrong rank or size, mixed
+devices) with the argument's name and the expected shape. After the checks, inputs are normalized
+to what the kernels take: the last dimension unit-strided, per-step B/C as one group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def _is_tensor(name: str, t: object, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(t).__name__}")
+
+
+def _shape(name: str, t: Tensor, expected: tuple, described: str) -> None:
+    if t.dim() != len(expected) or any(
+        e is not None and s != e for s, e in zip(t.shape, expected, strict=False)
+    ):
+        raise ValueError(f"{name} must have shape {described}, got {tuple(t.shape)}")
+
+
+def _param_dtype(name: str, t: Tensor, act_dtype: torch.dtype) -> None:
+    # Parameters and states hold the fp32 accumulators; float64 only for a float64 (test) run.
+    allowed = (torch.float64,) if act_dtype == torch.float64 else (torch.float32,)
+    if t.dtype not in allowed:
+        raise TypeError(
+            f"{name} must be {allowed[0]} (the scan accumulates in it), got {t.dtype}; "
+            f"cast it with {name}.float()"
+        )
+
+
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    """Kernels index the last dimension densely; other strides are passed through."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _same_device(named: dict[str, Tensor | None], lead: str, device: torch.device) -> None:
+    for name, t in named.items():
+        if t is not None and t.device != device:
+            raise ValueError(
+                f"{name} is on {t.device} but {lead} is on {device}; move it with .to({lead}.device)"
+            )
+    if device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"inputs are on {device}: the selective scan runs on cpu and cuda only")
+
+
+def _check_bc(name: str, M: Tensor, batch: int, dim: int, dstate: int, seqlen: int | None,
+              act_dtype: torch.dtype) -> Tensor:
+    """B or C in any of its layouts; returns the shared (dim, dstate) or grouped 4-D form."""
+    if seqlen is None:
+        layouts = f"(batch, dstate) = ({batch}, {dstate}) or (batch, groups, dstate)"
+    else:
+        layouts = (
+            f"(dim, dstate) = ({dim}, {dstate}), (batch, dstate, seqlen) = "
+            f"({batch}, {dstate}, {seqlen}) or (batch, groups, dstate, seqlen)"
+        )
+    tail = () if seqlen is None else (seqlen,)
+    if M.dim() == 2 and seqlen is not None:
+        _shape(name, M, (dim, dstate), layouts)
+    elif M.dim() == 2 + len(tail):
+        _shape(name, M, (batch, dstate, *tail), layouts)
+        M = M.unsqueeze(1)
+    elif M.dim() == 3 + len(tail):
+        _shape(name, M, (batch, None, dstate, *tail), layouts)
+        groups = M.shape[1]
+        if groups == 0 or dim % groups != 0:
+            raise ValueError(f"{name} has {groups} groups, which must divide dim = {dim}")
+    else:
+        raise ValueError(f"{name} must have shape {layouts}, got {tuple(M.shape)}")
+    if M.dtype not in (act_dtype, torch.float32):
+        raise TypeError(f"{name} must be float32 or {act_dtype} like u, got {M.dtype}")
+    return _unit_stride(M)
+
+
+def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Validates the scan's inputs; returns them normalized for the kernels."""
+    for name, t, opt in (
+        ("u", u, False), ("delta", delta, False), ("A", A, False), ("B", B, False),
+        ("C", C, False), ("D", D, True), ("z", z, True), ("delta_bias", delta_bias, True),
+        ("initial_state", initial_state, True),
+    ):
+        _is_tensor(name, t, opt)
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape (batch, dim, seqlen), got {tuple(u.shape)}")
+    batch, dim, seqlen = u.shape
+    if batch == 0 or dim == 0 or seqlen == 0:
+        raise ValueError(
+            f"u must have a non-empty (batch, dim, seqlen), got {tuple(u.shape)}"
+        )
+    if u.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"u must be float32, float16 or bfloat16, got {u.dtype}")
+    _same_device(
+        {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+         "initial_state": initial_state},
+        "u", u.device,
+    )
+    if A.dim() != 2 or A.shape[0] != dim or A.shape[1] == 0:
+        raise ValueError(f"A must have shape (dim, dstate) = ({dim}, dstate), got {tuple(A.shape)}")
+    dstate = A.shape[1]
+    _param_dtype("A", A, u.dtype)
+    for name, t in (("delta", delta), ("z", z)):
+        if t is None:
+            continue
+        _shape(name, t, (batch, dim, seqlen), f"(batch, dim, seqlen) = {(batch, dim, seqlen)} like u")
+        if t.dtype != u.dtype:
+            raise TypeError(f"{name} must have u's dtype {u.dtype}, got {t.dtype}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is None:
+            continue
+        _shape(name, t, (dim,), f"(dim,) = ({dim},)")
+        _param_dtype(name, t, u.dtype)
+    if initial_state is not None:
+        _shape(
+            "initial_state", initial_state, (batch, dim, dstate),
+            f"(batch, dim, dstate) = {(batch, dim, dstate)}",
+        )
+        _param_dtype("initial_state", initial_state, u.dtype)
+    B = _check_bc("B", B, batch, dim, dstate, seqlen, u.dtype)
+    C = _check_bc("C", C, batch, dim, dstate, seqlen, u.dtype)
+    if u.device.type == "cuda" and u.dtype == torch.float64:
+        raise TypeError("u is float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
+    return (
+        _unit_stride(u), _unit_stride(delta), A.contiguous(), B, C,
+        None if D is None else D.contiguous(), _unit_stride(z),
+        None if delta_bias is None else delta_bias.contiguous(),
+        None if initial_state is None else initial_state.contiguous(),
+    )
+
+
+def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
+    """Validates one decode step's inputs; returns them normalized (B, C as (batch, groups, dstate))."""
+    for name, t, opt in (
+        ("state", state, False), ("x", x, False), ("dt", dt, False), ("A", A, False),
+        ("B", B, False), ("C", C, False), ("D", D, True), ("z", z, True), ("dt_bias", dt_bias, True),
+    ):
+        _is_tensor(name, t, opt)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (batch, dim), got {tuple(x.shape)}")
+    batch, dim = x.shape
+    if batch == 0 or dim == 0:
+        raise ValueError(f"x must have a non-empty (batch, dim), got {tuple(x.shape)}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _same_device(
+        {"state": state, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias},
+        "x", x.device,
+    )
+    if A.dim() != 2 or A.shape[0] != dim or A.shape[1] == 0:
+        raise ValueError(f"A must have shape (dim, dstate) = ({dim}, dstate), got {tuple(A.shape)}")
+    dstate = A.shape[1]
+    _param_dtype("A", A, x.dtype)
+    _shape("state", state, (batch, dim, dstate), f"(batch, dim, dstate) = {(batch, dim, dstate)}")
+    _param_dtype("state", state, x.dtype)
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous: it is updated in place")
+    for name, t in (("dt", dt), ("z", z)):
+        if t is None:
+            continue
+        _shape(name, t, (batch, dim), f"(batch, dim) = {(batch, dim)} like x")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is None:
+            continue
+        _shape(name, t, (dim,), f"(dim,) = ({dim},)")
+        _param_dtype(name, t, x.dtype)
+    B = _check_bc("B", B, batch, dim, dstate, None, x.dtype)
+    C = _check_bc("C", C, batch, dim, dstate, None, x.dtype)
+    if x.device.type == "cuda" and x.dtype == torch.float64:
+        raise TypeError("x is float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
+    return (
+        _unit_stride(x), _unit_stride(dt), A.contiguous(), B, C,
+        None if D is None else D.contiguous(), _unit_stride(z),
+        None if dt_bias is None else dt_bias.contiguous(),
+    )

@@ -1,0 +1,263 @@
+"""The selective scan and its decode step as torch.library ops (namespace `mamba_compiled`).
+
+Registered ops:
+
+    selective_scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, delta_softplus)
+        -> (out, last_state, checkpoints)
+    selective_scan_bwd(dout, dlast_state?, u, delta, A, B, C, D?, z?, delta_bias?, initial_state?,
+                       checkpoints, delta_softplus, deterministic)
+        -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
+    selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
+
+Each is a `triton_op`, so torch.compile and AOTInductor see the Triton kernels of the CUDA branch;
+a `triton_op` has no per-device registration, so its body picks the implementation from the
+inputs' device: CUDA -> the Triton launchers in `mamba_compiled.lowering`; CPU -> the torch kernels
+in `ops/cpu.py`, registered as opaque CPU-only ops (`*_cpu`) so the compiler never unrolls their
+time loop. The body is also the fake implementation. `checkpoints` is whatever the device's
+backward needs (chunk-start states); its shape depends only on input sizes.
+
+The forward's autograd formula calls the registered backward op, so AOT autograd traces it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+from mamba_compiled.ops import cpu
+from mamba_compiled.ops.checks import check_scan_inputs, check_state_update_inputs
+
+Opt = Tensor | None
+
+
+def _lowering():
+    """The Triton launchers, imported on the first CUDA call."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(
+            "CUDA tensors run on Triton kernels, and triton is not installed: "
+            "pip install 'mamba-compiled[cuda]'"
+        )
+    from mamba_compiled import lowering
+
+    return lowering
+
+
+def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU kernels as opaque ops, with their fakes (contiguous outputs, as the kernels return).
+
+
+@custom_op("mamba_compiled::selective_scan_fwd_cpu", mutates_args=(), device_types="cpu")
+def _scan_fwd_cpu(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return cpu.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+
+
+@_scan_fwd_cpu.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    batch, dim, seqlen = u.shape
+    acc = cpu.acc_dtype(u.dtype)
+    return (
+        _empty((batch, dim, seqlen), u),
+        _empty((batch, dim, A.shape[1]), u, acc),
+        _empty((batch, dim, cpu.n_chunks(seqlen), A.shape[1]), u, acc),
+    )
+
+
+@custom_op("mamba_compiled::selective_scan_bwd_cpu", mutates_args=(), device_types="cpu")
+def _scan_bwd_cpu(
+    dout: Tensor, dlast_state: Opt, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
+    delta_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return cpu.scan_bwd(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+        delta_softplus,
+    )
+
+
+def _bwd_fake(u, delta, A, B, C, z):
+    """Gradient shapes: each like its input; dD, ddelta_bias, dinitial_state always present."""
+    batch, dim, _ = u.shape
+    acc = cpu.acc_dtype(u.dtype)
+    return (
+        _empty(u.shape, u),
+        _empty(delta.shape, delta),
+        _empty(A.shape, A),
+        _empty(B.shape, B),
+        _empty(C.shape, C),
+        _empty((dim,), u, acc),
+        _empty(z.shape, z) if z is not None else _empty((0,), u),
+        _empty((dim,), u, acc),
+        _empty((batch, dim, A.shape[1]), u, acc),
+    )
+
+
+@_scan_bwd_cpu.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+      delta_softplus):
+    return _bwd_fake(u, delta, A, B, C, z)
+
+
+@custom_op(
+    "mamba_compiled::selective_state_update_cpu", mutates_args=("state",), device_types="cpu"
+)
+def _state_update_cpu(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    dt_bias: Opt, dt_softplus: bool,
+) -> Tensor:
+    return cpu.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@_state_update_cpu.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return _empty(x.shape, x)
+
+
+# --------------------------------------------------------------------------------------------
+# The public ops: one body for both devices.
+
+
+@triton_op("mamba_compiled::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if u.device.type == "cuda":
+        return _lowering().scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
+        )
+    return torch.ops.mamba_compiled.selective_scan_fwd_cpu(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
+    )
+
+
+@triton_op("mamba_compiled::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    dout: Tensor, dlast_state: Opt, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
+    delta_softplus: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if u.device.type == "cuda":
+        return _lowering().scan_bwd(
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+            delta_softplus, deterministic,
+        )
+    # The CPU kernel has no atomics: it is deterministic either way.
+    return torch.ops.mamba_compiled.selective_scan_bwd_cpu(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+        delta_softplus,
+    )
+
+
+@triton_op("mamba_compiled::selective_state_update", mutates_args=("state",))
+def selective_state_update_op(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    dt_bias: Opt, dt_softplus: bool,
+) -> Tensor:
+    if x.device.type == "cuda":
+        return _lowering().state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return torch.ops.mamba_compiled.selective_state_update_cpu(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: the backward is the registered backward op.
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()  # e.g. the expanded ones of out.sum().backward()
+    if dlast_state is not None:
+        dlast_state = dlast_state.contiguous()
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = (
+        torch.ops.mamba_compiled.selective_scan_bwd(
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+            ctx.delta_softplus, torch.are_deterministic_algorithms_enabled(),
+        )
+    )
+    return (
+        du, ddelta, dA, dB, dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        ddelta_bias if delta_bias is not None else None,
+        dinitial_state if initial_state is not None else None,
+        None,
+    )
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The public API, drop-in for mamba_ssm's names.
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan (Mamba-1, real A), as mamba_ssm's `selective_scan_fn`.
+
+    u, delta, z: (batch, dim, seqlen), float32/float16/bfloat16 (one dtype);
+    A: (dim, dstate) float32; B, C: (dim, dstate) shared, (batch, dstate, seqlen) per step, or
+    (batch, groups, dstate, seqlen) grouped; D, delta_bias: (dim,) float32;
+    initial_state: (batch, dim, dstate) float32, the state before the first step (differentiable).
+
+    Returns out (batch, dim, seqlen) in u's dtype, and with return_last_state also the state after
+    the last step, (batch, dim, dstate) float32.
+    """
+    args = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out, last_state, _ = torch.ops.mamba_compiled.selective_scan_fwd(*args, bool(delta_softplus))
+    return (out, last_state) if return_last_state else out
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """One decode step of the scan: updates `state` in place and returns the output.
+
+    state: (batch, dim, dstate) float32, contiguous; x, dt, z: (batch, dim); A: (dim, dstate);
+    B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,).
+    Returns out (batch, dim) in x's dtype. Equal to one step of `selective_scan_fn` started from
+    `state`, whose last state is written back into `state`.
+    """
+    args = check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias)
+    return torch.ops.mamba_compiled.selective_state_update(state, *args, bool(dt_softplus))
