@@ -1,0 +1,153 @@
+"""Pieces shared by the Triton kernels: math helpers, scan combiners, launch configurations.
+
+Imports triton: only the launchers import this module, and only when a tensor reaches them.
+
+The scan kernels work on tiles in a 4-d frame (T, N_A, BD, N_B):
+
+    T     time steps of one chunk                 held in registers, one thread sees all of them
+    N_A   state indices held by one thread         so most of the sum over the state is in-thread
+    BD    channels of the program                  spread over lanes and warps
+    N_B   state indices spread over lanes          N = N_A * N_B (dstate padded to a power of two)
+
+Triton's default layout fills lanes from the last axis backwards (N_B, then BD), puts the warps
+on BD and leaves N_A and T in registers. So the scan along T runs sequentially inside each
+thread (no shuffles), and Σ_n needs only log2(N_B) shuffle rounds for N_A·T values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def log2(x, FAST: tl.constexpr):
+    """log2; FAST: the special-function unit's lg2.approx (2^-22 relative error) instead of
+    libdevice's 30-instruction polynomial. The interpreter has no inline PTX, so FAST=False there."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def softplus(x, FAST: tl.constexpr):
+    """softplus(x) = log(1 + e^x), = x above 20 (as mamba_ssm); e^x below -9 where log(1 + e^x)
+    would lose digits to the rounding of 1 + e^x."""
+    e = tl.exp2(x * LOG2E)
+    return tl.where(x > 20.0, x, tl.where(x < -9.0, e, log2(1.0 + e, FAST) * LN2))
+
+
+@triton.jit
+def sigmoid(x):
+    return tl.fdiv(1.0, 1.0 + tl.exp2(-x * LOG2E))
+
+
+@triton.jit
+def linear_combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2) for h -> a·h + b: the composition is h -> a1·a2·h + (a2·b1 + b2)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def reverse_combine(f_l, p_l, s_l, f_e, p_e, s_e):
+    """Combiner for dh_t = b_t + a_{t+1}·dh_{t+1} as a reverse scan over leaves (a_t, 1, b_t).
+
+    A segment [i, j] is (F, P, S): F = a_i, P = a_{i+1}···a_j, S = Σ_s b_s·a_{i+1}···a_s.
+    Triton's reverse scan calls combine(later segment, earlier segment); joining them gives
+    F = F_e, P = P_e·F_l·P_l, S = S_e + P_e·F_l·S_l, and the scan's S at t is dh_t. The shifted
+    a_{t+1} comes from the neighbouring leaf's F, so no shifted load or second exp is needed.
+    With T held in registers, P_e = 1 folds away and each step is one FMA.
+    """
+    k = p_e * f_l
+    return f_e, k * p_l, s_e + k * s_l
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Launch configuration of one scan kernel. BD = channels per program, T = time steps per
+    chunk, N_B = state lanes; num_warps and num_stages as Triton's."""
+
+    BD: int
+    T: int
+    N_B: int
+    num_warps: int
+    num_stages: int = 1
+
+
+# The checkpoint interval: the forward writes the state at the start of every CK steps, the
+# backward walks back CK steps at a time. It fixes the checkpoint tensor's shape, so it is a
+# constant of the fwd/bwd contract, not a per-call choice. See perf/NOTES.md.
+CK = 16
+CK_INTERPRET = 4
+
+_override: dict[str, object] = {}
+
+
+def set_override(**kw) -> None:
+    """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int. Call with
+    no arguments to clear. Not for model code."""
+    _override.clear()
+    _override.update({k: v for k, v in kw.items() if v is not None})
+
+
+def checkpoint_interval() -> int:
+    if "ck" in _override:
+        return int(_override["ck"])
+    return CK_INTERPRET if interpreting() else CK
+
+
+def state_pad(dstate: int) -> int:
+    """dstate padded to a power of two (dstate is a model constant; this does not touch L)."""
+    return triton.next_power_of_2(dstate)
+
+
+def _n_lanes(n: int, limit: int) -> int:
+    return min(n, limit)
+
+
+def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
+    """Heuristic forward config. groups: the B and C group counts (1 when shared); a block of
+    channels must lie in one group of each. Never looks at batch or seqlen (dynamic in export)."""
+    if "fwd" in _override:
+        return _override["fwd"]  # type: ignore[return-value]
+    ck = checkpoint_interval()
+    n = state_pad(dstate)
+    if interpreting():
+        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=_n_lanes(n, 2), num_warps=1)
+    n_b = _n_lanes(n, 4)
+    return ScanConfig(BD=_block_d(32, dim, groups), T=2 * ck, N_B=n_b, num_warps=4)
+
+
+def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
+    if "bwd" in _override:
+        return _override["bwd"]  # type: ignore[return-value]
+    ck = checkpoint_interval()
+    n = state_pad(dstate)
+    if interpreting():
+        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=_n_lanes(n, 2), num_warps=1)
+    return ScanConfig(BD=_block_d(32, dim, groups), T=ck, N_B=_n_lanes(n, 8), num_warps=4)
+
+
+def _block_d(want: int, dim: int, groups: tuple[int, ...]) -> int:
+    """The largest power of two <= want that divides dim // g for every g > 1 in groups (so a
+    block of channels reads one B/C group and its dB/dC partial sums belong to one group)."""
+    bd = want
+    for g in groups:
+        while g > 1 and bd > 1 and (dim // g) % bd:
+            bd //= 2
+    return bd
