@@ -1,0 +1,224 @@
+"""The Mamba language model: embedding, a homogeneous stack of pre-norm residual blocks, a final
+norm and a (tied) LM head. Module tree and parameter names are mamba_ssm's
+(`mamba_ssm/models/mixer_seq_simple.py`):
+
+    MambaLMHeadModel
+      backbone: MixerModel
+        embedding            nn.Embedding(padded_vocab_size, d_model)
+        layers[i]: Block
+          norm               RMSNorm (or LayerNorm)
+          mixer: Mamba       in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj
+        norm_f
+      lm_head                nn.Linear(d_model, padded_vocab_size), tied to the embedding
+
+Plain modules: no kernels, no compiler switches. Compile from outside (`torch.compile(model)`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mamba_compiled.models import checkpoints
+from mamba_compiled.models.config import MambaConfig
+from mamba_compiled.models.mamba import Mamba
+
+# What mamba_ssm's MambaLMHeadModel.forward returns; defined once so that torch.export can name it.
+CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
+
+# (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, d_state) float32), one pair per layer.
+LayerStates = Sequence[tuple[Tensor, Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32, returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)). The residual stream is float32 when
+    residual_in_fp32 (as mamba_ssm's Block, without its fused add+norm kernel)."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        norm_cls = RMSNorm if config.rms_norm else nn.LayerNorm
+        self.norm = norm_cls(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+        self.mixer = Mamba(config, layer_idx=layer_idx, device=device, dtype=dtype)
+        self.layer_idx = layer_idx
+
+    def forward(self, x: Tensor, conv_state=None, ssm_state=None, mask=None) -> Tensor:
+        h = self.norm(x.to(self.norm.weight.dtype))
+        return x + self.mixer(h, conv_state, ssm_state, mask)
+
+    def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+        return x + self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), conv_state, ssm_state)
+
+
+class MixerModel(nn.Module):
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            Block(config, i, device=device, dtype=dtype) for i in range(config.n_layer)
+        )
+        norm_cls = RMSNorm if config.rms_norm else nn.LayerNorm
+        self.norm_f = norm_cls(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+
+    def _residual(self, x: Tensor) -> Tensor:
+        return x.float() if self.residual_in_fp32 else x
+
+    def forward(self, input_ids: Tensor, states: LayerStates | None = None, mask=None) -> Tensor:
+        """(b, l) token ids -> (b, l, d_model) normalized hidden states."""
+        x = self._residual(self.embedding(input_ids))  # (b, l, d_model)
+        for i, layer in enumerate(self.layers):
+            conv_state, ssm_state = (None, None) if states is None else states[i]
+            x = layer(x, conv_state, ssm_state, mask)
+        return self.norm_f(x.to(self.norm_f.weight.dtype))
+
+    def step(self, input_ids: Tensor, states: LayerStates) -> Tensor:
+        """(b,) token ids -> (b, d_model), advancing every layer's states in place."""
+        x = self._residual(self.embedding(input_ids))  # (b, d_model)
+        for layer, (conv_state, ssm_state) in zip(self.layers, states, strict=True):
+            x = layer.step(x, conv_state, ssm_state)
+        return self.norm_f(x.to(self.norm_f.weight.dtype))
+
+
+def _init_weights(module: nn.Module, n_layer: int, initializer_range: float, rescale: bool) -> None:
+    """mamba_ssm's `_init_weights`: zero Linear biases (but dt_proj's), N(0, 0.02) embedding,
+    out_proj rescaled by 1/sqrt(n_layer) (GPT-2's scheme for residual branches)."""
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        if not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    if rescale and isinstance(module, Mamba):
+        p = module.out_proj.weight
+        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        with torch.no_grad():
+            p /= math.sqrt(n_layer)
+
+
+class MambaLMHeadModel(nn.Module):
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"config must be a MambaConfig, got {type(config).__name__}")
+        self.config = config
+        self.backbone = MixerModel(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(
+            config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype
+        )
+        with torch.no_grad():
+            self.apply(
+                partial(
+                    _init_weights,
+                    n_layer=config.n_layer,
+                    initializer_range=config.initializer_range,
+                    rescale=config.rescale_prenorm_residual,
+                )
+            )
+        if config.tie_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.backbone.embedding.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        inference_params=None,
+        num_last_tokens: int = 0,
+        *,
+        states: LayerStates | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (b, l) -> CausalLMOutput(logits (b, l or num_last_tokens, padded_vocab_size)).
+
+        position_ids is accepted and ignored, as in mamba_ssm (Mamba has no positions).
+        `states` (one (conv_state, ssm_state) pair per layer) makes this a prefill: the sequence
+        continues from them and they are updated in place; `mamba_compiled.generation` manages them.
+        `attention_mask` (b, l), 1 for tokens and 0 for *left* padding: padded positions leave the
+        recurrent state at zero, so each row computes what it would alone.
+        """
+        if inference_params is not None:
+            raise TypeError(
+                "inference_params (mamba_ssm's decoding cache) is not supported; use "
+                "mamba_compiled.generation (model.generate or MambaCache) for cached decoding"
+            )
+        self._check_input_ids(input_ids)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask
+        if states is not None and len(states) != len(self.backbone.layers):
+            raise ValueError(f"states must hold one pair per layer ({len(self.backbone.layers)})")
+        hidden = self.backbone(input_ids, states, mask)  # (b, l, d_model)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        return CausalLMOutput(logits=self.lm_head(hidden))
+
+    def step(self, input_ids: Tensor, states: LayerStates) -> Tensor:
+        """One decoding step: input_ids (b,) -> logits (b, padded_vocab_size); states advance."""
+        return self.lm_head(self.backbone.step(input_ids, states))
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold token ids as torch.long, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        # A value check reads the data; compiled and exported graphs skip it (the embedding's own
+        # bounds check still fires there).
+        if not torch.compiler.is_compiling():
+            n = self.backbone.embedding.num_embeddings
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(
+                    f"input_ids out of range: values in [{lo}, {hi}], the vocabulary has {n} rows"
+                )
+
+    # ---- checkpoints and generation: see checkpoints.py and mamba_compiled/generation.py --------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> MambaLMHeadModel:
+        """Load a local directory in mamba_ssm's or Hugging Face's format (no hub downloads)."""
+        return checkpoints.load_pretrained(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(
+        self, path: str | Path, format: str = "mamba_ssm", safe_serialization: bool = True
+    ) -> None:
+        """Write config.json and the weights (safetensors) in mamba_ssm's or Hugging Face's format."""
+        checkpoints.save_pretrained(self, path, format=format, safe_serialization=safe_serialization)
+
+    def generate(self, input_ids: Tensor, *args, **kwargs) -> Tensor:
+        """Recurrent decoding; see `mamba_compiled.generation.generate` for the arguments."""
+        from mamba_compiled.generation import generate  # generation sits above the models
+
+        return generate(self, input_ids, *args, **kwargs)

@@ -1,0 +1,168 @@
+"""The Mamba mixer (Gu & Dao 2023, Section 3.4 and Algorithm 2), in plain PyTorch around the scan op.
+
+    in_proj -> (x, z);  x -> causal depthwise conv1d -> SiLU -> u
+    u -> x_proj -> (Δ, B, C);  Δ -> dt_proj (its bias and the softplus run inside the scan)
+    y = selective_scan(u, Δ, A, B, C, D, z)  =  SSM(u) * SiLU(z)
+    out_proj(y)
+
+Everything but the scan is ordinary PyTorch for the compiler to fuse; the scan is the registered
+op `selective_scan_fn` (one decode step: `selective_state_update`), whichever kernel serves it.
+
+Glossary (code -> paper): b batch, l sequence length, d_model D, d_inner E·D, d_state N,
+dt / delta Δ, A_log log(-A), D the skip connection, z the gate.
+
+Parameter names, shapes and initialization are mamba_ssm's (`mamba_ssm/modules/mamba_simple.py`),
+so its state dicts load with strict=True. A_log and D stay float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamba_compiled.models.config import MambaConfig
+from mamba_compiled.ops import selective_scan_fn, selective_state_update
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The scan's parameter and state dtype: float32, or float64 for a float64 model (tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Mamba(nn.Module):
+    def __init__(self, config: MambaConfig, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.layer_idx = layer_idx
+        self.d_model = config.d_model
+        self.d_state = config.d_state
+        self.d_conv = config.d_conv
+        self.d_inner = config.d_inner
+        self.dt_rank = config.dt_rank
+
+        self.in_proj = nn.Linear(self.d_model, 2 * self.d_inner, bias=config.bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
+            padding=self.d_conv - 1, bias=config.conv_bias, **factory,
+        )  # fmt: skip
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        # S4D-real initialization A = -(1, 2, ..., N) per channel, stored as log(-A) in float32.
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
+        self.A_log = nn.Parameter(torch.log(A).repeat(self.d_inner, 1))  # (d_inner, N)
+        self.D = nn.Parameter(torch.ones(self.d_inner, dtype=torch.float32, device=device))
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=config.bias, **factory)
+        self._init_dt(config)
+        self.tag_parameters()
+
+    def tag_parameters(self) -> None:
+        """mamba_ssm's parameter flags, read by optimizers and init: A_log and D take no weight
+        decay; dt_proj.bias keeps its special init. (Call again after replacing parameters.)"""
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.dt_proj.bias._no_reinit = True
+
+    @torch.no_grad()
+    def _init_dt(self, config: MambaConfig) -> None:
+        # dt_proj.weight keeps the variance of Δ at init; its bias is softplus⁻¹ of a log-uniform
+        # draw in [dt_min, dt_max], so that Δ = softplus(dt_proj(.) + bias) starts in that range.
+        std = self.dt_rank**-0.5 * config.dt_scale
+        if config.dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(self.d_inner, device=self.dt_proj.bias.device)
+            * (math.log(config.dt_max) - math.log(config.dt_min))
+            + math.log(config.dt_min)
+        ).clamp(min=config.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def _conv(self, xp: Tensor) -> Tensor:
+        """Causal depthwise conv of a left-extended input (b, d_inner, W-1+l) -> (b, d_inner, l).
+
+        Written as W shifted multiply-adds rather than F.conv1d: the compiler fuses them with the
+        SiLU and the transposes around them, and no convolution backend is chosen by shape.
+        """
+        W = self.d_conv
+        l = xp.shape[-1] - (W - 1)
+        w = self.conv1d.weight[:, 0, :].to(xp.dtype)  # (d_inner, W)
+        out = xp[:, :, 0:l] * w[:, 0:1]
+        for k in range(1, W):
+            out = out + xp[:, :, k : k + l] * w[:, k : k + 1]
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(xp.dtype)[:, None]
+        return out
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        conv_state: Tensor | None = None,
+        ssm_state: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """(b, l, d_model) -> (b, l, d_model).
+
+        With `conv_state` (b, d_inner, d_conv) and `ssm_state` (b, d_inner, N) float32, the sequence
+        continues from them and they are overwritten with the state after its last step (prefill,
+        chunked prefill). `mask` (b, l), 1 for tokens and 0 for left padding, zeroes the conv and
+        scan inputs at padded positions, so that padding leaves a zero state behind it.
+        """
+        b, l, _ = hidden_states.shape
+        W = self.d_conv
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
+        x = x.transpose(1, 2)  # (b, d_inner, l)
+        z = z.transpose(1, 2)  # (b, d_inner, l)
+        if mask is not None:
+            mask = mask[:, None, :].to(x.dtype)  # (b, 1, l)
+            x = x * mask
+        # Causal conv: the W-1 inputs before this sequence (zeros, or the cache) on the left.
+        if conv_state is None:
+            xp = F.pad(x, (W - 1, 0))  # (b, d_inner, W-1+l)
+        else:
+            xp = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=-1)
+            conv_state.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
+        u = F.silu(self._conv(xp))  # (b, d_inner, l)
+        if mask is not None:
+            u = u * mask
+
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias in the scan
+        acc = _acc_dtype(u.dtype)
+        A = -torch.exp(self.A_log.to(acc))  # (d_inner, N)
+        scan_args = (u, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(acc))  # B, C: (b, N, l)
+        scan_kwargs = dict(z=z, delta_bias=self.dt_proj.bias.to(acc), delta_softplus=True)
+        if ssm_state is None:
+            y = selective_scan_fn(*scan_args, **scan_kwargs)  # (b, d_inner, l)
+        else:
+            y, last_state = selective_scan_fn(
+                *scan_args, **scan_kwargs, return_last_state=True, initial_state=ssm_state
+            )
+            ssm_state.copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+
+    def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+        """One decoding step, (b, d_model) -> (b, d_model); updates both states in place."""
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, d_inner) each
+        # Shift the conv window left by one and append x: conv_state holds the last W inputs.
+        window = torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1)
+        conv_state.copy_(window)
+        w = self.conv1d.weight[:, 0, :].to(window.dtype)  # (d_inner, W)
+        u = (window * w).sum(-1)  # (b, d_inner)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias.to(u.dtype)
+        u = F.silu(u).to(x.dtype)
+
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner)
+        acc = _acc_dtype(u.dtype)
+        A = -torch.exp(self.A_log.to(acc))  # (d_inner, N)
+        y = selective_state_update(
+            ssm_state, u, dt, A, B, C, self.D.to(acc), z=z,
+            dt_bias=self.dt_proj.bias.to(acc), dt_softplus=True,
+        )  # fmt: skip  # (b, d_inner)
+        return self.out_proj(y)
