@@ -22,11 +22,20 @@ def _is_tensor(name: str, t: object, optional: bool = False) -> None:
         raise TypeError(f"{name} must be {kind}, got {type(t).__name__}")
 
 
-def _shape(name: str, t: Tensor, expected: tuple, described: str) -> None:
+def _shape(name: str, t: Tensor, expected: tuple, names: str) -> None:
+    """t.shape must equal `expected` (None = any size); `names` spells it, e.g. "(batch, dim)".
+
+    The message is built only on failure: formatting a symbolic size under torch.compile
+    would specialize it.
+    """
     if t.dim() != len(expected) or any(
         e is not None and s != e for s, e in zip(t.shape, expected, strict=False)
     ):
-        raise ValueError(f"{name} must have shape {described}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {names} = {_spell(expected)}, got {tuple(t.shape)}")
+
+
+def _spell(expected: tuple) -> str:
+    return "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
 
 
 def _param_dtype(name: str, t: Tensor, act_dtype: torch.dtype) -> None:
@@ -58,26 +67,23 @@ def _same_device(named: dict[str, Tensor | None], lead: str, device: torch.devic
 
 def _check_bc(name: str, M: Tensor, batch: int, dim: int, dstate: int, seqlen: int | None,
               act_dtype: torch.dtype) -> Tensor:
-    """B or C in any of its layouts; returns the shared (dim, dstate) or grouped 4-D form."""
-    if seqlen is None:
-        layouts = f"(batch, dstate) = ({batch}, {dstate}) or (batch, groups, dstate)"
-    else:
-        layouts = (
-            f"(dim, dstate) = ({dim}, {dstate}), (batch, dstate, seqlen) = "
-            f"({batch}, {dstate}, {seqlen}) or (batch, groups, dstate, seqlen)"
-        )
+    """B or C in any of its layouts; returns the shared (dim, dstate) or grouped form."""
     tail = () if seqlen is None else (seqlen,)
+    step = "" if seqlen is None else ", seqlen"
     if M.dim() == 2 and seqlen is not None:
-        _shape(name, M, (dim, dstate), layouts)
+        _shape(name, M, (dim, dstate), "(dim, dstate)")
     elif M.dim() == 2 + len(tail):
-        _shape(name, M, (batch, dstate, *tail), layouts)
+        _shape(name, M, (batch, dstate, *tail), f"(batch, dstate{step})")
         M = M.unsqueeze(1)
     elif M.dim() == 3 + len(tail):
-        _shape(name, M, (batch, None, dstate, *tail), layouts)
+        _shape(name, M, (batch, None, dstate, *tail), f"(batch, groups, dstate{step})")
         groups = M.shape[1]
         if groups == 0 or dim % groups != 0:
             raise ValueError(f"{name} has {groups} groups, which must divide dim = {dim}")
     else:
+        layouts = f"(batch, dstate{step}) or (batch, groups, dstate{step})"
+        if seqlen is not None:
+            layouts = "(dim, dstate), " + layouts
         raise ValueError(f"{name} must have shape {layouts}, got {tuple(M.shape)}")
     if M.dtype not in (act_dtype, torch.float32):
         raise TypeError(f"{name} must be float32 or {act_dtype} like u, got {M.dtype}")
@@ -106,26 +112,24 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
          "initial_state": initial_state},
         "u", u.device,
     )
-    if A.dim() != 2 or A.shape[0] != dim or A.shape[1] == 0:
-        raise ValueError(f"A must have shape (dim, dstate) = ({dim}, dstate), got {tuple(A.shape)}")
+    _shape("A", A, (dim, None), "(dim, dstate)")
     dstate = A.shape[1]
+    if dstate == 0:
+        raise ValueError("A must have shape (dim, dstate) with dstate > 0, got dstate = 0")
     _param_dtype("A", A, u.dtype)
     for name, t in (("delta", delta), ("z", z)):
         if t is None:
             continue
-        _shape(name, t, (batch, dim, seqlen), f"(batch, dim, seqlen) = {(batch, dim, seqlen)} like u")
+        _shape(name, t, (batch, dim, seqlen), "(batch, dim, seqlen) like u")
         if t.dtype != u.dtype:
             raise TypeError(f"{name} must have u's dtype {u.dtype}, got {t.dtype}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is None:
             continue
-        _shape(name, t, (dim,), f"(dim,) = ({dim},)")
+        _shape(name, t, (dim,), "(dim,)")
         _param_dtype(name, t, u.dtype)
     if initial_state is not None:
-        _shape(
-            "initial_state", initial_state, (batch, dim, dstate),
-            f"(batch, dim, dstate) = {(batch, dim, dstate)}",
-        )
+        _shape("initial_state", initial_state, (batch, dim, dstate), "(batch, dim, dstate)")
         _param_dtype("initial_state", initial_state, u.dtype)
     B = _check_bc("B", B, batch, dim, dstate, seqlen, u.dtype)
     C = _check_bc("C", C, batch, dim, dstate, seqlen, u.dtype)
@@ -157,24 +161,25 @@ def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
         {"state": state, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias},
         "x", x.device,
     )
-    if A.dim() != 2 or A.shape[0] != dim or A.shape[1] == 0:
-        raise ValueError(f"A must have shape (dim, dstate) = ({dim}, dstate), got {tuple(A.shape)}")
+    _shape("A", A, (dim, None), "(dim, dstate)")
     dstate = A.shape[1]
+    if dstate == 0:
+        raise ValueError("A must have shape (dim, dstate) with dstate > 0, got dstate = 0")
     _param_dtype("A", A, x.dtype)
-    _shape("state", state, (batch, dim, dstate), f"(batch, dim, dstate) = {(batch, dim, dstate)}")
+    _shape("state", state, (batch, dim, dstate), "(batch, dim, dstate)")
     _param_dtype("state", state, x.dtype)
     if not state.is_contiguous():
         raise ValueError("state must be contiguous: it is updated in place")
     for name, t in (("dt", dt), ("z", z)):
         if t is None:
             continue
-        _shape(name, t, (batch, dim), f"(batch, dim) = {(batch, dim)} like x")
+        _shape(name, t, (batch, dim), "(batch, dim) like x")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         if t is None:
             continue
-        _shape(name, t, (dim,), f"(dim,) = ({dim},)")
+        _shape(name, t, (dim,), "(dim,)")
         _param_dtype(name, t, x.dtype)
     B = _check_bc("B", B, batch, dim, dstate, None, x.dtype)
     C = _check_bc("C", C, batch, dim, dstate, None, x.dtype)

@@ -28,6 +28,15 @@ def n_chunks(seqlen: int) -> int:
     return (seqlen + CHUNK - 1) // CHUNK
 
 
+def n_checkpoints(seqlen: int) -> int:
+    """States kept by the forward: one at every chunk boundary, 0 and seqlen included.
+
+    Never 1, so a fake output of this size does not make the compiler specialize on seqlen
+    (a size-1 dimension is guarded to stay 1).
+    """
+    return n_chunks(seqlen) + 1
+
+
 def _time_first(t: Tensor, t0: int, t1: int, acc: torch.dtype) -> Tensor:
     """(b, d, L) -> (T, b, d) for steps [t0, t1), in the accumulation dtype."""
     return t[..., t0:t1].permute(2, 0, 1).to(acc)
@@ -100,12 +109,12 @@ def _gate(y: Tensor, z_c: Tensor | None) -> Tensor:
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    """Forward: (out (b, d, L), last_state (b, d, n), checkpoints (b, d, n_chunks, n))."""
+    """Forward: (out (b, d, L), last_state (b, d, n), checkpoints (b, d, n_chunks + 1, n))."""
     acc = acc_dtype(u.dtype)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     out = torch.empty(batch, dim, seqlen, dtype=u.dtype)
-    checkpoints = torch.empty(batch, dim, n_chunks(seqlen), dstate, dtype=acc)
+    checkpoints = torch.empty(batch, dim, n_checkpoints(seqlen), dstate, dtype=acc)
     h = (
         torch.zeros(batch, dim, dstate, dtype=acc)
         if initial_state is None
@@ -124,6 +133,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
         z_c = None if z is None else _time_first(z, t0, t1, acc)
         out[..., t0:t1] = _gate(y, z_c).permute(1, 2, 0)
         h = hs[-1]
+    checkpoints[:, :, -1] = h
     return out, h.clone(), checkpoints
 
 

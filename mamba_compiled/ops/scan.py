@@ -14,7 +14,9 @@ a `triton_op` has no per-device registration, so its body picks the implementati
 inputs' device: CUDA -> the Triton launchers in `mamba_compiled.lowering`; CPU -> the torch kernels
 in `ops/cpu.py`, registered as opaque CPU-only ops (`*_cpu`) so the compiler never unrolls their
 time loop. The body is also the fake implementation. `checkpoints` is whatever the device's
-backward needs (chunk-start states); its shape depends only on input sizes.
+backward needs (states at chunk boundaries); its shape depends only on input sizes and no
+dimension of it may be 1 for some seqlens and not others: the compiler guards size-1 dimensions,
+which would specialize a dynamic seqlen.
 
 The forward's autograd formula calls the registered backward op, so AOT autograd traces it.
 """
@@ -68,7 +70,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     return (
         _empty((batch, dim, seqlen), u),
         _empty((batch, dim, A.shape[1]), u, acc),
-        _empty((batch, dim, cpu.n_chunks(seqlen), A.shape[1]), u, acc),
+        _empty((batch, dim, cpu.n_checkpoints(seqlen), A.shape[1]), u, acc),
     )
 
 
