@@ -29,8 +29,12 @@ from mamba_compiled.models import checkpoints
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.models.mamba import Mamba
 
-# What mamba_ssm's MambaLMHeadModel.forward returns; defined once so that torch.export can name it.
+# What mamba_ssm's MambaLMHeadModel.forward returns. Defined once and registered under a stable
+# name so that a torch.export'ed model (whose output is this tuple) can be saved and loaded.
 CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
+torch.utils._pytree._register_namedtuple(
+    CausalLMOutput, serialized_type_name="mamba_compiled.models.CausalLMOutput"
+)
 
 # (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, d_state) float32), one pair per layer.
 LayerStates = Sequence[tuple[Tensor, Tensor]]
