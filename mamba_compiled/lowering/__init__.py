@@ -1,0 +1,49 @@
+"""Triton kernels for CUDA tensors: the selective scan forward and backward, and the decode step.
+
+The three launchers below are what `mamba_compiled.ops` calls for CUDA tensors (and what CPU
+tests call directly under TRITON_INTERPRET=1). Importing this package does not import triton:
+each launcher imports its kernel module on first call, so the package imports (and the CPU ops
+work) where triton is not installed.
+
+    scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        -> (out, last_state, checkpoints)
+    scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+             delta_softplus, deterministic)
+        -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
+    state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> out   (state in place)
+
+Shapes and dtypes are the op contract's (mamba_compiled/ops/scan.py). The launchers allocate
+with torch.empty and launch through torch.library.wrap_triton, computing grids with integer
+arithmetic on sizes only, so they trace under FakeTensorMode with a dynamic seqlen.
+"""
+
+from __future__ import annotations
+
+__all__ = ["scan_fwd", "scan_bwd", "state_update"]
+
+# The kernel modules (scan_forward, scan_backward, decode_step) are named apart from these
+# functions: importing a submodule sets an attribute of the package with the submodule's name.
+
+
+def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    from .scan_forward import scan_fwd as launch
+
+    return launch(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+
+
+def scan_bwd(
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+    delta_softplus, deterministic,
+):  # fmt: skip
+    from .scan_backward import scan_bwd as launch
+
+    return launch(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+        delta_softplus, deterministic,
+    )  # fmt: skip
+
+
+def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    from .decode_step import state_update as launch
+
+    return launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

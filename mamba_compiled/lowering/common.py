@@ -60,17 +60,19 @@ def linear_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def reverse_combine(f_l, p_l, s_l, f_e, p_e, s_e):
-    """Combiner for dh_t = b_t + a_{t+1}·dh_{t+1} as a reverse scan over leaves (a_t, 1, b_t).
+def shifted_combine(l1, p1, s1, l2, p2, s2):
+    """Combiner for x_s = b_s + a_{s-1}·x_{s-1} as a forward scan over leaves (a_s, 1, b_s).
 
-    A segment [i, j] is (F, P, S): F = a_i, P = a_{i+1}···a_j, S = Σ_s b_s·a_{i+1}···a_s.
-    Triton's reverse scan calls combine(later segment, earlier segment); joining them gives
-    F = F_e, P = P_e·F_l·P_l, S = S_e + P_e·F_l·S_l, and the scan's S at t is dh_t. The shifted
-    a_{t+1} comes from the neighbouring leaf's F, so no shifted load or second exp is needed.
-    With T held in registers, P_e = 1 folds away and each step is one FMA.
+    The backward's adjoint dh_t = C_t·dy_t + Ā_{t+1}·dh_{t+1} is this recurrence on time-flipped
+    tiles (tl.flip along an in-thread axis costs nothing; Triton's reverse=True scan shuffles
+    every value across lanes even when the axis is in registers).
+    A segment [i, j] is (L, P, S): L = a_j, P = a_i···a_{j-1}, S = Σ_s b_s·a_s···a_{j-1}.
+    Joining [i, m] and [m+1, j]: L = L2, P = P1·L1·P2, S = S1·L1·P2 + S2. The shifted a_{s-1}
+    comes from the neighbouring leaf's L, so no shifted load or second exp is needed; with the
+    axis in registers P2 = 1 folds away and each step is one FMA.
     """
-    k = p_e * f_l
-    return f_e, k * p_l, s_e + k * s_l
+    k = l1 * p2
+    return l2, p1 * k, s1 * k + s2
 
 
 def interpreting() -> bool:
@@ -116,31 +118,31 @@ def state_pad(dstate: int) -> int:
     return triton.next_power_of_2(dstate)
 
 
-def _n_lanes(n: int, limit: int) -> int:
-    return min(n, limit)
-
-
 def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     """Heuristic forward config. groups: the B and C group counts (1 when shared); a block of
-    channels must lie in one group of each. Never looks at batch or seqlen (dynamic in export)."""
+    channels must lie in one group of each. Never looks at batch or seqlen (dynamic in export).
+    Measurements behind the choice: perf/NOTES.md."""
     if "fwd" in _override:
         return _override["fwd"]  # type: ignore[return-value]
     ck = checkpoint_interval()
     n = state_pad(dstate)
     if interpreting():
-        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=_n_lanes(n, 2), num_warps=1)
-    n_b = _n_lanes(n, 4)
-    return ScanConfig(BD=_block_d(32, dim, groups), T=2 * ck, N_B=n_b, num_warps=4)
+        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1)
+    # 4 warps x 8 channel lanes, 4 state lanes x 4 states in registers, 16 steps: 64 elements
+    # of the (T, N, BD) block per thread, about 230 registers, no spills (sm_90, triton 3.9).
+    return ScanConfig(BD=_block_d(32, dim, groups), T=max(ck, 16), N_B=min(n, 4), num_warps=4)
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
+    """Heuristic backward config (T is always the checkpoint interval)."""
     if "bwd" in _override:
         return _override["bwd"]  # type: ignore[return-value]
     ck = checkpoint_interval()
     n = state_pad(dstate)
     if interpreting():
-        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=_n_lanes(n, 2), num_warps=1)
-    return ScanConfig(BD=_block_d(32, dim, groups), T=ck, N_B=_n_lanes(n, 8), num_warps=4)
+        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1)
+    # Sums over channels (dB, dC per step) cross lanes and warps: few warps, 8 state lanes.
+    return ScanConfig(BD=_block_d(8, dim, groups), T=ck, N_B=min(n, 8), num_warps=2)
 
 
 def _block_d(want: int, dim: int, groups: tuple[int, ...]) -> int:

@@ -91,7 +91,7 @@ def _scan_fwd_kernel(
         h = tl.load(h0_ptr + pid_b * slab + state_off3, mask=smask3, other=0.0)
     else:
         h = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-    ck_base = ck_ptr + pid_b * n_ck * slab + state_off3
+    ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
 
     for c in range(0, tl.cdiv(seqlen, T)):
         t0 = c * T
@@ -141,6 +141,8 @@ def _scan_fwd_kernel(
         tl.store(out_base + row_out + tt2, y.to(out_ptr.dtype.element_ty), mask=m2)
 
     tl.store(last_ptr + pid_b * slab + state_off3, h, mask=smask3)
+    ck_last = ck_ptr + (pid_b * (n_ck + 1) + n_ck) * slab + state_off3
+    tl.store(ck_last, h, mask=smask3)  # the extra last slot
 
 
 def bc_args(M: Tensor, dim: int) -> tuple[bool, int, int, int, int]:
@@ -171,7 +173,9 @@ def scan_fwd(
     u, delta, z (batch, dim, L) with stride(-1) == 1; A (dim, dstate) fp32; B, C (dim, dstate) or
     (batch, groups, dstate, L); D, delta_bias (dim,); initial_state (batch, dim, dstate).
     Returns out (batch, dim, L) in u.dtype, last_state (batch, dim, dstate) fp32, and the
-    checkpoints (batch, cdiv(L, CK), dim, dstate) fp32: the state before steps 0, CK, 2·CK, ...
+    checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) fp32: the state before steps 0, CK, 2·CK,
+    ..., then the last state. (The extra slot keeps that dimension from being 1 for short
+    sequences: the compiler would guard on a size-1 dimension and specialize a dynamic seqlen.)
     """
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -181,7 +185,9 @@ def scan_fwd(
     assert cfg.T % ck == 0, "the forward chunk must be a multiple of the checkpoint interval"
     out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
-    checkpoints = torch.empty((batch, n_ck, dim, dstate), dtype=torch.float32, device=u.device)
+    checkpoints = torch.empty(
+        (batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device
+    )
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None

@@ -34,11 +34,11 @@ from .common import (
     checkpoint_interval,
     interpreting,
     linear_combine,
-    reverse_combine,
+    shifted_combine,
     sigmoid,
     softplus,
 )
-from .scan_fwd import bc_args, groups_of
+from .scan_forward import bc_args, groups_of
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _scan_bwd_kernel(
         carry = tl.load(dlast_ptr + pid_b * slab + state_off3, mask=smask3, other=0.0)
     else:
         carry = tl.zeros((N_A, BD, N_B), dtype=tl.float32)  # Ā_{t+1}·dh_{t+1} after the chunk
-    ck_base = ck_ptr + pid_b * n_ck * slab + state_off3
+    ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
     ones = tl.full((T, N_A, BD, N_B), 1.0, dtype=tl.float32)
 
     for c in range(0, n_ck):
@@ -173,7 +173,10 @@ def _scan_bwd_kernel(
         # adjoint: dh_t = C_t·dy_t + Ā_{t+1}·dh_{t+1}, the next chunk entering through `carry`
         g = Ct * dy4
         g = tl.where(t4 == T - 1, g + carry[None], g)
-        _, _, dh = tl.associative_scan((dA, ones, g), 0, reverse_combine, reverse=True)
+        _, _, dh = tl.associative_scan(
+            (tl.flip(dA, 0), ones, tl.flip(g, 0)), 0, shifted_combine
+        )  # time-flipped
+        dh = tl.flip(dh, 0)
         carry = tl.sum(tl.where(t4 == 0, dA * dh, -0.0), 0)
 
         hdy = hs * dy4

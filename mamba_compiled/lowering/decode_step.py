@@ -1,0 +1,110 @@
+"""One decode step of the selective scan, in place: a Triton kernel and its launcher.
+
+One program per (block of BD channels, batch element) holds a (BD, N) tile of the state:
+
+    Δ = softplus(dt + dt_bias);  h = exp(Δ·A)·h + Δ·B·x;  out = (Σ_n C·h + D·x)·silu(z)
+
+The launch configuration is fixed by a heuristic and never autotuned: autotuning would run the
+kernel several times and apply the update several times.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .common import LOG2E, interpreting, sigmoid, softplus
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    dim, dstate, B_per_group, C_per_group,
+    s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd,
+    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
+    n = tl.arange(0, N)  # (N,)
+    dmask = d < dim
+    mask = dmask[:, None] & (n < dstate)[None, :]  # (BD, N)
+
+    x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=dmask, other=0.0)
+    if SOFTPLUS:
+        dt = softplus(dt, FAST_MATH)
+    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0)
+    dA = tl.exp2(dt[:, None] * A * LOG2E)  # Ā: (BD, N)
+    B = tl.load(
+        B_ptr + pid_b * s_Bb + (d // B_per_group)[:, None] * s_Bg + n[None, :] * s_Bn,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    C = tl.load(
+        C_ptr + pid_b * s_Cb + (d // C_per_group)[:, None] * s_Cg + n[None, :] * s_Cn,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+
+    state_ptrs = state_ptr + pid_b * s_sb + d[:, None].to(tl.int64) * s_sd + n[None, :] * s_sn
+    h = tl.load(state_ptrs, mask=mask, other=0.0)
+    h = dA * h + (dt * x)[:, None] * B
+    tl.store(state_ptrs, h, mask=mask)
+
+    y = tl.sum(h * C, 1)  # (BD,)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=dmask, other=0.0) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_zb + d * s_zd, mask=dmask, other=0.0).to(tl.float32)
+        y = y * z * sigmoid(z)
+    tl.store(out_ptr + pid_b * dim + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+) -> Tensor:
+    """Decode step on CUDA (or under TRITON_INTERPRET=1 on CPU); updates `state` in place.
+
+    state (batch, dim, dstate) fp32; x, dt, z (batch, dim); A (dim, dstate) fp32; B, C (batch,
+    groups, dstate); D, dt_bias (dim,) fp32. Returns out (batch, dim) in x.dtype.
+    """
+    batch, dim = x.shape
+    dstate = A.shape[1]
+    N = triton.next_power_of_2(dstate)
+    # fixed config: about 512 state elements per program, 4 warps (never autotuned, see above)
+    BD = max(1, min(triton.next_power_of_2(dim), 512 // N))
+    out = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
+    z_ = z if z is not None else x
+    grid = (triton.cdiv(dim, BD), batch)
+    wrap_triton(_state_update_kernel)[grid](
+        state, x, dt, A, B, C, D if D is not None else A, z_,
+        dt_bias if dt_bias is not None else A, out,
+        dim, dstate, dim // B.shape[1], dim // C.shape[1],
+        state.stride(0), state.stride(1), state.stride(2),
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), z_.stride(0), z_.stride(1),
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), BD=BD, N=N, FAST_MATH=not interpreting(),
+        num_warps=4 if BD * N >= 512 else 1,
+    )  # fmt: skip
+    return out
