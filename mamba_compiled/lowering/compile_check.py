@@ -1,0 +1,92 @@
+"""Compile the kernels' GPU configurations for a CUDA target without a GPU.
+
+    python -m mamba_compiled.lowering.compile_check [--arch 90] [--sass DIR]
+
+Uses Triton's bundled ptxas, so it runs on any machine with triton installed (not under
+TRITON_INTERPRET=1). Prints registers and spills per kernel; with --sass, writes each kernel's
+SASS (through the bundled cuobjdump) to DIR for reading instruction counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import common
+from .decode_step import _state_update_kernel
+from .scan_backward import _scan_bwd_kernel
+from .scan_forward import _scan_fwd_kernel
+
+F32_PTRS = {
+    "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "ck_ptr", "dlast_ptr", "dA_ptr",
+    "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr",
+}  # fmt: skip
+
+
+def jobs(dim: int = 4096, dstate: int = 16):
+    """(name, kernel, constexprs, num_warps) for the default configurations, every option on."""
+    fwd = common.fwd_config(dim, dstate, (1, 1))
+    bwd = common.bwd_config(dim, dstate, (1, 1))
+    n = triton.next_power_of_2(dstate)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_MATH=True, N=n)
+    scan = dict(flags, B_SHARED=False, C_SHARED=False)
+    ck = common.checkpoint_interval()
+    return [
+        ("scan_fwd", _scan_fwd_kernel,
+         dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
+        ("scan_bwd", _scan_bwd_kernel,
+         dict(scan, HAS_DLAST=True, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B), bwd.num_warps),
+        ("state_update", _state_update_kernel, dict(flags, BD=max(1, 512 // n)), 4),
+    ]  # fmt: skip
+
+
+def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: str = "bf16"):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in F32_PTRS else f"*{dtype}"
+        else:
+            signature[name] = "i32"
+    return triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps},
+    )
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--sass", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name, kernel, constexprs, num_warps in jobs():
+        compiled = compile_kernel(kernel, constexprs, num_warps, args.arch)
+        meta = compiled.metadata
+        print(f"{name}: {constexprs} warps={num_warps} shared={meta.shared}B")
+        if args.sass is not None:
+            args.sass.mkdir(parents=True, exist_ok=True)
+            cubin = args.sass / f"{name}.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            for flag, suffix in (("-res-usage", "res"), ("-sass", "sass")):
+                out = subprocess.run(
+                    [str(bin_dir / "cuobjdump"), flag, str(cubin)], capture_output=True, text=True
+                ).stdout
+                (args.sass / f"{name}.{suffix}").write_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
