@@ -66,7 +66,10 @@ class MambaCache(nn.Module):
             layer.ssm_state.zero_()
 
     def states(self, batch: int) -> list[tuple[Tensor, Tensor]]:
-        """Views of the first `batch` rows, which the model updates in place."""
+        """The first `batch` rows, which the model updates in place (the buffers themselves when
+        the batch fills the cache, views of them otherwise)."""
+        if batch == self.max_batch_size:
+            return [(layer.conv_state, layer.ssm_state) for layer in self.layers]
         return [(layer.conv_state[:batch], layer.ssm_state[:batch]) for layer in self.layers]
 
 

@@ -1,0 +1,103 @@
+"""The model on the GPU: agreement with the CPU, compiled bf16 training step, export and AOTInductor.
+
+Run with `pytest -m cuda` (perf/gpu_check.sh); skipped without a GPU.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_compiled import export
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+
+pytestmark = pytest.mark.cuda
+
+
+def tiny(**kw) -> MambaLMHeadModel:
+    model = MambaLMHeadModel(MambaConfig(**{**dict(d_model=64, n_layer=2, vocab_size=50, d_state=16), **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_cuda_forward_equals_cpu():
+    model = tiny()
+    ids = torch.randint(0, 50, (3, 300))
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = model.cuda()(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-3)
+
+
+def test_fp16_checkpoint_load_keeps_fp32_parameters_and_is_close(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    half = MambaLMHeadModel.from_pretrained(tmp_path, device="cuda", dtype=torch.float16)
+    assert half.backbone.layers[0].mixer.A_log.dtype == torch.float32
+    ids = torch.randint(0, 50, (2, 128))
+    with torch.no_grad():
+        expected = model.cuda()(ids.cuda()).logits
+        got = half(ids.cuda()).logits
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_compiled_bf16_train_step_matches_eager():
+    torch._dynamo.reset()
+    model = tiny().cuda()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+
+    def step(fn, ids):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fn(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, seqlen in [(2, 64), (3, 200), (4, 1000)]:
+            ids = torch.randint(0, 50, (batch, seqlen), device="cuda")
+            loss_c, grads_c = step(compiled, ids)
+            loss_e, grads_e = step(model, ids)
+            assert torch.isfinite(loss_c)
+            torch.testing.assert_close(loss_c, loss_e, atol=3e-2, rtol=3e-2)
+            for name, g in grads_e.items():
+                # bf16 gradients: relative error of the whole tensor, not element by element
+                err = (grads_c[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-6)
+                assert err < 5e-2, (name, float(err))
+
+
+def _run_fresh(code: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_export_and_aoti_package_on_cuda(tmp_path):
+    model = tiny().cuda().eval()
+    program = export.export_model(model)
+    ids = torch.randint(0, 50, (3, 77), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.export.save(program, tmp_path / "model.pt2")
+    package = export.aoti_package(program, tmp_path / "model_aoti.pt2")
+    torch.save({"ids": ids.cpu(), "expected": expected.cpu()}, tmp_path / "io.pt")
+    _run_fresh(f"""
+        import torch
+        import mamba_compiled
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        ids, expected = io["ids"].cuda(), io["expected"].cuda()
+        program = torch.export.load({str(tmp_path / "model.pt2")!r})
+        torch.testing.assert_close(program.module()(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        run = torch._inductor.aoti_load_package({str(package)!r})
+        torch.testing.assert_close(run(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        short = ids[:1, :5]
+        assert run(short).logits.shape == (1, 5, expected.shape[-1])
+    """)
