@@ -52,6 +52,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     strided: bool = False  # u and z as halves of one (batch, 2·dim, L) tensor, like x and z
     dout_t_stride: bool = False  # dout with stride(-1) != 1
+    deterministic: bool = False  # per-block dB/dC partial sums instead of atomics
 
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -82,11 +83,13 @@ class Case:
 
 CASES = [
     pytest.param(Case(), id="all-options-L13"),
+    pytest.param(Case(deterministic=True), id="all-options-L13-deterministic"),
     pytest.param(Case(seqlen=1), id="L1"),
     pytest.param(Case(seqlen=4), id="one-chunk"),
     pytest.param(Case(seqlen=24, batch=1), id="L24-chunk-multiple"),
     pytest.param(Case(B="shared", C="shared", z=False), id="shared-BC-no-z"),
     pytest.param(Case(B="g2", C="g2", seqlen=9), id="groups2"),
+    pytest.param(Case(B="g2", C="var", seqlen=9, deterministic=True), id="groups2-deterministic"),
     pytest.param(Case(B="shared", C="g2"), id="shared-B-grouped-C"),
     pytest.param(
         Case(D=False, z=False, bias=False, softplus=False, h0=False, dlast=False, seqlen=7),
@@ -187,7 +190,7 @@ def test_scan_forward_backward(case: Case):
 
     grads = scan_bwd(
         dout, dlast, kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
-        kw["delta_bias"], kw["initial_state"], ck, case.softplus, False,
+        kw["delta_bias"], kw["initial_state"], ck, case.softplus, case.deterministic,
     )  # fmt: skip
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
     got = dict(zip(names, grads))

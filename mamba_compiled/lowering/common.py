@@ -101,10 +101,16 @@ _override: dict[str, object] = {}
 
 
 def set_override(**kw) -> None:
-    """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int. Call with
-    no arguments to clear. Not for model code."""
+    """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
+    bc_atomics=bool. Call with no arguments to clear. Not for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
+
+
+def bc_atomics() -> bool:
+    """Whether the non-deterministic backward adds per-step dB/dC with float atomics (else it
+    writes per-block partial sums, like deterministic mode). See perf/NOTES.md."""
+    return bool(_override.get("bc_atomics", True))
 
 
 def checkpoint_interval() -> int:

@@ -42,15 +42,22 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
         ("scan_bwd", _scan_bwd_kernel,
-         dict(scan, HAS_DLAST=True, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B), bwd.num_warps),
+         dict(scan, HAS_DLAST=True, ATOMIC_BC=True, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
+         bwd.num_warps),
+        ("scan_bwd_deterministic", _scan_bwd_kernel,
+         dict(scan, HAS_DLAST=True, ATOMIC_BC=False, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
+         bwd.num_warps),
         ("state_update", _state_update_kernel, dict(flags, BD=max(1, 512 // n)), 4),
     ]  # fmt: skip
 
 
 def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: str = "bf16"):
     signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            if name not in constexprs:
+                raise KeyError(f"no value for constexpr {name} of {kernel.fn.__name__}")
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in F32_PTRS else f"*{dtype}"

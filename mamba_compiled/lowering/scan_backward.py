@@ -15,9 +15,11 @@ that h_{t-1} is never needed:
     dB_t    = Σ_d dh·Δ_t·u_t,   dC_t = Σ_d h_t·dy_t
     dz_t    = dout·y_t·σ(z)(1 + z(1 − σ(z))),  dy_t = dout·silu(z_t)
 
-Sums over time stay in registers; sums over channels (dB, dC per step) are written per channel
-block and summed by the launcher; sums over batch likewise. No atomics, so every mode is
-deterministic (bit-identical across runs).
+Sums over time stay in registers; sums over batch are written per batch element and summed by
+the launcher. Sums over channels (dB, dC per step) are reduced inside each channel block, then
+either added with float atomics into one fp32 buffer (default: little memory) or, with
+deterministic=True, written per block and summed by the launcher (bit-identical across runs,
+(dim / BD) times the memory of dB).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.library import wrap_triton
 
 from .common import (
     LOG2E,
+    bc_atomics,
     bwd_config,
     checkpoint_interval,
     interpreting,
@@ -48,6 +51,24 @@ def _sum_state(x):
 
 
 @triton.jit
+def _bc_slot(pid_d, pid_b, batch, d0, dim, per_group, ATOMIC: tl.constexpr):
+    """Row of the dB/dC buffer this program adds to: (batch, groups) with atomics, else its own
+    (n_dblk, batch) row."""
+    if ATOMIC:
+        return pid_b * (dim // per_group) + d0 // per_group
+    else:
+        return pid_d * batch + pid_b
+
+
+@triton.jit
+def _bc_put(ptrs, values, mask, ATOMIC: tl.constexpr):
+    if ATOMIC:
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, values, mask=mask)
+
+
+@triton.jit
 def _scan_bwd_kernel(
     dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ck_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -56,6 +77,7 @@ def _scan_bwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
+    ATOMIC_BC: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
     FAST_MATH: tl.constexpr,
 ):  # fmt: skip
@@ -105,13 +127,15 @@ def _scan_bwd_kernel(
         dB_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     else:
         B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
-        dB_base = dBp_ptr + ((pid_d * batch + pid_b) * dstate + nt3) * seqlen
+        slot = _bc_slot(pid_d, pid_b, batch, d0, dim, B_per_group, ATOMIC_BC)
+        dB_base = dBp_ptr + (slot * dstate + nt3) * seqlen
     if C_SHARED:
         C_sh = tl.load(C_ptr + d3 * s_Cg + n3 * s_Cn, mask=smask3, other=0.0).to(tl.float32)[None]
         dC_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     else:
         C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
-        dC_base = dCp_ptr + ((pid_d * batch + pid_b) * dstate + nt3) * seqlen
+        slot = _bc_slot(pid_d, pid_b, batch, d0, dim, C_per_group, ATOMIC_BC)
+        dC_base = dCp_ptr + (slot * dstate + nt3) * seqlen
 
     slab = dim * dstate
     if HAS_DLAST:
@@ -184,11 +208,11 @@ def _scan_bwd_kernel(
         if C_SHARED:
             dC_acc += tl.sum(hdy, 0)
         else:
-            tl.store(dC_base + tt3, tl.sum(hdy, 2), mask=mt3)
+            _bc_put(dC_base + tt3, tl.sum(hdy, 2), mt3, ATOMIC_BC)
         if B_SHARED:
             dB_acc += tl.sum(dhdu, 0)
         else:
-            tl.store(dB_base + tt3, tl.sum(dhdu, 2), mask=mt3)
+            _bc_put(dB_base + tt3, tl.sum(dhdu, 2), mt3, ATOMIC_BC)
 
         p = dh * (hs - dBu)  # dh·Ā_t·h_{t-1}
         dA_acc += tl.sum(delta4 * p, 0)
@@ -223,10 +247,12 @@ def _scan_bwd_kernel(
     tl.store(dbias_ptr + pid_b * dim + d1, dbias_acc, mask=d1 < dim)
 
 
-def _bc_grad(partial: Tensor, M: Tensor, batch: int, dim: int) -> Tensor:
+def _bc_grad(partial: Tensor, M: Tensor, batch: int, atomic: bool) -> Tensor:
     """Sum the kernel's partial dB or dC into M's shape and dtype."""
     if M.dim() == 2:  # shared: partial (batch, dim, dstate)
         return partial.sum(0).to(M.dtype)
+    if atomic:  # already (batch, groups, dstate, L)
+        return partial.to(M.dtype)
     groups = M.shape[1]
     n_dblk = partial.shape[0]  # (n_dblk, batch, dstate, L); blocks never straddle groups
     g = partial.view(groups, n_dblk // groups, batch, partial.shape[2], partial.shape[3]).sum(1)
@@ -252,10 +278,10 @@ def scan_bwd(
     """Backward of scan_fwd. Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
     dinitial_state); dz is an empty tensor when z is None; dD and ddelta_bias are always (dim,).
 
-    initial_state enters only through the checkpoints (the first one is it). `deterministic` is
-    accepted for the op contract: this kernel uses no atomics, so it is always deterministic.
+    initial_state enters only through the checkpoints (the first one is it). deterministic=True:
+    no float atomics (per-step dB, dC are summed over channel blocks by torch).
     """
-    del initial_state, deterministic
+    del initial_state
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     ck = checkpoint_interval()
@@ -272,9 +298,13 @@ def scan_bwd(
     dbias_part = torch.empty((batch, dim), dtype=f32, device=dev)
     dinitial_state = torch.empty((batch, dim, dstate), dtype=f32, device=dev)
 
+    atomic = not deterministic and bc_atomics()
+
     def bc_partial(M: Tensor) -> Tensor:
         if M.dim() == 2:
             return torch.empty((batch, dim, dstate), dtype=f32, device=dev)
+        if atomic:
+            return torch.zeros((batch, M.shape[1], dstate, seqlen), dtype=f32, device=dev)
         return torch.empty((n_dblk, batch, dstate, seqlen), dtype=f32, device=dev)
 
     dB_part, dC_part = bc_partial(B), bc_partial(C)
@@ -298,14 +328,14 @@ def scan_bwd(
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
-        B_SHARED=B_shared, C_SHARED=C_shared,
+        B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic,
         BD=cfg.BD, T=ck, N=triton.next_power_of_2(dstate), N_B=cfg.N_B,
         FAST_MATH=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     dA = dA_part.sum(0)
-    dB = _bc_grad(dB_part, B, batch, dim)
-    dC = _bc_grad(dC_part, C, batch, dim)
+    dB = _bc_grad(dB_part, B, batch, atomic)
+    dC = _bc_grad(dC_part, C, batch, atomic)
     dD = dD_part.sum(0)  # the gradient at D (or at D = 0 when D is None)
     ddelta_bias = dbias_part.sum(0)
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
