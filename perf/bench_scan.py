@@ -1,0 +1,481 @@
+"""Benchmark the selective scan and its decode step.
+
+    python perf/bench_scan.py [--out DIR] [--sweep] [--rows 0,1,...] [--skip-refs]
+                              [--skip-plot] [--skip-decode] [--quick]
+
+On CUDA: forward and forward+backward for every shape of shared/ANCHORS.md through the public op
+(`mamba_compiled.ops.selective_scan_fn`), each after a correctness check on fresh random inputs
+(a few channels against a float64 reference); milliseconds (triton.testing.do_bench medians),
+ratio to mamba_ssm's time, fraction of the floor, peak memory of forward+backward; reference
+points (the eager oracle and a torch associative_scan formulation, on smaller sizes, scaled);
+time against L from 512 to 2^20 (PNG); the decode step in eager and in a CUDA graph.
+--sweep first times the launch configurations listed in SWEEP on the first shape and keeps the
+fastest for the rest of the run (printed).
+
+On CPU: forward and forward+backward at batch 2, dim 1536, L 2048, dstate 16, fp32 through the
+public op, against the oracle and a torch.compile'd sequential reference (both at shorter L,
+scaled linearly, as labelled).
+
+Markdown goes to stdout and, with --out, to DIR/bench_scan.md (plus DIR/scan_vs_L.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import platform
+import resource
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mamba_compiled.ops import selective_scan_fn, selective_state_update  # noqa: E402
+from mamba_compiled.ops.reference import selective_scan_ref  # noqa: E402
+
+# shared/ANCHORS.md, H200, mamba_ssm 2.3.2: (batch, dim, L, dstate, dtype,
+#   mamba fwd ms, mamba fwd+bwd ms, mamba peak GB, floor fwd ms, target fwd, target fwd+bwd)
+ANCHORS = [
+    (8, 4096, 2048, 16, torch.bfloat16, 1.16, 5.68, 1.65, 0.26, 0.55, 3.0),
+    (8, 2048, 2048, 16, torch.bfloat16, 0.59, 2.88, 0.85, 0.13, 0.30, 1.5),
+    (16, 1536, 4096, 16, torch.bfloat16, 1.72, 8.52, 2.48, 0.39, 0.85, 4.5),
+    (1, 4096, 65536, 16, torch.bfloat16, 5.85, 25.7, 6.51, 2.1, 3.0, 13.0),
+    (8, 4096, 2048, 16, torch.float32, 2.29, 7.55, 3.27, 0.26, 1.2, 4.0),
+]
+NAIVE_ROW0_FWD_MS = 126.5  # ANCHORS: the naive PyTorch loop, first row's forward
+MAMBA_DECODE_US = 50.0  # ANCHORS: mamba_ssm's Triton decode step, eager, B <= 64, dim 4096
+
+
+def sweep_space():
+    """Launch configurations compared by --sweep: (name, overrides for common.set_override)."""
+    from mamba_compiled.lowering.common import ScanConfig as S
+
+    fwd16 = S(BD=32, T=16, N_B=4, num_warps=4)
+    return [
+        ("default", {}),
+        ("fwd BD16 w2", dict(fwd=S(BD=16, T=16, N_B=4, num_warps=2))),
+        ("fwd BD64 w8", dict(fwd=S(BD=64, T=16, N_B=4, num_warps=8))),
+        ("fwd NB2 BD64", dict(fwd=S(BD=64, T=16, N_B=2, num_warps=4))),
+        ("fwd T32", dict(fwd=S(BD=32, T=32, N_B=4, num_warps=4))),
+        ("bwd BD16 w4", dict(bwd=S(BD=16, T=16, N_B=8, num_warps=4))),
+        ("bwd BD4 w1", dict(bwd=S(BD=4, T=16, N_B=8, num_warps=1))),
+        ("bwd NB4 BD32 w4", dict(bwd=S(BD=32, T=16, N_B=4, num_warps=4))),
+        ("bwd partials", dict(bc_atomics=False)),
+        ("ck8 bwd NB4 BD8 w1", dict(ck=8, fwd=fwd16, bwd=S(BD=8, T=8, N_B=4, num_warps=1))),
+        ("ck8 bwd NB8 BD8 w2", dict(ck=8, fwd=fwd16, bwd=S(BD=8, T=8, N_B=8, num_warps=2))),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """float64 scan by recursive doubling over L (materializes (b, d, n, L): use few channels).
+    B, C per step (batch, dstate, L)."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    dt = delta + delta_bias.double()[:, None]
+    if softplus:
+        dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+    a = torch.exp(dt[:, :, None] * A[None, :, :, None])
+    x = dt[:, :, None] * B[:, None] * u[:, :, None]
+    s, L = 1, u.shape[-1]
+    while s < L:
+        x = torch.cat([x[..., :s], a[..., s:] * x[..., :-s] + x[..., s:]], -1)
+        a = torch.cat([a[..., :s], a[..., s:] * a[..., :-s]], -1)
+        s *= 2
+    y = (x * C[:, None]).sum(2) + D.double()[:, None] * u
+    return y * F.silu(z.double())
+
+
+def make_inputs(batch, dim, L, dstate, dtype, device, requires_grad=False):
+    g = dict(device=device)
+    kw = dict(
+        u=torch.randn(batch, dim, L, **g).to(dtype),
+        delta=(0.5 * torch.rand(batch, dim, L, **g) - 4.0).to(dtype),  # softplus(-4 + U) ~ Mamba's dt
+        A=-torch.arange(1, dstate + 1, **g, dtype=torch.float32).repeat(dim, 1),  # S4D-real
+        B=torch.randn(batch, dstate, L, **g).to(dtype),
+        C=torch.randn(batch, dstate, L, **g).to(dtype),
+        D=torch.randn(dim, **g),
+        z=torch.randn(batch, dim, L, **g).to(dtype),
+        delta_bias=torch.rand(dim, **g),
+    )
+    if requires_grad:
+        for t in kw.values():
+            t.requires_grad_(True)
+    return kw
+
+
+def call(kw):
+    return selective_scan_fn(**kw, delta_softplus=True)
+
+
+def check_channels(kw, out, dout=None, channels=(0, 1, -2, -1)):
+    """Max error of out (and du, ddelta if dout) on a few channels of batch 0, relative to the
+    largest reference value, against the float64 reference."""
+    dim = kw["u"].shape[1]
+    ch = [c % dim for c in channels]
+    sub = {k: v.detach() for k, v in kw.items()}
+    sub = dict(
+        u=sub["u"][:1, ch], delta=sub["delta"][:1, ch], A=sub["A"][ch], B=sub["B"][:1],
+        C=sub["C"][:1], D=sub["D"][ch], z=sub["z"][:1, ch], delta_bias=sub["delta_bias"][ch],
+    )  # fmt: skip
+    leaves = {k: v.double().requires_grad_(k in ("u", "delta")) for k, v in sub.items()}
+    ref = scan_reference(**leaves, softplus=True)
+    rel = lambda got, want: ((got.double() - want).abs().max() / want.abs().max()).item()  # noqa: E731
+    errs = {"out": rel(out[:1, ch], ref.detach())}
+    if dout is not None:
+        (ref * dout[:1, ch].double()).sum().backward()
+        errs["du"] = rel(kw["u"].grad[:1, ch], leaves["u"].grad)
+        errs["ddelta"] = rel(kw["delta"].grad[:1, ch], leaves["delta"].grad)
+    return errs
+
+
+def bench_ms(fn, grad_to_none=None):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                   return_mode="median")  # fmt: skip
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.failed: list[str] = []
+
+    def __call__(self, line: str = ""):
+        print(line, flush=True)
+        self.lines.append(line)
+
+    @contextlib.contextmanager
+    def section(self, name):
+        try:
+            yield
+        except Exception as exc:  # report and go on to the next section; exit status says so
+            self(f"\n**FAILED: {name}: {type(exc).__name__}: {exc}**")
+            traceback.print_exc()
+            self.failed.append(name)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA
+
+
+def cuda_sweep(rep: Report):
+    """Time each configuration of sweep_space() on the first shape; keep the fastest fwd and
+    fwd+bwd settings (fwd-only keys by fwd time, the rest by fwd+bwd time)."""
+    from mamba_compiled.lowering import common
+
+    batch, dim, L, N, dtype = ANCHORS[0][:5]
+    kw = make_inputs(batch, dim, L, N, dtype, "cuda", requires_grad=True)
+    dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
+    rep(f"\n### Config sweep, {batch}x{dim}x{L}x{N} {str(dtype)[6:]} (ms, medians)\n")
+    rep("| config | fwd | fwd+bwd | out err | du err | compile s |")
+    rep("|---|---|---|---|---|---|")
+    results = []
+    for name, ov in sweep_space():
+        common.set_override(**ov)
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = call(kw)
+            out2 = call(kw)
+            out2.backward(dout)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            errs = check_channels(kw, out, dout)
+            for t in kw.values():
+                t.grad = None
+            with torch.no_grad():
+                fwd = bench_ms(lambda: call(kw))
+            fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
+        except Exception as exc:
+            rep(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:80]} | | | | |")
+            traceback.print_exc()
+            continue
+        finally:
+            common.set_override()
+        results.append((name, ov, fwd, fb))
+        rep(f"| {name} | {fwd:.3f} | {fb:.3f} | {errs['out']:.1e} | {errs['du']:.1e} | "
+            f"{compile_s:.1f} |")  # fmt: skip
+    best_fwd = min((r for r in results if set(r[1]) <= {"fwd"}), key=lambda r: r[2])
+    best_fb = min((r for r in results if "fwd" not in r[1] or "ck" in r[1]), key=lambda r: r[3])
+    chosen = dict(best_fb[1])
+    if "ck" not in chosen and "fwd" in best_fwd[1]:
+        chosen["fwd"] = best_fwd[1]["fwd"]
+    rep(f"\nKept for the rest of the run: fwd from '{best_fwd[0]}', bwd from '{best_fb[0]}': "
+        f"{chosen or 'defaults'}")  # fmt: skip
+    common.set_override(**chosen)
+
+
+def cuda_table(rep: Report, rows):
+    rep("\n### Selective scan (public op, u/delta/z/B/C in the row's dtype, z, delta_softplus, "
+        "delta_bias, D, per-step B/C)\n")  # fmt: skip
+    rep("| shape, dtype | fwd ms | vs mamba_ssm | of floor | fwd+bwd ms | vs mamba_ssm | "
+        "peak GB fwd+bwd (mamba_ssm) | target fwd / fwd+bwd | max err out, du, ddelta |")
+    rep("|---|---|---|---|---|---|---|---|---|")
+    for i in rows:
+        batch, dim, L, N, dtype, m_f, m_fb, m_mem, floor, t_f, t_fb = ANCHORS[i]
+        name = f"{batch}×{dim}×{L}×{N} {str(dtype)[6:]}"
+        torch.cuda.empty_cache()
+        kw = make_inputs(batch, dim, L, N, dtype, "cuda", requires_grad=True)
+        dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            out = call(kw)
+        call(kw).backward(dout)
+        errs = check_channels(kw, out, dout)
+        del out
+        for t in kw.values():
+            t.grad = None
+        with torch.no_grad():
+            fwd = bench_ms(lambda: call(kw))
+        fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
+        for t in kw.values():
+            t.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        call(kw).backward(dout)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        ok = lambda t, target: "✓" if t <= target else "✗"  # noqa: E731
+        rep(f"| {name} | {fwd:.3f} | {m_f / fwd:.2f}x faster | {floor / fwd:.0%} | {fb:.3f} | "
+            f"{m_fb / fb:.2f}x faster | {peak:.2f} ({m_mem}) | {t_f} {ok(fwd, t_f)} / {t_fb} "
+            f"{ok(fb, t_fb)} | {errs['out']:.1e}, {errs['du']:.1e}, {errs['ddelta']:.1e} |")
+        del kw, dout
+
+
+def cuda_refs(rep: Report):
+    """The eager oracle and torch's associative_scan on the first row's shape, smaller, scaled."""
+    batch, dim, L, N, dtype = ANCHORS[0][:5]
+    rep("\n### Reference points, first row's shape (forward)\n")
+    rep("| implementation | measured at | ms measured | ms scaled to 8×4096×2048×16 |")
+    rep("|---|---|---|---|")
+    Ls = 128
+    kw = make_inputs(batch, dim, Ls, N, dtype, "cuda")
+    with torch.no_grad():
+        ms = bench_ms(lambda: selective_scan_ref(**kw, delta_softplus=True))
+    rep(f"| eager oracle (Python loop over L, fp32) | L={Ls} | {ms:.2f} | {ms * L / Ls:.1f} "
+        f"(ANCHORS: naive loop {NAIVE_ROW0_FWD_MS}) |")  # fmt: skip
+
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    def combine(x, y):
+        return (x[0] * y[0], y[0] * x[1] + y[1])
+
+    def assoc_scan(u, delta, A, B, C, D, z, delta_bias):
+        dt = F.softplus(delta.float() + delta_bias[:, None])
+        dA = torch.exp(dt[..., None] * A[:, None, :])  # (b, d, L, n)
+        dBu = dt[..., None] * B.float().transpose(1, 2)[:, None] * u.float()[..., None]
+        _, h = associative_scan(combine, (dA, dBu), dim=2, combine_mode="pointwise")
+        y = (h * C.float().transpose(1, 2)[:, None]).sum(-1) + D[:, None] * u.float()
+        return (y * F.silu(z.float())).to(u.dtype)
+
+    b1 = 1
+    kw = make_inputs(b1, dim, L, N, dtype, "cuda")
+    compiled = torch.compile(assoc_scan, fullgraph=True)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        compiled(**kw)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        ms = bench_ms(lambda: compiled(**kw))
+    rep(f"| torch associative_scan, torch.compile (materializes (B, D, L, N); compile "
+        f"{compile_s:.0f} s) | batch {b1} | {ms:.2f} | {ms * batch / b1:.1f} |")
+
+
+def cuda_plot(rep: Report, out_dir):
+    """Time against L at batch 1, dim 2048, dstate 16, bf16, through the launchers."""
+    from mamba_compiled.lowering import scan_bwd, scan_fwd
+
+    dim, N, dtype = 2048, 16, torch.bfloat16
+    Ls = [512, 2048, 8192, 32768, 131072, 524288, 1048576]
+    rep(f"\n### Time against L (launchers, batch 1, dim {dim}, dstate {N}, bf16)\n")
+    rep("| L | fwd ms | fwd+bwd ms | fwd ns per token·channel |")
+    rep("|---|---|---|---|")
+    fwds, fbs = [], []
+    for L in Ls:
+        torch.cuda.empty_cache()
+        kw = make_inputs(1, dim, L, N, dtype, "cuda")
+        kw["B"], kw["C"] = kw["B"][:, None], kw["C"][:, None]
+        args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [None]
+        dout = torch.randn(1, dim, L, device="cuda", dtype=dtype)
+
+        def fb():
+            _, _, ck = scan_fwd(*args, True)
+            scan_bwd(dout, None, *args, ck, True, False)
+
+        fwd = bench_ms(lambda: scan_fwd(*args, True))
+        both = bench_ms(fb)
+        fwds.append(fwd)
+        fbs.append(both)
+        rep(f"| {L} | {fwd:.3f} | {both:.3f} | {fwd * 1e6 / (L * dim):.3f} |")
+        del kw, args, dout
+    if out_dir is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.loglog(Ls, fwds, "o-", label="forward")
+        ax.loglog(Ls, fbs, "s-", label="forward + backward")
+        ax.loglog(Ls, [fwds[-1] * L / Ls[-1] for L in Ls], "k:", label="linear in L")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"selective scan, batch 1, dim {dim}, dstate {N}, bf16, "
+                     f"{torch.cuda.get_device_name()}", fontsize=8)  # fmt: skip
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "scan_vs_L.png", dpi=120)
+        rep("\n![time vs L](scan_vs_L.png)")
+
+
+def cuda_decode(rep: Report):
+    dim, N, dtype = 4096, 16, torch.float16
+    rep(f"\n### Decode step (selective_state_update, dim {dim}, dstate {N}, fp16)\n")
+    rep(f"| batch | eager µs per call (mamba_ssm ≈ {MAMBA_DECODE_US:.0f}) | CUDA graph µs per call |")
+    rep("|---|---|---|")
+    for batch in (1, 64):
+        g = dict(device="cuda")
+        state = torch.randn(batch, dim, N, **g)
+        args = dict(
+            x=torch.randn(batch, dim, **g).to(dtype), dt=torch.rand(batch, dim, **g).to(dtype),
+            A=-torch.rand(dim, N, **g), B=torch.randn(batch, N, **g).to(dtype),
+            C=torch.randn(batch, N, **g).to(dtype), D=torch.randn(dim, **g),
+            z=torch.randn(batch, dim, **g).to(dtype), dt_bias=torch.rand(dim, **g),
+        )  # fmt: skip
+
+        def step():
+            return selective_state_update(state, **args, dt_softplus=True)
+
+        step()
+        torch.cuda.synchronize()
+        n = 100
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        eager_us = (time.perf_counter() - t0) / n * 1e6
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                step()
+        graph.replay()
+        torch.cuda.synchronize()
+        graph_us = bench_ms(graph.replay) * 1e3 / n
+        rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
+
+
+# ------------------------------------------------------------------------------------------
+# CPU
+
+
+def cpu_bench(rep: Report, quick: bool):
+    batch, dim, L, N = (2, 1536, 2048, 16) if not quick else (1, 64, 256, 16)
+    reps = 3 if not quick else 1
+    rep(f"\n### CPU: batch {batch}, dim {dim}, L {L}, dstate {N}, fp32 "
+        f"({torch.get_num_threads()} threads)\n")  # fmt: skip
+    rep("| implementation | fwd ms | fwd+bwd ms | peak RSS growth MB |")
+    rep("|---|---|---|---|")
+
+    def timed(fn, n=reps):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    def rss_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    kw = make_inputs(batch, dim, L, N, torch.float32, "cpu", requires_grad=True)
+    dout = torch.randn(batch, dim, L)
+    with torch.no_grad():
+        fwd = timed(lambda: call(kw))
+    before = rss_mb()
+    fb = timed(lambda: call(kw).backward(dout))
+    rep(f"| mamba_compiled op (CPU kernel) | {fwd:.0f} | {fb:.0f} | {rss_mb() - before:.0f} |")
+
+    Ls = min(L, 128)
+    kws = make_inputs(batch, dim, Ls, N, torch.float32, "cpu", requires_grad=True)
+    douts = torch.randn(batch, dim, Ls)
+    with torch.no_grad():
+        fwd = timed(lambda: selective_scan_ref(**kws, delta_softplus=True), n=1)
+    fb = timed(lambda: selective_scan_ref(**kws, delta_softplus=True).backward(douts), n=1)
+    rep(f"| oracle (eager loop), at L={Ls}, ×{L // Ls} | {fwd * L / Ls:.0f} | "
+        f"{fb * L / Ls:.0f} | |")  # fmt: skip
+
+    Lc = min(L, 16)  # the loop unrolls into the graph: compile time grows with L
+    kwc = make_inputs(batch, dim, Lc, N, torch.float32, "cpu", requires_grad=True)
+    doutc = torch.randn(batch, dim, Lc)
+    compiled = torch.compile(lambda **k: selective_scan_ref(**k, delta_softplus=True))
+    t0 = time.perf_counter()
+    compiled(**kwc).backward(doutc)
+    with torch.no_grad():
+        compiled(**kwc)
+    compile_s = time.perf_counter() - t0
+    with torch.no_grad():
+        fwd = timed(lambda: compiled(**kwc), n=2 * reps)
+    fb = timed(lambda: compiled(**kwc).backward(doutc), n=2 * reps)
+    rep(f"| oracle under torch.compile (loop unrolled; compile {compile_s:.0f} s), at L={Lc}, "
+        f"×{L // Lc} | {fwd * L / Lc:.0f} | {fb * L / Lc:.0f} | |")
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--rows", default=",".join(str(i) for i in range(len(ANCHORS))))
+    parser.add_argument("--skip-refs", action="store_true")
+    parser.add_argument("--skip-plot", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="CPU: a small shape")
+    args = parser.parse_args()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    rep = Report()
+    rep(f"# bench_scan ({time.strftime('%Y-%m-%d')})\n")
+    if torch.cuda.is_available():
+        import triton
+
+        rep(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+            f"{triton.__version__}; command: `python {' '.join(sys.argv)}`")  # fmt: skip
+        if args.sweep:
+            with rep.section("config sweep"):
+                cuda_sweep(rep)
+        with rep.section("selective scan table"):
+            cuda_table(rep, [int(r) for r in args.rows.split(",") if r])
+        if not args.skip_decode:
+            with rep.section("decode step"):
+                cuda_decode(rep)
+        if not args.skip_refs:
+            with rep.section("reference points"):
+                cuda_refs(rep)
+        if not args.skip_plot:
+            with rep.section("time against L"):
+                cuda_plot(rep, args.out)
+    else:
+        rep(f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
+            f"command: `python {' '.join(sys.argv)}`")  # fmt: skip
+        with rep.section("cpu"):
+            cpu_bench(rep, args.quick)
+    if args.out is not None:
+        (args.out / "bench_scan.md").write_text("\n".join(rep.lines) + "\n")
+    if rep.failed:
+        print(f"failed sections: {rep.failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The Triton launchers on the GPU, at the real launch configurations (skipped without CUDA).
+
+References are float64 on the GPU: a log-depth (doubling) scan over the whole sequence, exact
+enough and fast for long sequences, with gradients by autograd (joint loss on out and
+last_state). Tolerances are mamba_ssm's (rtol, atol) for outputs; gradients are compared by
+their max error relative to the largest reference value. The 2^20-token run checks int64
+indexing by comparing one launch over all 2048 channels with two launches over halves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.cuda
+
+TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus, h0):
+    """The scan in float64 by recursive doubling over L: (out, last_state), differentiable."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, dim, L = u.shape
+    dt = delta + delta_bias.double()[:, None]
+    if softplus:
+        dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+
+    def per_step(M):
+        if M.dim() == 2:
+            return M[None, :, :, None]
+        return M.repeat_interleave(dim // M.shape[1], dim=1)
+
+    a = torch.exp(dt[:, :, None] * A[None, :, :, None])  # (b, d, n, L)
+    x = dt[:, :, None] * per_step(B) * u[:, :, None]
+    x = torch.cat([x[..., :1] + a[..., :1] * h0.double()[..., None], x[..., 1:]], -1)
+    s = 1
+    while s < L:
+        x = torch.cat([x[..., :s], a[..., s:] * x[..., :-s] + x[..., s:]], -1)
+        a = torch.cat([a[..., :s], a[..., s:] * a[..., :-s]], -1)
+        s *= 2
+    y = (x * per_step(C)).sum(2) + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, x[..., -1]
+
+
+def make_inputs(batch, dim, L, dstate, dtype, B_layout="var", C_layout="var", z=True):
+    dev = "cuda"
+
+    def bc(layout):
+        shape = {"var": (batch, 1, dstate, L), "shared": (dim, dstate),
+                 "g2": (batch, 2, dstate, L)}[layout]  # fmt: skip
+        return torch.randn(shape, device=dev).to(torch.float32 if layout == "shared" else dtype)
+
+    return dict(
+        u=torch.randn(batch, dim, L, device=dev).to(dtype),
+        delta=(0.5 * torch.rand(batch, dim, L, device=dev)).to(dtype),
+        A=-0.5 * torch.rand(dim, dstate, device=dev),
+        B=bc(B_layout),
+        C=bc(C_layout),
+        D=torch.randn(dim, device=dev),
+        z=torch.randn(batch, dim, L, device=dev).to(dtype) if z else None,
+        delta_bias=0.5 * torch.rand(dim, device=dev),
+        initial_state=torch.randn(batch, dim, dstate, device=dev),
+    )
+
+
+ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def check(kw, softplus=True, deterministic=False):
+    """Forward and every gradient of the launchers against scan_reference."""
+    from mamba_compiled.lowering import scan_bwd, scan_fwd
+
+    args = [kw[k] for k in ORDER]
+    dtype = kw["u"].dtype
+    out, last, ck = scan_fwd(*args, softplus)
+    dout = torch.randn_like(out)
+    dlast = torch.randn_like(last)
+    grads = dict(zip(ORDER, scan_bwd(dout, dlast, *args, ck, softplus, deterministic)))
+
+    ref_in = {k: None if v is None else v.detach().double().requires_grad_() for k, v in kw.items()}
+    ref_out, ref_last = scan_reference(*[ref_in[k] for k in ORDER[:8]], softplus,
+                                       ref_in["initial_state"])  # fmt: skip
+    ((ref_out * dout.double()).sum() + (ref_last * dlast.double()).sum()).backward()
+
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(last.double(), ref_last.detach(), rtol=rtol, atol=atol)
+    for name in ORDER:
+        if kw[name] is None:
+            continue
+        ref = ref_in[name].grad
+        got = grads[name]
+        assert got.shape == ref.shape and got.dtype == kw[name].dtype, name
+        err = (got.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-12)
+        assert err < GRAD_TOL[dtype], f"d{name}: relative max error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("L", [1, 7, 128, 257, 1000, 2048, 4096])
+def test_scan_lengths(dtype, L):
+    check(make_inputs(2, 64, L, 16, dtype))
+
+
+@pytest.mark.parametrize(
+    "B_layout, C_layout, z, softplus",
+    [
+        pytest.param("shared", "shared", False, True, id="shared-BC-no-z"),
+        pytest.param("g2", "g2", True, True, id="groups2"),
+        pytest.param("shared", "var", True, False, id="shared-B-no-softplus"),
+    ],
+)
+def test_scan_layouts(B_layout, C_layout, z, softplus):
+    check(make_inputs(2, 64, 300, 16, torch.float32, B_layout, C_layout, z), softplus=softplus)
+
+
+def test_scan_odd_sizes():
+    check(make_inputs(3, 40, 333, 5, torch.float32))  # dim not a block multiple, dstate padded
+
+
+def test_scan_deterministic_mode():
+    check(make_inputs(2, 64, 500, 16, torch.bfloat16), deterministic=True)
+
+
+def test_scan_65536():
+    check(make_inputs(1, 16, 65536, 16, torch.float32))
+
+
+def test_deterministic_bitwise():
+    from mamba_compiled.lowering import scan_bwd, scan_fwd
+
+    kw = make_inputs(2, 256, 2048, 16, torch.bfloat16)
+    args = [kw[k] for k in ORDER]
+    _, _, ck = scan_fwd(*args, True)
+    dout = torch.randn(2, 256, 2048, device="cuda", dtype=torch.bfloat16)
+    first = scan_bwd(dout, None, *args, ck, True, True)
+    second = scan_bwd(dout, None, *args, ck, True, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_2pow20_tokens_dim2048():
+    """2^20 tokens at dim 2048 (offsets past 2^31 in the checkpoints and dB partials): one
+    launch over all channels equals two launches over channel halves; the forward of a few
+    channels, the last ones included, equals the float64 reference."""
+    from mamba_compiled.lowering import scan_bwd, scan_fwd
+
+    L, dim, half = 1 << 20, 2048, 1024
+    kw = make_inputs(1, dim, L, 16, torch.bfloat16)
+    args = [kw[k] for k in ORDER]
+    out, last, ck = scan_fwd(*args, True)
+    dout = torch.randn_like(out)
+    full = scan_bwd(dout, None, *args, ck, True, False)
+    del ck
+
+    per_channel = {"u", "delta", "A", "D", "z", "delta_bias", "initial_state"}
+
+    def part(name, v, sl):
+        if v is None or name not in per_channel:
+            return v
+        return v[:, sl] if name in ("u", "delta", "z", "initial_state") else v[sl]
+
+    dB = torch.zeros_like(full[3], dtype=torch.float32)
+    dC = torch.zeros_like(full[4], dtype=torch.float32)
+    for sl in (slice(0, half), slice(half, dim)):
+        sub = [part(k, kw[k], sl) for k in ORDER]
+        o, s, c = scan_fwd(*sub, True)
+        assert torch.equal(o, out[:, sl]) and torch.equal(s, last[:, sl])
+        g = scan_bwd(dout[:, sl].contiguous(), None, *sub, c, True, False)
+        del c
+        for i, name in enumerate(ORDER):
+            if name in ("B", "C"):
+                continue
+            expect = full[i][:, sl] if full[i].dim() == 3 else full[i][sl]
+            torch.testing.assert_close(g[i], expect, rtol=0, atol=0, msg=f"d{name}")
+        dB += g[3].float()
+        dC += g[4].float()
+    torch.testing.assert_close(full[3].float(), dB, rtol=2e-2, atol=1e-1)
+    torch.testing.assert_close(full[4].float(), dC, rtol=2e-2, atol=1e-1)
+
+    channels = [0, 1, dim - 2, dim - 1]
+    sub = [part(k, kw[k], channels) for k in ORDER]
+    ref_out, ref_last = scan_reference(*sub[:8], True, sub[8])
+    rtol, atol = TOL[torch.bfloat16]
+    torch.testing.assert_close(out[:, channels].double(), ref_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last[:, channels].double(), ref_last, rtol=rtol, atol=atol)
+
+
+def _step_inputs(batch, dim, dstate, dtype, groups=1):
+    dev = "cuda"
+    return dict(
+        state=torch.randn(batch, dim, dstate, device=dev),
+        x=torch.randn(batch, dim, device=dev).to(dtype),
+        dt=(0.5 * torch.rand(batch, dim, device=dev)).to(dtype),
+        A=-0.5 * torch.rand(dim, dstate, device=dev),
+        B=torch.randn(batch, groups, dstate, device=dev).to(dtype),
+        C=torch.randn(batch, groups, dstate, device=dev).to(dtype),
+        D=torch.randn(dim, device=dev),
+        z=torch.randn(batch, dim, device=dev).to(dtype),
+        dt_bias=0.5 * torch.rand(dim, device=dev),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch, groups", [(1, 1), (64, 1), (3, 2)])
+def test_state_update(dtype, batch, groups):
+    from mamba_compiled.lowering import state_update
+    from mamba_compiled.ops.reference import selective_state_update_ref
+
+    kw = _step_inputs(batch, 4096, 16, dtype, groups)
+    ref_out, ref_state = selective_state_update_ref(
+        *[kw[k].double() for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")], True
+    )
+    out = state_update(*kw.values(), True)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(kw["state"].double(), ref_state, rtol=1e-5, atol=1e-5)
+
+
+def test_state_update_cuda_graph():
+    """Capture the decode step in a CUDA graph; replays equal eager calls."""
+    from mamba_compiled.lowering import state_update
+
+    kw = _step_inputs(8, 4096, 16, torch.float16)
+    eager_state = kw["state"].clone()
+    rest = [kw[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    state_update(eager_state.clone(), *rest, True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    graph_state = kw["state"].clone()
+    with torch.cuda.graph(graph):
+        graph_out = state_update(graph_state, *rest, True)
+    for _ in range(3):
+        eager_out = state_update(eager_state, *rest, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(graph_out, eager_out, rtol=0, atol=0)
+        torch.testing.assert_close(graph_state, eager_state, rtol=0, atol=0)
