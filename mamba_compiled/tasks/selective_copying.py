@@ -1,0 +1,79 @@
+"""Selective Copying (Gu & Dao 2023, Section 3.1, Figure 2 and Appendix E.1).
+
+Data tokens are scattered at random positions among noise tokens; after a separator the model must
+reproduce them in order. Content-aware selection is needed because the positions vary from sequence
+to sequence: a time-invariant model (S4) cannot tell noise from data.
+
+A sequence of length `seq_len`, vocabulary V, M = `num_tokens` data tokens and P = seq_len - M:
+
+    inputs   [ noise (0) with M data tokens at sorted random positions | V-1 | d_0 ... d_{M-2} ]
+               positions 0 .. P-1                                       P     P+1 .. seq_len-1
+    targets  [ IGNORE ...                                               | d_0 ... d_{M-1}     ]
+
+Data tokens are drawn uniformly from 1 .. V-2, so the vocabulary counts the noise token (0) and
+the separator (V-1). The paper's data code (from S4) ends the sequence with M marker tokens and
+reads the answers there; here the answers follow the separator as ordinary next tokens (teacher
+forcing), so that the trained model can also be sampled with `generate`. The information to
+memorize is the same.
+Accuracy is taken over the M answer positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import IGNORE, Batch
+
+
+class SelectiveCopying:
+    name = "selective-copying"
+
+    def __init__(self, seq_len: int = 4096, vocab_size: int = 16, num_tokens: int = 16):
+        if vocab_size < 3:
+            raise ValueError(
+                f"vocab_size must be at least 3 (noise, separator, a data token), got {vocab_size}"
+            )
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be at least 1, got {num_tokens}")
+        if seq_len < 2 * num_tokens:
+            raise ValueError(
+                f"seq_len must be at least 2 * num_tokens = {2 * num_tokens} "
+                f"(room for the data tokens and their copy), got {seq_len}"
+            )
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.num_tokens = num_tokens
+        self.noise_token = 0
+        self.separator = vocab_size - 1
+
+    def config(self) -> dict:
+        return {
+            "seq_len": self.seq_len,
+            "vocab_size": self.vocab_size,
+            "num_tokens": self.num_tokens,
+        }
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator, seq_len: int | None = None
+    ) -> Batch:
+        L = self.seq_len if seq_len is None else seq_len
+        M = self.num_tokens
+        P = L - M  # length of the noisy region
+        if P < M:
+            raise ValueError(f"seq_len must be at least 2 * num_tokens = {2 * M}, got {L}")
+        data = torch.randint(1, self.vocab_size - 1, (batch_size, M), generator=generator)
+        # M distinct positions per row: the top-M of uniform noise is a uniform M-subset.
+        positions = torch.rand(batch_size, P, generator=generator).topk(M, dim=1).indices
+        positions = positions.sort(dim=1).values  # (batch, M)
+        region = torch.full((batch_size, P), self.noise_token, dtype=torch.long)
+        region.scatter_(1, positions, data)
+        separator = torch.full((batch_size, 1), self.separator, dtype=torch.long)
+        inputs = torch.cat([region, separator, data[:, :-1]], dim=1)  # (batch, L)
+        targets = torch.full((batch_size, L), IGNORE, dtype=torch.long)
+        targets[:, P:] = data
+        return Batch(inputs, targets)
+
+    def split_for_generation(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt, answer): the noisy region and the separator; the M data tokens to generate."""
+        P = batch.inputs.shape[1] - self.num_tokens
+        return batch.inputs[:, : P + 1], batch.targets[:, P:]
