@@ -1,13 +1,15 @@
 """CPU kernels for the selective scan, in plain torch.
 
 The recurrence runs as a loop over time steps, each step one fused multiply-add over the whole
-(batch, dim, dstate) state. Time is cut into chunks of CHUNK steps; everything per step and state,
-the (time, batch, dim, dstate) tensors, exists for one chunk at a time, so memory stays bounded for
-any sequence length. The forward saves the state at each chunk's start; the backward walks the
-chunks in reverse and recomputes each chunk's states from its checkpoint.
+(batch, dim, dstate) state. Time is cut into chunks of CHUNK steps; the (time, batch, dim, dstate)
+tensors exist for one chunk at a time, in buffers allocated once per call and small enough to stay
+in cache, so memory stays bounded for any sequence length. The forward saves the state at every
+chunk boundary; the backward walks the chunks in reverse and recomputes each chunk's states from
+its checkpoint.
 
-Layout inside a chunk: (T, b, d, n), time first, so that one step is a contiguous slice. A channel
-dimension d that reads B or C by group is viewed as (G, d // G) to broadcast against them.
+Layout: time first, (L, b, d) for per-step values and (T, b, d, n) inside a chunk, so that one step
+is a contiguous slice. A channel dimension d that reads B or C by group is viewed as (G, d // G)
+to broadcast against them, and contractions over the state run as batched matrix products.
 Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
 """
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 64  # time steps per chunk: (T, b, d, n) buffers of this length bound the memory
+CHUNK = 8  # time steps per chunk: a (CHUNK, b, d, n) buffer stays in cache at model sizes
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,104 +39,130 @@ def n_checkpoints(seqlen: int) -> int:
     return n_chunks(seqlen) + 1
 
 
-def _time_first(t: Tensor, t0: int, t1: int, acc: torch.dtype) -> Tensor:
-    """(b, d, L) -> (T, b, d) for steps [t0, t1), in the accumulation dtype."""
-    return t[..., t0:t1].permute(2, 0, 1).to(acc)
+def _time_first(x: Tensor, acc: torch.dtype) -> Tensor:
+    """(b, d, L) -> (L, b, d) in the accumulation dtype, contiguous. May alias x: never write to it.
+
+    Done as a 2-D transpose, which torch copies block-wise (a 3-D permute copy is 4x slower).
+    """
+    b, d, L = x.shape
+    return x.reshape(b * d, L).t().to(acc, memory_format=torch.contiguous_format).view(L, b, d)
 
 
-def _delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool) -> tuple[Tensor, Tensor]:
-    """Δ and dΔ/d(delta) for a (T, b, d) chunk. softplus(x) = x above 20, as mamba_ssm."""
-    if delta_bias is not None:
-        delta = delta + delta_bias
-    if not softplus:
-        return delta, torch.ones_like(delta)
-    small = delta <= 20.0
-    return torch.where(small, F.softplus(delta), delta), torch.where(
-        small, torch.sigmoid(delta), torch.ones_like(delta)
-    )
+def _batch_first(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(L, b, d) -> (b, d, L) in `dtype`, contiguous."""
+    L, b, d = x.shape
+    return x.reshape(L, b * d).t().to(dtype, memory_format=torch.contiguous_format).view(b, d, L)
 
 
 class _BC:
-    """B or C for a chunk, as something that broadcasts against (T, b, G, d // G, n)."""
+    """B or C as something that broadcasts against (T, b, G, d // G, n) for steps [t0, t1)."""
 
-    def __init__(self, M: Tensor, t0: int, t1: int, acc: torch.dtype):
+    def __init__(self, M: Tensor, acc: torch.dtype):
         self.shared = M.dim() == 2
-        if self.shared:  # (d, n)
+        if self.shared:  # (d, n) -> (G = d, 1, n)
             self.groups = M.shape[0]
-            self.value = M.to(acc)[:, None, :]  # (G=d, 1, n)
-        else:  # (b, G, n, L) -> (T, b, G, 1, n)
+            self.value = M.to(acc)[:, None, :]
+        else:  # (b, G, n, L) -> (L, b, G, 1, n)
             self.groups = M.shape[1]
-            self.value = M[..., t0:t1].permute(3, 0, 1, 2).to(acc).unsqueeze(3)
+            self.value = M.permute(3, 0, 1, 2).to(acc, memory_format=torch.contiguous_format)
+            self.value = self.value.unsqueeze(3)
+
+    def at(self, t0: int, t1: int) -> Tensor:
+        return self.value if self.shared else self.value[t0:t1]
 
     def grouped(self, x: Tensor) -> Tensor:
         """(T, b, d, ...) -> (T, b, G, d // G, ...)."""
         return x.unflatten(2, (self.groups, -1))
 
-    def times(self, x: Tensor) -> Tensor:
-        """x (T, b, d) times this matrix: (T, b, d, n)."""
-        return (self.grouped(x)[..., None] * self.value).flatten(2, 3)
+    def times(self, x: Tensor, t0: int, t1: int, out: Tensor) -> Tensor:
+        """out (T, b, d, n) = x (T, b, d) times this matrix."""
+        torch.mul(self.grouped(x)[..., None], self.at(t0, t1), out=self.grouped(out))
+        return out
 
-    def contract(self, h: Tensor) -> Tensor:
+    def contract(self, h: Tensor, t0: int, t1: int) -> Tensor:
         """Σ_n h[..., n]·M[n]: (T, b, d, n) -> (T, b, d)."""
-        return (self.grouped(h) * self.value).sum(-1).flatten(2, 3)
-
-    def grad(self, x: Tensor, g: Tensor) -> Tensor:
-        """Gradient w.r.t. this matrix of Σ x[t, b, d]·g[t, b, d, n]·M[.., n], in M's own layout."""
-        prod = self.grouped(g * x[..., None])  # (T, b, G, d//G, n)
         if self.shared:
-            return prod.sum((0, 1)).flatten(0, 1)  # (d, n)
-        return prod.sum(3).permute(1, 2, 3, 0)  # (b, G, n, T)
+            return (h * self.value.squeeze(1)).sum(-1)
+        return (self.grouped(h) @ self.at(t0, t1).transpose(-1, -2)).flatten(2, 4)
+
+    def grad_buffer(self) -> Tensor:
+        """Zeros for this matrix's gradient: (d, n) shared, or time-first (L, b, G, n)."""
+        return torch.zeros_like(self.value.squeeze(-2))
+
+    def add_grad(self, x: Tensor, g: Tensor, t0: int, t1: int, grad: Tensor) -> None:
+        """grad += d/dM of Σ x[t, b, d]·g[t, b, d, n]·M[.., n] over steps [t0, t1)."""
+        if self.shared:
+            grad += (g * x[..., None]).sum((0, 1))  # (d, n)
+        else:
+            torch.matmul(self.grouped(x)[..., None, :], self.grouped(g), out=grad[t0:t1, ..., None, :])
+
+    def grad_like(self, grad: Tensor, M: Tensor) -> Tensor:
+        """The gradient in M's own layout and dtype."""
+        if not self.shared:
+            grad = grad.permute(1, 2, 3, 0)  # (L, b, G, n) -> (b, G, n, L)
+        return grad.to(M.dtype, memory_format=torch.contiguous_format)
 
 
-def _chunk_inputs(u, delta, A, B, C, delta_bias, softplus, t0, t1, acc):
-    u_c = _time_first(u, t0, t1, acc)  # (T, b, d)
-    dt, dt_grad = _delta(_time_first(delta, t0, t1, acc), delta_bias, softplus)
-    dA = torch.exp(dt[..., None] * A.to(acc))  # Ā = exp(Δ·A): (T, b, d, n)
-    Bc, Cc = _BC(B, t0, t1, acc), _BC(C, t0, t1, acc)
-    dBu = Bc.times(dt * u_c)  # B̄·u = Δ·B·u: (T, b, d, n)
-    return u_c, dt, dt_grad, dA, dBu, Bc, Cc
+class _Scan:
+    """One call's per-step inputs in time-first layout, and the chunk buffers of the recurrence."""
 
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
+        self.acc = acc = acc_dtype(u.dtype)
+        self.batch, self.dim, self.seqlen = u.shape
+        self.A = A.to(acc)
+        self.u = _time_first(u, acc)  # (L, b, d)
+        dt = _time_first(delta, acc)
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(acc)
+        # Δ = softplus(delta + bias), = delta + bias above 20 (as mamba_ssm); and dΔ/d(delta).
+        self.dt_grad = None
+        if delta_softplus:
+            self.dt_grad = torch.where(dt <= 20.0, torch.sigmoid(dt), 1.0)
+            dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+        self.dt = dt  # Δ: (L, b, d)
+        self.dtu = dt * self.u  # Δ·u: (L, b, d)
+        self.B, self.C = _BC(B, acc), _BC(C, acc)
+        shape = (CHUNK, self.batch, self.dim, A.shape[1])
+        self.dA = torch.empty(shape, dtype=acc)  # Ā = exp(Δ·A) for one chunk
+        self.hs = torch.empty((CHUNK + 1, *shape[1:]), dtype=acc)  # h_{t0-1} … h_{t1-1}
 
-def _states(dA: Tensor, dBu: Tensor, h0: Tensor) -> Tensor:
-    """h_t = Ā_t·h_{t-1} + B̄_t·u_t over one chunk: (T, b, d, n), from h_{-1} = h0."""
-    hs = torch.empty_like(dBu)
-    h = h0
-    for t in range(dA.shape[0]):
-        h = torch.addcmul(dBu[t], dA[t], h, out=hs[t])
-    return hs
+    def chunks(self):
+        for c in range(n_chunks(self.seqlen)):
+            yield c, c * CHUNK, min((c + 1) * CHUNK, self.seqlen)
 
+    def recur(self, t0: int, t1: int, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """h_t = Ā_t·h_{t-1} + B̄_t·u_t for t in [t0, t1) from h_{t0-1} = h0.
 
-def _gate(y: Tensor, z_c: Tensor | None) -> Tensor:
-    return y if z_c is None else y * F.silu(z_c)
+        Returns views of the buffers: Ā (T, b, d, n) and the states (T + 1, b, d, n), whose
+        slot 0 is h0 and slot t + 1 is h_{t0+t}.
+        """
+        T = t1 - t0
+        dA, hs = self.dA[:T], self.hs[: T + 1]
+        torch.mul(self.dt[t0:t1, :, :, None], self.A, out=dA).exp_()
+        hs[0].copy_(h0)
+        self.B.times(self.dtu[t0:t1], t0, t1, out=hs[1:])  # B̄·u = Δ·B·u
+        for t in range(T):
+            hs[t + 1].addcmul_(dA[t], hs[t])
+        return dA, hs
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    """Forward: (out (b, d, L), last_state (b, d, n), checkpoints (b, d, n_chunks + 1, n))."""
-    acc = acc_dtype(u.dtype)
-    batch, dim, seqlen = u.shape
-    dstate = A.shape[1]
-    out = torch.empty(batch, dim, seqlen, dtype=u.dtype)
-    checkpoints = torch.empty(batch, dim, n_checkpoints(seqlen), dstate, dtype=acc)
-    h = (
-        torch.zeros(batch, dim, dstate, dtype=acc)
-        if initial_state is None
-        else initial_state.to(acc)
-    )
-    for c in range(n_chunks(seqlen)):
-        t0, t1 = c * CHUNK, min((c + 1) * CHUNK, seqlen)
-        checkpoints[:, :, c] = h
-        u_c, _, _, dA, dBu, _, Cc = _chunk_inputs(
-            u, delta, A, B, C, delta_bias, delta_softplus, t0, t1, acc
-        )
-        hs = _states(dA, dBu, h)
-        y = Cc.contract(hs)  # y_t = C_t·h_t: (T, b, d)
-        if D is not None:
-            y = y + D.to(acc) * u_c
-        z_c = None if z is None else _time_first(z, t0, t1, acc)
-        out[..., t0:t1] = _gate(y, z_c).permute(1, 2, 0)
-        h = hs[-1]
-    checkpoints[:, :, -1] = h
-    return out, h.clone(), checkpoints
+    """Forward: (out (b, d, L), last_state (b, d, n), checkpoints (n_chunks + 1, b, d, n))."""
+    s = _Scan(u, delta, A, B, C, delta_bias, delta_softplus)
+    checkpoints = torch.empty(n_checkpoints(s.seqlen), s.batch, s.dim, A.shape[1], dtype=s.acc)
+    h = torch.zeros_like(s.hs[0]) if initial_state is None else initial_state.to(s.acc)
+    y = torch.empty_like(s.u)  # (L, b, d)
+    for c, t0, t1 in s.chunks():
+        checkpoints[c] = h
+        _, hs = s.recur(t0, t1, h)
+        y[t0:t1] = s.C.contract(hs[1:], t0, t1)  # y_t = C_t·h_t
+        h = hs[t1 - t0]
+    checkpoints[-1] = h
+    if D is not None:
+        y += D.to(s.acc) * s.u
+    if z is not None:
+        y *= F.silu(_time_first(z, s.acc))
+    return _batch_first(y, u.dtype), h.clone(), checkpoints
 
 
 def scan_bwd(
@@ -144,81 +172,70 @@ def scan_bwd(
     """Backward by recomputation, chunks in reverse. Returns the gradients of every input.
 
     With g_t = dL/dh_t (through every later step):  g_t = C_t·dy_t + Ā_{t+1}·g_{t+1}.
-    Then dĀ_t·h_{t-1} is written g_t·(h_t − B̄_t u_t), so h_{t-1} is never needed.
+    Then dL/dĀ_t = g_t·h_{t-1}, and the rest follows from Ā = exp(Δ·A), B̄·u = Δ·B·u.
     """
-    acc = acc_dtype(u.dtype)
-    batch, dim, seqlen = u.shape
-    A_acc = A.to(acc)
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else torch.empty(0, dtype=u.dtype)
-    dA = torch.zeros_like(A_acc)
-    dD = torch.zeros(dim, dtype=acc)
-    ddelta_bias = torch.zeros(dim, dtype=acc)
-    dB = torch.zeros(B.shape, dtype=acc)
-    dC = torch.zeros(C.shape, dtype=acc)
+    s = _Scan(u, delta, A, B, C, delta_bias, delta_softplus)
+    acc = s.acc
+    dout = _time_first(dout, acc)  # (L, b, d)
+    z_t = None if z is None else _time_first(z, acc)
+    dy = dout if z is None else dout * F.silu(z_t)  # dL/dy before the gate
+    y = None if z is None else torch.empty_like(dy)  # y before the gate, for dz
+    d_dt = torch.empty_like(dy)  # dL/dΔ
+    du = torch.empty_like(dy)
+    dA = torch.zeros_like(s.A)
+    dB, dC = s.B.grad_buffer(), s.C.grad_buffer()
+    g_buf = torch.empty_like(s.dA)
+    tmp = torch.empty_like(s.dA)
     # q = Ā_t·g_t: what step t hands back to step t-1; at the end it is dL/dh_{-1}.
-    q = (
-        torch.zeros(batch, dim, A.shape[1], dtype=acc)
-        if dlast_state is None
-        else dlast_state.to(acc)
-    )
-    for c in reversed(range(n_chunks(seqlen))):
-        t0, t1 = c * CHUNK, min((c + 1) * CHUNK, seqlen)
-        u_c, dt, dt_grad, dA_c, dBu, Bc, Cc = _chunk_inputs(
-            u, delta, A, B, C, delta_bias, delta_softplus, t0, t1, acc
-        )
-        hs = _states(dA_c, dBu, checkpoints[:, :, c].to(acc))
-        dout_c = _time_first(dout, t0, t1, acc)
-        if z is not None:
-            z_c = _time_first(z, t0, t1, acc)
-            y = Cc.contract(hs)
-            if D is not None:
-                y = y + D.to(acc) * u_c
-            sig = torch.sigmoid(z_c)
-            dz[..., t0:t1] = (dout_c * y * sig * (1 + z_c * (1 - sig))).permute(1, 2, 0)
-            dy = dout_c * z_c * sig  # silu(z) = z·σ(z)
-        else:
-            dy = dout_c
-        # Reverse recurrence, in place: g holds C_t·dy_t, then g_t.
-        g = Cc.times(dy)
-        g[-1] += q
-        for t in range(g.shape[0] - 2, -1, -1):
+    q = torch.zeros_like(s.hs[0]) if dlast_state is None else dlast_state.to(acc)
+    for c, t0, t1 in reversed(list(s.chunks())):
+        T = t1 - t0
+        dA_c, hs = s.recur(t0, t1, checkpoints[c])
+        if y is not None:
+            y[t0:t1] = s.C.contract(hs[1:], t0, t1)
+        g = s.C.times(dy[t0:t1], t0, t1, out=g_buf[:T])  # C_t·dy_t
+        g[T - 1] += q
+        for t in range(T - 2, -1, -1):
             g[t].addcmul_(dA_c[t + 1], g[t + 1])
         q = dA_c[0] * g[0]
 
-        dAh = g * (hs - dBu)  # g_t·Ā_t·h_{t-1}: (T, b, d, n)
-        dA += (dAh * dt[..., None]).sum((0, 1))
-        gB = Bc.contract(g)  # Σ_n g·B: (T, b, d)
-        d_dt = (dAh * A_acc).sum(-1) + gB * u_c  # dL/dΔ
-        du_c = gB * dt
-        if D is not None:
-            du_c = du_c + D.to(acc) * dy
-            dD += (dy * u_c).sum((0, 1))
-        du[..., t0:t1] = du_c.permute(1, 2, 0)
-        d_delta = d_dt * dt_grad  # through softplus and the bias
-        ddelta[..., t0:t1] = d_delta.permute(1, 2, 0)
-        ddelta_bias += d_delta.sum((0, 1))
-        if Bc.shared:
-            dB += Bc.grad(dt * u_c, g)
-        else:
-            dB[..., t0:t1] = Bc.grad(dt * u_c, g)
-        if Cc.shared:
-            dC += Cc.grad(dy, hs)
-        else:
-            dC[..., t0:t1] = Cc.grad(dy, hs)
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias, q
+        dAh = dA_c.mul_(hs[:T]).mul_(g)  # dL/dĀ_t·Ā_t = g_t·Ā_t·h_{t-1}, in Ā's buffer
+        dA += torch.mul(dAh, s.dt[t0:t1, :, :, None], out=tmp[:T]).sum((0, 1))
+        gB = s.B.contract(g, t0, t1)  # Σ_n g·B: (T, b, d)
+        d_dt[t0:t1] = torch.mul(dAh, s.A, out=tmp[:T]).sum(-1) + gB * s.u[t0:t1]
+        torch.mul(gB, s.dt[t0:t1], out=du[t0:t1])
+        s.B.add_grad(s.dtu[t0:t1], g, t0, t1, dB)
+        s.C.add_grad(dy[t0:t1], hs[1:], t0, t1, dC)
+
+    dD = torch.zeros(s.dim, dtype=acc)
+    if D is not None:
+        du += D.to(acc) * dy
+        dD = (dy * s.u).sum((0, 1))
+        if y is not None:
+            y += D.to(acc) * s.u
+    dz = torch.empty(0, dtype=u.dtype)
+    if z is not None:
+        sig = torch.sigmoid(z_t)
+        dz = _batch_first(dout * y * sig * (1 + z_t * (1 - sig)), z.dtype)  # silu' = σ(1 + z(1 - σ))
+    d_delta = d_dt if s.dt_grad is None else d_dt * s.dt_grad  # through softplus and the bias
+    return (
+        _batch_first(du, u.dtype), _batch_first(d_delta, delta.dtype), dA,
+        s.B.grad_like(dB, B), s.C.grad_like(dC, C), dD, dz, d_delta.sum((0, 1)), q,
+    )
 
 
 def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """One step: updates state (b, d, n) in place, returns out (b, d) in x's dtype."""
     acc = state.dtype
-    delta, _ = _delta(dt.to(acc), dt_bias, dt_softplus)  # (b, d)
-    dA = torch.exp(delta[..., None] * A)  # (b, d, n)
+    delta = dt.to(acc)
+    if dt_bias is not None:
+        delta = delta + dt_bias
+    if dt_softplus:
+        delta = torch.where(delta <= 20.0, F.softplus(delta), delta)
     dim = x.shape[1]
     Bd = B.to(acc).repeat_interleave(dim // B.shape[1], 1)  # (b, G, n) -> (b, d, n)
     Cd = C.to(acc).repeat_interleave(dim // C.shape[1], 1)
-    state.mul_(dA).add_(Bd * (delta * x.to(acc))[..., None])
+    state.mul_(torch.exp(delta[..., None] * A)).add_(Bd * (delta * x.to(acc))[..., None])
     y = (state * Cd).sum(-1)
     if D is not None:
         y = y + D * x.to(acc)

@@ -70,7 +70,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     return (
         _empty((batch, dim, seqlen), u),
         _empty((batch, dim, A.shape[1]), u, acc),
-        _empty((batch, dim, cpu.n_checkpoints(seqlen), A.shape[1]), u, acc),
+        _empty((cpu.n_checkpoints(seqlen), batch, dim, A.shape[1]), u, acc),
     )
 
 
