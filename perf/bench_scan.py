@@ -9,8 +9,8 @@ On CUDA: forward and forward+backward for every shape of shared/ANCHORS.md throu
 ratio to mamba_ssm's time, fraction of the floor, peak memory of forward+backward; reference
 points (the eager oracle and a torch associative_scan formulation, on smaller sizes, scaled);
 time against L from 512 to 2^20 (PNG); the decode step in eager and in a CUDA graph.
---sweep first times the launch configurations listed in SWEEP on the first shape and keeps the
-fastest for the rest of the run (printed).
+--sweep then times the launch configurations of sweep_space() on the first shape and keeps the
+fastest for the sections after it (printed).
 
 On CPU: forward and forward+backward at batch 2, dim 1536, L 2048, dstate 16, fp32 through the
 public op, against the oracle and a torch.compile'd sequential reference (both at shorter L,
@@ -98,7 +98,8 @@ def make_inputs(batch, dim, L, dstate, dtype, device, requires_grad=False):
     g = dict(device=device)
     kw = dict(
         u=torch.randn(batch, dim, L, **g).to(dtype),
-        delta=(0.5 * torch.rand(batch, dim, L, **g) - 4.0).to(dtype),  # softplus(-4 + U) ~ Mamba's dt
+        # softplus(delta + bias) about 0.02 to 0.08, the range of Mamba's dt
+        delta=(0.5 * torch.rand(batch, dim, L, **g) - 4.0).to(dtype),
         A=-torch.arange(1, dstate + 1, **g, dtype=torch.float32).repeat(dim, 1),  # S4D-real
         B=torch.randn(batch, dstate, L, **g).to(dtype),
         C=torch.randn(batch, dstate, L, **g).to(dtype),
@@ -145,13 +146,19 @@ def bench_ms(fn, grad_to_none=None):
 
 
 class Report:
-    def __init__(self):
-        self.lines: list[str] = []
+    """Markdown lines to stdout and, line by line, to a file (kept if the run is cut short)."""
+
+    def __init__(self, path: pathlib.Path | None):
+        self.path = path
         self.failed: list[str] = []
+        if path is not None:
+            path.write_text("")
 
     def __call__(self, line: str = ""):
         print(line, flush=True)
-        self.lines.append(line)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
 
     @contextlib.contextmanager
     def section(self, name):
@@ -217,37 +224,43 @@ def cuda_sweep(rep: Report):
 def cuda_table(rep: Report, rows):
     rep("\n### Selective scan (public op, u/delta/z/B/C in the row's dtype, z, delta_softplus, "
         "delta_bias, D, per-step B/C)\n")  # fmt: skip
-    rep("| shape, dtype | fwd ms | vs mamba_ssm | of floor | fwd+bwd ms | vs mamba_ssm | "
-        "peak GB fwd+bwd (mamba_ssm) | target fwd / fwd+bwd | max err out, du, ddelta |")
+    rep(
+        "| shape, dtype | fwd ms | vs mamba_ssm | of floor | fwd+bwd ms | vs mamba_ssm | "
+        "peak GB fwd+bwd (mamba_ssm) | target fwd / fwd+bwd | max err out, du, ddelta |"
+    )
     rep("|---|---|---|---|---|---|---|---|---|")
     for i in rows:
-        batch, dim, L, N, dtype, m_f, m_fb, m_mem, floor, t_f, t_fb = ANCHORS[i]
-        name = f"{batch}×{dim}×{L}×{N} {str(dtype)[6:]}"
         torch.cuda.empty_cache()
-        kw = make_inputs(batch, dim, L, N, dtype, "cuda", requires_grad=True)
-        dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
-        with torch.no_grad():
-            out = call(kw)
-        call(kw).backward(dout)
-        errs = check_channels(kw, out, dout)
-        del out
-        for t in kw.values():
-            t.grad = None
-        with torch.no_grad():
-            fwd = bench_ms(lambda: call(kw))
-        fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
-        for t in kw.values():
-            t.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        call(kw).backward(dout)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 1e9
-        ok = lambda t, target: "✓" if t <= target else "✗"  # noqa: E731
-        rep(f"| {name} | {fwd:.3f} | {m_f / fwd:.2f}x faster | {floor / fwd:.0%} | {fb:.3f} | "
-            f"{m_fb / fb:.2f}x faster | {peak:.2f} ({m_mem}) | {t_f} {ok(fwd, t_f)} / {t_fb} "
-            f"{ok(fb, t_fb)} | {errs['out']:.1e}, {errs['du']:.1e}, {errs['ddelta']:.1e} |")
-        del kw, dout
+        _table_row(rep, *ANCHORS[i])
+
+
+def _table_row(rep, batch, dim, L, N, dtype, m_f, m_fb, m_mem, floor, t_f, t_fb):
+    name = f"{batch}×{dim}×{L}×{N} {str(dtype)[6:]}"
+    kw = make_inputs(batch, dim, L, N, dtype, "cuda", requires_grad=True)
+    dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        out = call(kw)
+    call(kw).backward(dout)
+    errs = check_channels(kw, out, dout)
+    del out
+    for t in kw.values():
+        t.grad = None
+    with torch.no_grad():
+        fwd = bench_ms(lambda: call(kw))
+    fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
+    for t in kw.values():
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call(kw).backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    ok = lambda t, target: "✓" if t <= target else "✗"  # noqa: E731
+    rep(
+        f"| {name} | {fwd:.3f} | {m_f / fwd:.2f}x faster | {floor / fwd:.0%} | {fb:.3f} | "
+        f"{m_fb / fb:.2f}x faster | {peak:.2f} ({m_mem}) | {t_f} {ok(fwd, t_f)} / {t_fb} "
+        f"{ok(fb, t_fb)} | {errs['out']:.1e}, {errs['du']:.1e}, {errs['ddelta']:.1e} |"
+    )
 
 
 def cuda_refs(rep: Report):
@@ -285,14 +298,14 @@ def cuda_refs(rep: Report):
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
         ms = bench_ms(lambda: compiled(**kw))
-    rep(f"| torch associative_scan, torch.compile (materializes (B, D, L, N); compile "
-        f"{compile_s:.0f} s) | batch {b1} | {ms:.2f} | {ms * batch / b1:.1f} |")
+    rep(
+        f"| torch associative_scan, torch.compile (materializes (B, D, L, N); compile "
+        f"{compile_s:.0f} s) | batch {b1} | {ms:.2f} | {ms * batch / b1:.1f} |"
+    )
 
 
 def cuda_plot(rep: Report, out_dir):
     """Time against L at batch 1, dim 2048, dstate 16, bf16, through the launchers."""
-    from mamba_compiled.lowering import scan_bwd, scan_fwd
-
     dim, N, dtype = 2048, 16, torch.bfloat16
     Ls = [512, 2048, 8192, 32768, 131072, 524288, 1048576]
     rep(f"\n### Time against L (launchers, batch 1, dim {dim}, dstate {N}, bf16)\n")
@@ -301,21 +314,10 @@ def cuda_plot(rep: Report, out_dir):
     fwds, fbs = [], []
     for L in Ls:
         torch.cuda.empty_cache()
-        kw = make_inputs(1, dim, L, N, dtype, "cuda")
-        kw["B"], kw["C"] = kw["B"][:, None], kw["C"][:, None]
-        args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [None]
-        dout = torch.randn(1, dim, L, device="cuda", dtype=dtype)
-
-        def fb():
-            _, _, ck = scan_fwd(*args, True)
-            scan_bwd(dout, None, *args, ck, True, False)
-
-        fwd = bench_ms(lambda: scan_fwd(*args, True))
-        both = bench_ms(fb)
+        fwd, both = _time_launchers(1, dim, L, N, dtype)
         fwds.append(fwd)
         fbs.append(both)
         rep(f"| {L} | {fwd:.3f} | {both:.3f} | {fwd * 1e6 / (L * dim):.3f} |")
-        del kw, args, dout
     if out_dir is not None:
         import matplotlib
 
@@ -337,40 +339,61 @@ def cuda_plot(rep: Report, out_dir):
         rep("\n![time vs L](scan_vs_L.png)")
 
 
+def _time_launchers(batch, dim, L, N, dtype):
+    from mamba_compiled.lowering import scan_bwd, scan_fwd
+
+    kw = make_inputs(batch, dim, L, N, dtype, "cuda")
+    kw["B"], kw["C"] = kw["B"][:, None], kw["C"][:, None]
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [None]
+    dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
+
+    def fb():
+        _, _, ck = scan_fwd(*args, True)
+        scan_bwd(dout, None, *args, ck, True, False)
+
+    return bench_ms(lambda: scan_fwd(*args, True)), bench_ms(fb)
+
+
 def cuda_decode(rep: Report):
     dim, N, dtype = 4096, 16, torch.float16
     rep(f"\n### Decode step (selective_state_update, dim {dim}, dstate {N}, fp16)\n")
-    rep(f"| batch | eager µs per call (mamba_ssm ≈ {MAMBA_DECODE_US:.0f}) | CUDA graph µs per call |")
+    rep(
+        f"| batch | eager µs per call (mamba_ssm ≈ {MAMBA_DECODE_US:.0f}) "
+        "| CUDA graph µs per call |"
+    )
     rep("|---|---|---|")
     for batch in (1, 64):
-        g = dict(device="cuda")
-        state = torch.randn(batch, dim, N, **g)
-        args = dict(
-            x=torch.randn(batch, dim, **g).to(dtype), dt=torch.rand(batch, dim, **g).to(dtype),
-            A=-torch.rand(dim, N, **g), B=torch.randn(batch, N, **g).to(dtype),
-            C=torch.randn(batch, N, **g).to(dtype), D=torch.randn(dim, **g),
-            z=torch.randn(batch, dim, **g).to(dtype), dt_bias=torch.rand(dim, **g),
-        )  # fmt: skip
+        eager_us, graph_us = _time_decode(batch, dim, N, dtype)
+        rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
 
-        def step():
-            return selective_state_update(state, **args, dt_softplus=True)
 
+def _time_decode(batch, dim, N, dtype, n=100):
+    g = dict(device="cuda")
+    state = torch.randn(batch, dim, N, **g)
+    args = dict(
+        x=torch.randn(batch, dim, **g).to(dtype), dt=torch.rand(batch, dim, **g).to(dtype),
+        A=-torch.rand(dim, N, **g), B=torch.randn(batch, N, **g).to(dtype),
+        C=torch.randn(batch, N, **g).to(dtype), D=torch.randn(dim, **g),
+        z=torch.randn(batch, dim, **g).to(dtype), dt_bias=torch.rand(dim, **g),
+    )  # fmt: skip
+
+    def step():
+        return selective_state_update(state, **args, dt_softplus=True)
+
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
         step()
-        torch.cuda.synchronize()
-        n = 100
-        t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    eager_us = (time.perf_counter() - t0) / n * 1e6
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         for _ in range(n):
             step()
-        torch.cuda.synchronize()
-        eager_us = (time.perf_counter() - t0) / n * 1e6
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                step()
-        graph.replay()
-        torch.cuda.synchronize()
-        graph_us = bench_ms(graph.replay) * 1e3 / n
-        rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager_us, bench_ms(graph.replay) * 1e3 / n
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,8 +447,10 @@ def cpu_bench(rep: Report, quick: bool):
     with torch.no_grad():
         fwd = timed(lambda: compiled(**kwc), n=2 * reps)
     fb = timed(lambda: compiled(**kwc).backward(doutc), n=2 * reps)
-    rep(f"| oracle under torch.compile (loop unrolled; compile {compile_s:.0f} s), at L={Lc}, "
-        f"×{L // Lc} | {fwd * L / Lc:.0f} | {fb * L / Lc:.0f} | |")
+    rep(
+        f"| oracle under torch.compile (loop unrolled; compile {compile_s:.0f} s), at L={Lc}, "
+        f"×{L // Lc} | {fwd * L / Lc:.0f} | {fb * L / Lc:.0f} | |"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,21 +468,21 @@ def main() -> int:
     args = parser.parse_args()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    rep = Report()
+    rep = Report(args.out / "bench_scan.md" if args.out is not None else None)
     rep(f"# bench_scan ({time.strftime('%Y-%m-%d')})\n")
     if torch.cuda.is_available():
         import triton
 
         rep(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
             f"{triton.__version__}; command: `python {' '.join(sys.argv)}`")  # fmt: skip
-        if args.sweep:
-            with rep.section("config sweep"):
-                cuda_sweep(rep)
         with rep.section("selective scan table"):
             cuda_table(rep, [int(r) for r in args.rows.split(",") if r])
         if not args.skip_decode:
             with rep.section("decode step"):
                 cuda_decode(rep)
+        if args.sweep:
+            with rep.section("config sweep"):
+                cuda_sweep(rep)
         if not args.skip_refs:
             with rep.section("reference points"):
                 cuda_refs(rep)
@@ -469,8 +494,6 @@ def main() -> int:
             f"command: `python {' '.join(sys.argv)}`")  # fmt: skip
         with rep.section("cpu"):
             cpu_bench(rep, args.quick)
-    if args.out is not None:
-        (args.out / "bench_scan.md").write_text("\n".join(rep.lines) + "\n")
     if rep.failed:
         print(f"failed sections: {rep.failed}", file=sys.stderr)
         return 1

@@ -57,7 +57,8 @@ class Case:
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
         shape = {"var": (b, 1, n, L), "shared": (d, n), "g2": (b, 2, n, L)}[layout]
-        return torch.randn(shape, device=DEVICE).to(self.dtype if layout != "shared" else torch.float32)
+        dtype = torch.float32 if layout == "shared" else self.dtype
+        return torch.randn(shape, device=DEVICE).to(dtype)
 
     def inputs(self) -> dict:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -110,7 +111,9 @@ def _reference(case: Case, kw: dict, dout: torch.Tensor, dlast: torch.Tensor | N
     """Forward and all gradients through the oracle in float64 (joint loss on out, last_state).
     B and C per-step (batch, 1, dstate, L) go to the oracle as (batch, dstate, L) like the op."""
     ref_in = {k: _f64(v) for k, v in kw.items()}
-    zero_D = ref_in["D"] if case.D else torch.zeros(case.dim, dtype=torch.float64, requires_grad=True)
+    zero_D = (
+        ref_in["D"] if case.D else torch.zeros(case.dim, dtype=torch.float64, requires_grad=True)
+    )
     zero_bias = (
         ref_in["delta_bias"]
         if case.bias
@@ -193,7 +196,7 @@ def test_scan_forward_backward(case: Case):
         kw["delta_bias"], kw["initial_state"], ck, case.softplus, case.deterministic,
     )  # fmt: skip
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
-    got = dict(zip(names, grads))
+    got = dict(zip(names, grads, strict=True))
     for name in names:
         if name == "z" and not case.z:
             assert got["z"].numel() == 0
@@ -215,7 +218,7 @@ def test_backward_deterministic_bitwise():
     dout = torch.randn_like(kw["u"])
     first = scan_bwd(dout, None, *args, ck, True, True)
     second = scan_bwd(dout, None, *args, ck, True, True)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -274,16 +277,19 @@ def test_state_update_steps_equal_scan():
 
     b, d, n, L = 2, 8, 4, 6
     f32 = dict(device=DEVICE, dtype=torch.float32)
-    u, delta, z = torch.randn(b, d, L, **f32), torch.rand(b, d, L, **f32), torch.randn(b, d, L, **f32)
+    u, delta, z = (torch.randn(b, d, L, **f32), torch.rand(b, d, L, **f32),
+                   torch.randn(b, d, L, **f32))  # fmt: skip
     A, D, bias = -torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32)
     B, C = torch.randn(b, 1, n, L, **f32), torch.randn(b, 1, n, L, **f32)
     h0 = torch.randn(b, d, n, **f32)
     out, last, _ = scan_fwd(u, delta, A, B, C, D, z, bias, h0, True)
     state = h0.clone()
     steps = [
-        state_update(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t], bias, True)
+        state_update(
+            state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t], bias, True
+        )
         for t in range(L)
-    ]  # fmt: skip
+    ]
     torch.testing.assert_close(torch.stack(steps, -1), out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
 

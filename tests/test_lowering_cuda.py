@@ -79,7 +79,7 @@ def check(kw, softplus=True, deterministic=False):
     out, last, ck = scan_fwd(*args, softplus)
     dout = torch.randn_like(out)
     dlast = torch.randn_like(last)
-    grads = dict(zip(ORDER, scan_bwd(dout, dlast, *args, ck, softplus, deterministic)))
+    grads = dict(zip(ORDER, scan_bwd(dout, dlast, *args, ck, softplus, deterministic), strict=True))
 
     ref_in = {k: None if v is None else v.detach().double().requires_grad_() for k, v in kw.items()}
     ref_out, ref_last = scan_reference(*[ref_in[k] for k in ORDER[:8]], softplus,
@@ -139,7 +139,7 @@ def test_deterministic_bitwise():
     dout = torch.randn(2, 256, 2048, device="cuda", dtype=torch.bfloat16)
     first = scan_bwd(dout, None, *args, ck, True, True)
     second = scan_bwd(dout, None, *args, ck, True, True)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 

@@ -31,7 +31,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def log2(x, FAST: tl.constexpr):
     """log2; FAST: the special-function unit's lg2.approx (2^-22 relative error) instead of
-    libdevice's 30-instruction polynomial. The interpreter has no inline PTX, so FAST=False there."""
+    libdevice's 30-instruction polynomial. The interpreter runs no inline PTX: FAST=False there."""
     if FAST:
         return tl.inline_asm_elementwise(
             "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1

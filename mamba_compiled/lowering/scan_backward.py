@@ -84,7 +84,6 @@ def _scan_bwd_kernel(
     N_A: tl.constexpr = N // N_B
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    n_dblk = tl.num_programs(0)
     batch = tl.num_programs(1)
     d0 = pid_d * BD
 

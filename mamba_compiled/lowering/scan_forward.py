@@ -185,9 +185,7 @@ def scan_fwd(
     assert cfg.T % ck == 0, "the forward chunk must be a multiple of the checkpoint interval"
     out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
-    checkpoints = torch.empty(
-        (batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device
-    )
+    checkpoints = torch.empty((batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
