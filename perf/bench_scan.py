@@ -483,12 +483,12 @@ def main() -> int:
         if args.sweep:
             with rep.section("config sweep"):
                 cuda_sweep(rep)
-        if not args.skip_refs:
-            with rep.section("reference points"):
-                cuda_refs(rep)
         if not args.skip_plot:
             with rep.section("time against L"):
                 cuda_plot(rep, args.out)
+        if not args.skip_refs:
+            with rep.section("reference points"):
+                cuda_refs(rep)
     else:
         rep(f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
             f"command: `python {' '.join(sys.argv)}`")  # fmt: skip

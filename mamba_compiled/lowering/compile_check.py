@@ -1,10 +1,10 @@
 """Compile the kernels' GPU configurations for a CUDA target without a GPU.
 
-    python -m mamba_compiled.lowering.compile_check [--arch 90] [--sass DIR]
+    python -m mamba_compiled.lowering.compile_check [--arch 90] [--res] [--sass DIR]
 
 Uses Triton's bundled ptxas, so it runs on any machine with triton installed (not under
-TRITON_INTERPRET=1). Prints registers and spills per kernel; with --sass, writes each kernel's
-SASS (through the bundled cuobjdump) to DIR for reading instruction counts.
+TRITON_INTERPRET=1). Prints each kernel's configuration; --res adds registers, stack (spills)
+and shared memory (from the bundled cuobjdump); --sass writes each kernel's SASS to DIR.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -70,12 +71,19 @@ def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: s
     )
 
 
+def _cuobjdump(bin_dir: pathlib.Path, flag: str, cubin: pathlib.Path) -> str:
+    done = subprocess.run([str(bin_dir / "cuobjdump"), flag, str(cubin)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return done.stdout
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--res", action="store_true")
     parser.add_argument("--sass", type=pathlib.Path, default=None)
     args = parser.parse_args()
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -83,15 +91,17 @@ def main() -> int:
         compiled = compile_kernel(kernel, constexprs, num_warps, args.arch)
         meta = compiled.metadata
         print(f"{name}: {constexprs} warps={num_warps} shared={meta.shared}B")
-        if args.sass is not None:
-            args.sass.mkdir(parents=True, exist_ok=True)
-            cubin = args.sass / f"{name}.cubin"
+        if not (args.res or args.sass):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = pathlib.Path(tmp) / f"{name}.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            for flag, suffix in (("-res-usage", "res"), ("-sass", "sass")):
-                out = subprocess.run(
-                    [str(bin_dir / "cuobjdump"), flag, str(cubin)], capture_output=True, text=True
-                ).stdout
-                (args.sass / f"{name}.{suffix}").write_text(out)
+            if args.res:
+                res = _cuobjdump(bin_dir, "-res-usage", cubin).splitlines()
+                print("   ", " ".join(line.strip() for line in res if "REG" in line))
+            if args.sass is not None:
+                args.sass.mkdir(parents=True, exist_ok=True)
+                (args.sass / f"{name}.sass").write_text(_cuobjdump(bin_dir, "-sass", cubin))
     return 0
 
 
