@@ -4,8 +4,15 @@ Importing the package registers the ops `torch.ops.mamba_compiled.*`, which is a
 exported program needs.
 """
 
+from mamba_compiled.models import Mamba, MambaConfig, MambaLMHeadModel
 from mamba_compiled.ops import selective_scan_fn, selective_state_update
 
 __version__ = "0.1.0"
 
-__all__ = ["selective_scan_fn", "selective_state_update"]
+__all__ = [
+    "Mamba",
+    "MambaConfig",
+    "MambaLMHeadModel",
+    "selective_scan_fn",
+    "selective_state_update",
+]
