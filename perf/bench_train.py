@@ -1,0 +1,139 @@
+"""Training-step and forward benchmark of the compiled Mamba LM (random weights, synthetic tokens).
+
+    # H200 (ANCHORS.md): 130M and 1.4B, batch 8 x 2048, bf16 autocast, fused AdamW
+    python perf/bench_train.py --model 130m --batch 8 --seqlen 2048
+    python perf/bench_train.py --model 1.4b --batch 8 --seqlen 2048
+    # CPU targets: 130M train step 2 x 256 (<= 10 s), forward 1 x 512 (<= 1.5 s)
+    python perf/bench_train.py --model 130m --batch 2 --seqlen 256 --device cpu
+    python perf/bench_train.py --model 130m --batch 1 --seqlen 512 --device cpu --mode forward
+
+Reports compile time, step time (median), tokens/s, MFU (6·params FLOPs per trained token against
+--peak-tflops, default 989 on CUDA: H100/H200 dense bf16) and peak memory, as a markdown table on
+stdout and, with --out DIR, in DIR/bench_train.md. Before timing it checks that the compiled
+step's loss is finite and equal to eager's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="130m", help="130m, 370m, 790m, 1.4b, 2.8b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--mode", choices=["train", "forward"], default="train")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["bf16", "none"], default=None,
+                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")  # fmt: skip
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default 989 on CUDA)")
+    p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_train.md")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
+    torch.manual_seed(0)
+    config = MambaConfig.from_name(args.model)
+    model = MambaLMHeadModel(config, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    train = args.mode == "train"
+    model.train(train)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if train else None
+    fn = torch.compile(model, fullgraph=True) if args.compile else model
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seqlen + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def loss_of(f) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = f(inputs).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def step() -> torch.Tensor:
+        if not train:
+            with torch.no_grad():
+                return loss_of(fn)
+        loss = loss_of(fn)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # Correctness first: the compiled loss equals eager's on the same weights, and is finite.
+    with torch.no_grad():
+        eager_loss = loss_of(model)
+    start = time.perf_counter()
+    first = step()
+    sync(device)
+    first_s = time.perf_counter() - start
+    tol = 2e-2 if amp == "bf16" else 1e-4
+    if not torch.isfinite(first) or abs(float(first) - float(eager_loss)) > tol * max(1.0, abs(float(eager_loss))):
+        print(f"FAILED: compiled loss {float(first):.5f} vs eager {float(eager_loss):.5f}", file=sys.stderr)
+        return 1
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    if not torch.isfinite(loss):
+        print("FAILED: non-finite loss during timing", file=sys.stderr)
+        return 1
+    t = statistics.median(times)
+    tokens = args.batch * args.seqlen
+    flops = (6 if train else 2) * n_params * tokens
+    mfu = f"{100 * flops / t / (peak * 1e12):.1f} %" if peak else "n/a"
+    what = "train step (fwd+bwd+AdamW)" if train else "forward"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows = [
+        ("work", f"{args.model} ({n_params / 1e6:.0f}M params) {what}, batch {args.batch} x {args.seqlen}, "
+                 f"{'bf16 autocast' if amp == 'bf16' else 'fp32'}, {'compiled' if args.compile else 'eager'}"),
+        ("device", f"{name}; torch {torch.__version__}"),
+        ("step time (median of %d)" % args.steps, f"{1e3 * t:.1f} ms"),
+        ("tokens/s", f"{tokens / t / 1e3:.1f} K"),
+        ("MFU (6·N·tokens)" if train else "MFU (2·N·tokens)", mfu),
+        ("peak memory", f"{peak_memory_gb(device):.2f} GB" + ("" if device.type == "cuda" else " (process RSS)")),
+        ("first step (compile + run)", f"{first_s:.1f} s"),
+        ("loss (compiled / eager, first batch)", f"{float(first):.4f} / {float(eager_loss):.4f}"),
+    ]  # fmt: skip
+    table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "bench_train.md", "a") as f:
+            f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} `{' '.join(sys.argv)}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
