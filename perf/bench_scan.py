@@ -60,16 +60,17 @@ def sweep_space():
     return [
         ("default", {}),
         ("fwd BD16 w2", dict(fwd=S(BD=16, T=16, N_B=4, num_warps=2))),
-        ("fwd BD64 w8", dict(fwd=S(BD=64, T=16, N_B=4, num_warps=8))),
+        ("fwd NB8 BD32 w4", dict(fwd=S(BD=32, T=16, N_B=8, num_warps=4))),
+        ("fwd NB8 BD16 w2", dict(fwd=S(BD=16, T=16, N_B=8, num_warps=2))),
         ("fwd NB2 BD64", dict(fwd=S(BD=64, T=16, N_B=2, num_warps=4))),
-        ("fwd T32", dict(fwd=S(BD=32, T=32, N_B=4, num_warps=4))),
-        ("bwd BD16 w4", dict(bwd=S(BD=16, T=16, N_B=8, num_warps=4))),
-        ("bwd BD4 w1", dict(bwd=S(BD=4, T=16, N_B=8, num_warps=1))),
-        ("bwd NB4 BD32 w4", dict(bwd=S(BD=32, T=16, N_B=4, num_warps=4))),
-        ("bwd partials", dict(bc_atomics=False)),
-        ("ck8 bwd NB4 BD8 w1", dict(ck=8, fwd=fwd16, bwd=S(BD=8, T=8, N_B=4, num_warps=1))),
-        ("ck8 bwd NB8 BD8 w2", dict(ck=8, fwd=fwd16, bwd=S(BD=8, T=8, N_B=8, num_warps=2))),
-    ]
+        ("fwd T8 ck8", dict(ck=8, fwd=S(BD=32, T=8, N_B=4, num_warps=4),
+                            bwd=S(BD=8, T=8, N_B=4, num_warps=1))),
+        ("ck16 bwd BD4 w1", dict(ck=16, fwd=fwd16, bwd=S(BD=4, T=16, N_B=8, num_warps=1))),
+        ("ck16 bwd NB8 BD8 w2", dict(ck=16, fwd=fwd16, bwd=S(BD=8, T=16, N_B=8, num_warps=2))),
+        ("ck8 bwd NB8 BD4 w1", dict(ck=8, fwd=fwd16, bwd=S(BD=4, T=8, N_B=8, num_warps=1))),
+        ("ck8 bwd NB4 BD16 w2", dict(ck=8, fwd=fwd16, bwd=S(BD=16, T=8, N_B=4, num_warps=2))),
+        ("bwd partials (deterministic)", dict(bc_atomics=False)),
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,12 +184,15 @@ def cuda_sweep(rep: Report):
     kw = make_inputs(batch, dim, L, N, dtype, "cuda", requires_grad=True)
     dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
     rep(f"\n### Config sweep, {batch}x{dim}x{L}x{N} {str(dtype)[6:]} (ms, medians)\n")
-    rep("| config | fwd | fwd+bwd | out err | du err | compile s |")
-    rep("|---|---|---|---|---|---|")
+    kw1 = make_inputs(1, 4096, 16384, N, dtype, "cuda")
+    rep("| config | fwd | fwd+bwd | fwd 1x4096x16384 | out err | du err | compile s |")
+    rep("|---|---|---|---|---|---|---|")
     results = []
     for name, ov in sweep_space():
         common.set_override(**ov)
         try:
+            for t in kw.values():
+                t.grad = None  # (do_bench leaves the last call's gradients behind)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = call(kw)
@@ -197,20 +201,23 @@ def cuda_sweep(rep: Report):
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             errs = check_channels(kw, out, dout)
+            with torch.no_grad():
+                call(kw1)
             for t in kw.values():
                 t.grad = None
             with torch.no_grad():
                 fwd = bench_ms(lambda: call(kw))
+                fwd1 = bench_ms(lambda: call(kw1))
             fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
         except Exception as exc:
-            rep(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:80]} | | | | |")
+            rep(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:80]} | | | | | |")
             traceback.print_exc()
             continue
         finally:
             common.set_override()
         results.append((name, ov, fwd, fb))
-        rep(f"| {name} | {fwd:.3f} | {fb:.3f} | {errs['out']:.1e} | {errs['du']:.1e} | "
-            f"{compile_s:.1f} |")  # fmt: skip
+        rep(f"| {name} | {fwd:.3f} | {fb:.3f} | {fwd1:.3f} | {errs['out']:.1e} | "
+            f"{errs['du']:.1e} | {compile_s:.1f} |")  # fmt: skip
     best_fwd = min((r for r in results if set(r[1]) <= {"fwd"}), key=lambda r: r[2])
     best_fb = min((r for r in results if "fwd" not in r[1] or "ck" in r[1]), key=lambda r: r[3])
     chosen = dict(best_fb[1])
@@ -354,6 +361,47 @@ def _time_launchers(batch, dim, L, N, dtype):
     return bench_ms(lambda: scan_fwd(*args, True)), bench_ms(fb)
 
 
+def cuda_host_overhead(rep: Report):
+    """Host time per call at a tiny size (the GPU idles): launcher vs public op, and where the
+    launcher's time goes (cProfile, to stdout only)."""
+    import cProfile
+    import pstats
+
+    from mamba_compiled.lowering import scan_fwd, state_update
+
+    kw = make_inputs(1, 64, 16, 16, torch.bfloat16, "cuda")
+    B4, C4 = kw["B"][:, None], kw["C"][:, None]
+    args = (kw["u"], kw["delta"], kw["A"], B4, C4, kw["D"], kw["z"], kw["delta_bias"], None, True)
+    st = torch.randn(1, 64, 16, device="cuda")
+    x1, B1 = kw["u"][..., 0], kw["B"][..., 0]
+    sargs = (x1, x1, kw["A"], B1[:, None], B1[:, None], kw["D"], x1, kw["delta_bias"], True)
+
+    def per_call_us(fn, n=200):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    rep("\n### Host time per call (tiny sizes, µs)\n")
+    rep("| call | µs |")
+    rep("|---|---|")
+    with torch.no_grad():
+        rep(f"| scan_fwd launcher | {per_call_us(lambda: scan_fwd(*args)):.1f} |")
+        rep(f"| selective_scan_fn (op) forward | {per_call_us(lambda: call(kw)):.1f} |")
+        rep(f"| state_update launcher | {per_call_us(lambda: state_update(st, *sargs)):.1f} |")
+        rep(f"| selective_state_update (op) | "
+            f"{per_call_us(lambda: selective_state_update(st, x1, x1, kw['A'], B1, B1, kw['D'], x1, kw['delta_bias'], True)):.1f} |")  # noqa: E501  # fmt: skip
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            scan_fwd(*args)
+        prof.disable()
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(14)
+
+
 def cuda_decode(rep: Report):
     dim, N, dtype = 4096, 16, torch.float16
     rep(f"\n### Decode step (selective_state_update, dim {dim}, dstate {N}, fp16)\n")
@@ -480,6 +528,8 @@ def main() -> int:
         if not args.skip_decode:
             with rep.section("decode step"):
                 cuda_decode(rep)
+            with rep.section("host overhead"):
+                cuda_host_overhead(rep)
         if args.sweep:
             with rep.section("config sweep"):
                 cuda_sweep(rep)

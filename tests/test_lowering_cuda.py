@@ -46,13 +46,16 @@ def scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus, h0):
     return y, x[..., -1]
 
 
-def make_inputs(batch, dim, L, dstate, dtype, B_layout="var", C_layout="var", z=True):
+def make_inputs(batch, dim, L, dstate, dtype, B_layout="var", C_layout="var", z=True,
+                bc_dtype=None):  # fmt: skip
     dev = "cuda"
 
     def bc(layout):
         shape = {"var": (batch, 1, dstate, L), "shared": (dim, dstate),
                  "g2": (batch, 2, dstate, L)}[layout]  # fmt: skip
-        return torch.randn(shape, device=dev).to(torch.float32 if layout == "shared" else dtype)
+        return torch.randn(shape, device=dev).to(
+            torch.float32 if layout == "shared" else bc_dtype or dtype
+        )
 
     return dict(
         u=torch.randn(batch, dim, L, device=dev).to(dtype),
@@ -150,7 +153,7 @@ def test_2pow20_tokens_dim2048():
     from mamba_compiled.lowering import scan_bwd, scan_fwd
 
     L, dim, half = 1 << 20, 2048, 1024
-    kw = make_inputs(1, dim, L, 16, torch.bfloat16)
+    kw = make_inputs(1, dim, L, 16, torch.bfloat16, bc_dtype=torch.float32)  # dB, dC in fp32
     args = [kw[k] for k in ORDER]
     out, last, ck = scan_fwd(*args, True)
     dout = torch.randn_like(out)
@@ -179,8 +182,9 @@ def test_2pow20_tokens_dim2048():
             torch.testing.assert_close(g[i], expect, rtol=0, atol=0, msg=f"d{name}")
         dB += g[3].float()
         dC += g[4].float()
-    torch.testing.assert_close(full[3].float(), dB, rtol=2e-2, atol=1e-1)
-    torch.testing.assert_close(full[4].float(), dC, rtol=2e-2, atol=1e-1)
+    for name, got, want in (("dB", full[3], dB), ("dC", full[4], dC)):  # atomics: order differs
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, f"{name}: full launch vs halves, relative max error {err:.2e}"
 
     channels = [0, 1, dim - 2, dim - 1]
     sub = [part(k, kw[k], channels) for k in ORDER]

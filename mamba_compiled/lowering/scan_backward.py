@@ -41,7 +41,7 @@ from .common import (
     sigmoid,
     softplus,
 )
-from .scan_forward import bc_args, groups_of
+from .scan_forward import _load_chunk, bc_args, groups_of
 
 
 @triton.jit
@@ -108,9 +108,8 @@ def _scan_bwd_kernel(
     row_delta = dl2.to(tl.int64) * s_dd
     row_dout = dl2.to(tl.int64) * s_od
     row_grad = dl2.to(tl.int64) * seqlen
-    if HAS_Z:
-        z_base = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd
-        row_z = dl2.to(tl.int64) * s_zd
+    z_base = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd  # (z_ptr is u_ptr when no z)
+    row_z = dl2.to(tl.int64) * s_zd
 
     A = tl.load(A_ptr + state_off3, mask=smask3, other=0.0)[None]  # (1, N_A, BD, N_B)
     A2 = A * LOG2E
@@ -121,18 +120,18 @@ def _scan_bwd_kernel(
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     dbias_acc = tl.zeros((BD,), dtype=tl.float32)
     dA_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+    B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
+    C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
     if B_SHARED:
         B_sh = tl.load(B_ptr + d3 * s_Bg + n3 * s_Bn, mask=smask3, other=0.0).to(tl.float32)[None]
         dB_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     else:
-        B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
         slot = _bc_slot(pid_d, pid_b, batch, d0, dim, B_per_group, ATOMIC_BC)
         dB_base = dBp_ptr + (slot * dstate + nt3) * seqlen
     if C_SHARED:
         C_sh = tl.load(C_ptr + d3 * s_Cg + n3 * s_Cn, mask=smask3, other=0.0).to(tl.float32)[None]
         dC_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     else:
-        C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
         slot = _bc_slot(pid_d, pid_b, batch, d0, dim, C_per_group, ATOMIC_BC)
         dC_base = dCp_ptr + (slot * dstate + nt3) * seqlen
 
@@ -144,14 +143,38 @@ def _scan_bwd_kernel(
     ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
     ones = tl.full((T, N_A, BD, N_B), 1.0, dtype=tl.float32)
 
+    # Software pipelining by hand, as in the forward: the loads of the chunk before (in time)
+    # are issued before the math of this one.
+    t_last = (n_ck - 1) * T
+    raw_n, u_n, z_n, B_n, C_n = _load_chunk(
+        t_last, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u,
+        z_base + row_z, B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+    )  # fmt: skip
+    dout_n = tl.load(
+        dout_base + row_dout + (t_last + t2) * s_ot, mask=(t_last + t2 < seqlen) & dmask2, other=0.0
+    )
+    h_start_n = tl.load(ck_base + (n_ck - 1 + 0 * pid_b) * slab, mask=smask3, other=0.0)
     for c in range(0, n_ck):
         ci = n_ck - 1 - c
         t0 = ci * T
         tt2 = t0 + t2
         m2 = (tt2 < seqlen) & dmask2
-        raw = tl.load(delta_base + row_delta + tt2, mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(u_base + row_u + tt2, mask=m2, other=0.0).to(tl.float32)
-        dout = tl.load(dout_base + row_dout + tt2 * s_ot, mask=m2, other=0.0).to(tl.float32)
+        raw, u, z, B_raw, C_raw, dout, h_start = raw_n, u_n, z_n, B_n, C_n, dout_n, h_start_n
+        tp = t0 - T  # the previous chunk (nothing loads when tp < 0: every mask is false)
+        raw_n, u_n, z_n, B_n, C_n = _load_chunk(
+            tp, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u,
+            z_base + row_z, B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+        )  # fmt: skip
+        dout_n = tl.load(
+            dout_base + row_dout + (tp + t2) * s_ot, mask=(tp + t2 >= 0) & dmask2, other=0.0
+        )
+        h_start_n = tl.load(
+            ck_base + (ci - 1 + 0 * pid_b) * slab, mask=smask3 & (ci - 1 + 0 * n3 >= 0), other=0.0
+        )
+
+        raw = raw.to(tl.float32)
+        u = u.to(tl.float32)
+        dout = dout.to(tl.float32)
         if HAS_BIAS:
             raw += bias
         if SOFTPLUS:
@@ -167,21 +190,20 @@ def _scan_bwd_kernel(
         if B_SHARED:
             Bt = B_sh
         else:
-            Bt = tl.load(B_base + tt3, mask=mt3, other=0.0).to(tl.float32)[:, :, None, :]
+            Bt = B_raw.to(tl.float32)[:, :, None, :]
         if C_SHARED:
             Ct = C_sh
         else:
-            Ct = tl.load(C_base + tt3, mask=mt3, other=0.0).to(tl.float32)[:, :, None, :]
+            Ct = C_raw.to(tl.float32)[:, :, None, :]
 
-        # recompute h_t inside the chunk from its checkpoint
-        h_start = tl.load(ck_base + ci.to(tl.int64) * slab, mask=smask3, other=0.0)
+        # recompute h_t inside the chunk from its checkpoint (h_start)
         dA = tl.exp2(delta4 * A2)  # (T, N_A, BD, N_B)
         dBu = delta_u[:, None, :, None] * Bt
         b = tl.where(t4 == 0, dBu + dA * h_start[None], dBu)
         _, hs = tl.associative_scan((dA, b), 0, linear_combine)
 
         if HAS_Z:
-            z = tl.load(z_base + row_z + tt2, mask=m2, other=0.0).to(tl.float32)
+            z = z.to(tl.float32)
             y = _sum_state(hs * Ct)
             if HAS_D:
                 y += Dv * u

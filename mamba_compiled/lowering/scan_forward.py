@@ -28,6 +28,34 @@ from .common import (
 
 
 @triton.jit
+def _load_chunk(
+    t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+    HAS_Z: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
+):  # fmt: skip
+    """The raw tiles of the chunk starting at t0: delta, u, z (T, BD) and B, C (T, N_A, N_B),
+    zero past the end (and zero-size placeholders for absent inputs are never loaded)."""
+    tt2 = t0 + t2
+    m2 = (tt2 >= 0) & (tt2 < seqlen) & dmask2  # t0 < 0 or t0 >= seqlen: nothing loads
+    delta = tl.load(delta_ptrs + tt2, mask=m2, other=0.0)
+    u = tl.load(u_ptrs + tt2, mask=m2, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptrs + tt2, mask=m2, other=0.0)
+    else:
+        z = u
+    tt3 = t0 + t3
+    mt3 = ntmask3 & (tt3 >= 0) & (tt3 < seqlen)
+    if B_SHARED:
+        Bc = tl.zeros(t3.shape, dtype=tl.float32) + tl.zeros(ntmask3.shape, dtype=tl.float32)
+    else:
+        Bc = tl.load(B_ptrs + tt3, mask=mt3, other=0.0)
+    if C_SHARED:
+        Cc = tl.zeros(t3.shape, dtype=tl.float32) + tl.zeros(ntmask3.shape, dtype=tl.float32)
+    else:
+        Cc = tl.load(C_ptrs + tt3, mask=mt3, other=0.0)
+    return delta, u, z, Bc, Cc
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, ck_ptr,
@@ -67,9 +95,8 @@ def _scan_fwd_kernel(
     row_u = dl2.to(tl.int64) * s_ud
     row_delta = dl2.to(tl.int64) * s_dd
     row_out = dl2.to(tl.int64) * seqlen
-    if HAS_Z:
-        z_base = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd
-        row_z = dl2.to(tl.int64) * s_zd
+    z_base = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd  # (z_ptr is u_ptr when no z)
+    row_z = dl2.to(tl.int64) * s_zd
 
     A2 = tl.load(A_ptr + state_off3, mask=smask3, other=0.0) * LOG2E  # (N_A, BD, N_B)
     A2 = A2[None]
@@ -79,12 +106,10 @@ def _scan_fwd_kernel(
         Dv = tl.load(D_ptr + d0 + dl2, mask=dmask2, other=0.0)  # (1, BD)
     if B_SHARED:
         B_sh = tl.load(B_ptr + d3 * s_Bg + n3 * s_Bn, mask=smask3, other=0.0).to(tl.float32)[None]
-    else:
-        B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
+    B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
     if C_SHARED:
         C_sh = tl.load(C_ptr + d3 * s_Cg + n3 * s_Cn, mask=smask3, other=0.0).to(tl.float32)[None]
-    else:
-        C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
+    C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
 
     slab = dim * dstate
     if HAS_H0:
@@ -93,24 +118,33 @@ def _scan_fwd_kernel(
         h = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
 
+    # Software pipelining by hand: the loads of chunk c + 1 are issued before the math of chunk
+    # c, so their latency hides behind it (few warps fit per SM at these register counts).
+    delta_n, u_n, z_n, B_n, C_n = _load_chunk(
+        0, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u, z_base + row_z,
+        B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+    )  # fmt: skip
     for c in range(0, tl.cdiv(seqlen, T)):
         t0 = c * T
         tt2 = t0 + t2
         m2 = (tt2 < seqlen) & dmask2
-        delta = tl.load(delta_base + row_delta + tt2, mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(u_base + row_u + tt2, mask=m2, other=0.0).to(tl.float32)
+        delta, u, z, B_raw, C_raw = delta_n, u_n, z_n, B_n, C_n
+        delta_n, u_n, z_n, B_n, C_n = _load_chunk(
+            t0 + T, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u,
+            z_base + row_z, B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+        )  # fmt: skip
+        delta = delta.to(tl.float32)
+        u = u.to(tl.float32)
         if HAS_BIAS:
             delta += bias
         if SOFTPLUS:
             delta = softplus(delta, FAST_MATH)
         delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0, the state carries on
 
-        tt3 = t0 + t3
-        mt3 = ntmask3 & (tt3 < seqlen)
         if B_SHARED:
             Bt = B_sh
         else:
-            Bt = tl.load(B_base + tt3, mask=mt3, other=0.0).to(tl.float32)[:, :, None, :]
+            Bt = B_raw.to(tl.float32)[:, :, None, :]
         dA = tl.exp2(delta[:, None, :, None] * A2)  # Ā: (T, N_A, BD, N_B)
         dBu = (delta * u)[:, None, :, None] * Bt  # B̄u
         dBu = tl.where(t4 == 0, dBu + dA * h[None], dBu)
@@ -131,12 +165,12 @@ def _scan_fwd_kernel(
         if C_SHARED:
             Ct = C_sh
         else:
-            Ct = tl.load(C_base + tt3, mask=mt3, other=0.0).to(tl.float32)[:, :, None, :]
+            Ct = C_raw.to(tl.float32)[:, :, None, :]
         y = tl.sum(tl.sum(hs * Ct, 1), 2)  # (T, BD): in-thread over N_A first, then lanes
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            z = tl.load(z_base + row_z + tt2, mask=m2, other=0.0).to(tl.float32)
+            z = z.to(tl.float32)
             y = y * z * sigmoid(z)
         tl.store(out_base + row_out + tt2, y.to(out_ptr.dtype.element_ty), mask=m2)
 
