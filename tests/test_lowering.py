@@ -111,18 +111,13 @@ def _reference(case: Case, kw: dict, dout: torch.Tensor, dlast: torch.Tensor | N
     """Forward and all gradients through the oracle in float64 (joint loss on out, last_state).
     B and C per-step (batch, 1, dstate, L) go to the oracle as (batch, dstate, L) like the op."""
     ref_in = {k: _f64(v) for k, v in kw.items()}
-    zero_D = (
-        ref_in["D"] if case.D else torch.zeros(case.dim, dtype=torch.float64, requires_grad=True)
-    )
-    zero_bias = (
-        ref_in["delta_bias"]
-        if case.bias
-        else torch.zeros(case.dim, dtype=torch.float64, requires_grad=True)
-    )
+    f64 = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    zero_D = ref_in["D"] if case.D else torch.zeros(case.dim, **f64)
+    zero_bias = ref_in["delta_bias"] if case.bias else torch.zeros(case.dim, **f64)
     zero_h0 = (
         ref_in["initial_state"]
         if case.h0
-        else torch.zeros(case.batch, case.dim, case.dstate, dtype=torch.float64, requires_grad=True)
+        else torch.zeros(case.batch, case.dim, case.dstate, **f64)
     )
     out, last = selective_scan_ref(
         ref_in["u"], ref_in["delta"], ref_in["A"], ref_in["B"], ref_in["C"], zero_D,
