@@ -280,7 +280,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def model_config(name: str) -> MambaConfig:
-    return MambaConfig(**TINY) if name == "tiny" else MambaConfig.from_name(name)
+    if name == "tiny":
+        return MambaConfig(**TINY)
+    try:
+        return MambaConfig.from_name(name)
+    except ValueError as e:
+        raise ValueError(f"{e}, or 'tiny'") from None
 
 
 def build_step(

@@ -22,6 +22,12 @@ from mamba_compiled.models import MambaConfig, MambaLMHeadModel
 from mamba_compiled.profile_trace import SCAN_KERNEL, summarize
 
 pytestmark = pytest.mark.cuda
+# The profile command in a process of its own (for ncu), without going through the CLI module.
+PROFILE_MAIN = (
+    "import argparse, sys; from mamba_compiled import profiling; "
+    "parser = argparse.ArgumentParser(); profiling.add_arguments(parser); "
+    "sys.exit(profiling.run(parser.parse_args()))"
+)
 
 
 def run_profile(tmp_path, *argv):
@@ -102,7 +108,7 @@ def test_ncu_nvtx_filter_selects_the_scan_kernel(tmp_path):
     command = [
         "ncu", "--nvtx", "--nvtx-include", r"mamba\/layers.0\/scan/", "--clock-control", "none",
         "--metrics", "gpu__time_duration.sum", "--csv",
-        sys.executable, "-m", "mamba_compiled.cli", "profile", "--model", "tiny",
+        sys.executable, "-c", PROFILE_MAIN, "--model", "tiny",
         "--mode", "prefill", "--seqlen", "300", "--no-compile", "--nvtx", "--no-torch-profiler",
         "--warmup", "0", "--device", "cuda", "--out", str(tmp_path),
     ]  # fmt: skip
