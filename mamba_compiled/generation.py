@@ -40,15 +40,25 @@ _EOS_CHECK_EVERY = 16  # tokens between host checks for "every row finished" (on
 class LayerCache(nn.Module):
     def __init__(self, config: MambaConfig, max_batch_size: int, device=None, dtype=None):
         super().__init__()
-        d = config.d_inner
-        conv = torch.zeros(max_batch_size, d, config.d_conv, device=device, dtype=dtype)
-        ssm = torch.zeros(max_batch_size, d, config.d_state, device=device, dtype=torch.float32)
-        self.register_buffer("conv_state", conv, persistent=False)  # the last d_conv conv inputs
-        self.register_buffer("ssm_state", ssm, persistent=False)  # h, float32
+        d, n = config.d_inner, config.d_state
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        buffers = {
+            "conv_state": torch.zeros(max_batch_size, d, config.d_conv, device=device, dtype=dtype),
+            "ssm_state": torch.zeros(max_batch_size, d, n, device=device, dtype=acc),  # h
+            # The scan's constants (mixer.scan_constants), copied from the weights by
+            # `MambaCache.reset(model)`; NaN until then, so that forgetting it cannot go unseen.
+            "A": torch.full((d, n), float("nan"), device=device, dtype=acc),
+            "D": torch.full((d,), float("nan"), device=device, dtype=acc),
+            "dt_bias": torch.full((d,), float("nan"), device=device, dtype=acc),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
 
 
 class MambaCache(nn.Module):
-    """Every layer's (conv_state, ssm_state), allocated once for `max_batch_size` rows."""
+    """Every layer's (conv_state, ssm_state), allocated once for `max_batch_size` rows, and the
+    scan constants (A = -exp(A_log), D, dt bias in float32) that `decode_step` reads.
+    Call `reset(model)` before each sequence: it zeroes the states and copies the constants."""
 
     def __init__(self, config: MambaConfig, max_batch_size: int, device=None, dtype=None):
         super().__init__()
@@ -60,10 +70,18 @@ class MambaCache(nn.Module):
         )
 
     @torch.no_grad()
-    def reset(self) -> None:
-        for layer in self.layers:
+    def reset(self, model: MambaLMHeadModel | None = None) -> None:
+        """Zero the states; with `model`, also copy in its current scan constants."""
+        for i, layer in enumerate(self.layers):
             layer.conv_state.zero_()
             layer.ssm_state.zero_()
+            if model is not None:
+                mixer = model.backbone.layers[i].mixer
+                for buf, value in zip((layer.A, layer.D, layer.dt_bias), mixer.scan_constants(layer.A.dtype)):
+                    buf.copy_(value)
+
+    def constants(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        return [(layer.A, layer.D, layer.dt_bias) for layer in self.layers]
 
     def states(self, batch: int) -> list[tuple[Tensor, Tensor]]:
         """The first `batch` rows, which the model updates in place (the buffers themselves when
@@ -83,8 +101,9 @@ def prefill(
 
 
 def decode_step(model: MambaLMHeadModel, cache: MambaCache, input_ids: Tensor) -> Tensor:
-    """One token per row, input_ids (b,) -> logits (b, V); the cache advances in place."""
-    return model.step(input_ids, cache.states(input_ids.shape[0]))
+    """One token per row, input_ids (b,) -> logits (b, V); the cache advances in place.
+    Uses the scan constants stored in the cache by `cache.reset(model)`."""
+    return model.step(input_ids, cache.states(input_ids.shape[0]), cache.constants())
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -226,7 +245,7 @@ class MambaGenerator:
             raise ValueError(f"batch {batch} exceeds the cache's max_batch_size {self.max_batch_size}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"prefill chunk_size must be >= 1, got {chunk_size}")
-        self.cache.reset()
+        self.cache.reset(self.model)
         chunk = seqlen if chunk_size is None else chunk_size
         for start in range(0, seqlen, chunk):
             ids = input_ids[:, start : start + chunk]

@@ -40,6 +40,9 @@ def test_cache_is_buffers_updated_in_place(model):
     assert buffers["layers.1.ssm_state"].shape == (3, 64, 8)
     assert buffers["layers.1.ssm_state"].dtype == torch.float32
     assert cache.state_dict() == {}  # not persistent: never part of a checkpoint
+    assert torch.isnan(cache.layers[0].A).all()  # until reset(model) copies the constants in
+    cache.reset(model)
+    torch.testing.assert_close(cache.layers[1].A, -torch.exp(model.backbone.layers[1].mixer.A_log))
     ptrs = [b.data_ptr() for b in buffers.values()]
     with torch.no_grad():
         generation.prefill(model, cache, torch.randint(0, VOCAB, (2, 6)), None)

@@ -72,8 +72,9 @@ class Block(nn.Module):
         h = self.norm(x.to(self.norm.weight.dtype))
         return x + self.mixer(h, conv_state, ssm_state, mask)
 
-    def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
-        return x + self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), conv_state, ssm_state)
+    def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, constants=None) -> Tensor:
+        h = self.norm(x.to(self.norm.weight.dtype))
+        return x + self.mixer.step(h, conv_state, ssm_state, constants)
 
 
 class MixerModel(nn.Module):
@@ -98,11 +99,13 @@ class MixerModel(nn.Module):
             x = layer(x, conv_state, ssm_state, mask)
         return self.norm_f(x.to(self.norm_f.weight.dtype))
 
-    def step(self, input_ids: Tensor, states: LayerStates) -> Tensor:
-        """(b,) token ids -> (b, d_model), advancing every layer's states in place."""
+    def step(self, input_ids: Tensor, states: LayerStates, constants=None) -> Tensor:
+        """(b,) token ids -> (b, d_model), advancing every layer's states in place.
+        `constants`: each layer's `mixer.scan_constants()`, precomputed (or None)."""
         x = self._residual(self.embedding(input_ids))  # (b, d_model)
-        for layer, (conv_state, ssm_state) in zip(self.layers, states, strict=True):
-            x = layer.step(x, conv_state, ssm_state)
+        constants = [None] * len(self.layers) if constants is None else constants
+        for layer, (conv_state, ssm_state), c in zip(self.layers, states, constants, strict=True):
+            x = layer.step(x, conv_state, ssm_state, c)
         return self.norm_f(x.to(self.norm_f.weight.dtype))
 
 
@@ -185,9 +188,10 @@ class MambaLMHeadModel(nn.Module):
             hidden = hidden[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden))
 
-    def step(self, input_ids: Tensor, states: LayerStates) -> Tensor:
-        """One decoding step: input_ids (b,) -> logits (b, padded_vocab_size); states advance."""
-        return self.lm_head(self.backbone.step(input_ids, states))
+    def step(self, input_ids: Tensor, states: LayerStates, constants=None) -> Tensor:
+        """One decoding step: input_ids (b,) -> logits (b, padded_vocab_size); states advance.
+        `constants` (optional): each layer's `mixer.scan_constants()`, computed ahead."""
+        return self.lm_head(self.backbone.step(input_ids, states, constants))
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor):

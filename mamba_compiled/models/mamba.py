@@ -145,8 +145,26 @@ class Mamba(nn.Module):
             ssm_state.copy_(last_state)
         return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
 
-    def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
-        """One decoding step, (b, d_model) -> (b, d_model); updates both states in place."""
+    def scan_constants(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """(A, D, dt_bias) as the scan takes them: A = -exp(A_log), all in the accumulation dtype.
+
+        A decoding loop computes these once per sequence and passes them to `step`, which saves
+        a few tiny kernels per layer and token (they count inside a CUDA graph).
+        """
+        acc = _acc_dtype(dtype)
+        return -torch.exp(self.A_log.to(acc)), self.D.to(acc), self.dt_proj.bias.to(acc)
+
+    def step(
+        self,
+        hidden_states: Tensor,
+        conv_state: Tensor,
+        ssm_state: Tensor,
+        constants: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """One decoding step, (b, d_model) -> (b, d_model); updates both states in place.
+
+        `constants`: `scan_constants()` computed ahead (must be current with the parameters).
+        """
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, d_inner) each
         # Shift the conv window left by one and append x: conv_state holds the last W inputs.
         window = torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1)
@@ -159,10 +177,8 @@ class Mamba(nn.Module):
 
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner)
-        acc = _acc_dtype(u.dtype)
-        A = -torch.exp(self.A_log.to(acc))  # (d_inner, N)
+        A, D, dt_bias = self.scan_constants(u.dtype) if constants is None else constants
         y = selective_state_update(
-            ssm_state, u, dt, A, B, C, self.D.to(acc), z=z,
-            dt_bias=self.dt_proj.bias.to(acc), dt_softplus=True,
-        )  # fmt: skip  # (b, d_inner)
+            ssm_state, u, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True
+        )  # (b, d_inner)
         return self.out_proj(y)
