@@ -71,21 +71,3 @@ def test_export_bad_arguments():
         export.export_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="example_seqlen"):
         export.export_model(tiny(), example_seqlen=1)
-
-
-@pytest.mark.slow
-def test_aoti_package_cpu(tmp_path):
-    """AOTInductor on CPU (about 40 s of C++ compilation on 2 cores): the package loads and runs
-    in a fresh process."""
-    model = tiny()
-    path = export.aoti_package(export.export_model(model), tmp_path / "model_aoti.pt2")
-    ids = torch.randint(0, 20, (3, 11))
-    with torch.no_grad():
-        torch.save({"ids": ids, "expected": model(ids).logits}, tmp_path / "io.pt")
-    run_fresh(f"""
-        import torch
-        import mamba_compiled
-        run = torch._inductor.aoti_load_package({str(path)!r})
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        torch.testing.assert_close(run(io["ids"]).logits, io["expected"], atol=1e-5, rtol=1e-5)
-    """)
