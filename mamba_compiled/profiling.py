@@ -94,6 +94,12 @@ def nvtx_backend(domain: str | None = None):
     return _NvtxPackage(nvtx, domain)
 
 
+def _kineto_recording() -> bool:
+    """torch.profiler records (not emit_nvtx, whose record_function ranges would repeat ours)."""
+    kineto = torch._C._profiler.ActiveProfilerType.KINETO
+    return torch._C._autograd._profiler_type() == kineto
+
+
 class _Span:
     """One range: NVTX push/pop, plus a record_function while torch.profiler records."""
 
@@ -105,7 +111,7 @@ class _Span:
     def __enter__(self) -> _Span:
         if self.backend is not None:
             self.backend.push(self.name, self.color)
-        if torch.autograd._profiler_enabled():
+        if _kineto_recording():
             self.record = torch.autograd.profiler.record_function(self.name)
             self.record.__enter__()
         return self
@@ -165,9 +171,9 @@ class _ScanRanges(TorchFunctionMode):
 
 
 def _tensors(out) -> list:
-    return (
-        [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-    )
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
 
 
 def _targets(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, str | None]]:
@@ -204,7 +210,8 @@ def nvtx_ranges(
 ) -> Iterator[list[str]]:
     """Name the model's parts with ranges while the block is open; yields the range names.
 
-    Off (nothing installed, nothing yielded) unless `enabled` or MAMBA_COMPILED_NVTX=1.
+    Off (nothing installed; yields []) unless `enabled`, or `enabled=None` and
+    MAMBA_COMPILED_NVTX=1. Enter it before compiling: it replaces modules' `forward` and `step`.
     `model` is a MambaLMHeadModel or any module holding one (or holding Mamba blocks).
     `domain` puts the ranges in an NVTX domain (needs the nvtx package); the default domain
     keeps Nsight filters the same with or without it.

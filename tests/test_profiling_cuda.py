@@ -60,8 +60,8 @@ def test_scan_kernel_runs_inside_its_range(tmp_path, mode, part, kernel):
     assert len(kernels) == 2  # one per layer
     first = min(kernels, key=lambda e: e["ts"])
     # Host side: the launch of the first layer's kernel happens inside the range.
-    launch = next(e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                  and e["args"].get("correlation") == first["args"]["correlation"])  # fmt: skip
+    host = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launch = next(e for e in host if e["args"].get("correlation") == first["args"]["correlation"])
     cpu_ranges = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == name]
     assert any(within(launch, r) for r in cpu_ranges)
     # Device side: the profiler projects the range onto the GPU timeline around the kernel.
