@@ -64,16 +64,22 @@ def aoti_package(program: ExportedProgram, path: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Export a checkpoint with torch.export (dynamic batch and length)."
-    parser.add_argument("checkpoint", type=Path, help="checkpoint directory (mamba_ssm or HF format)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="checkpoint directory (mamba_ssm or HF format)"
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .pt2 file to write")
     parser.add_argument(
-        "--aoti", type=Path, default=None,
+        "--aoti",
+        type=Path,
+        default=None,
         help="also write an AOTInductor package here (compiled for --device)",
-    )  # fmt: skip
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--max-batch", type=int, default=None, help="largest batch (default: any)")
-    parser.add_argument("--max-seqlen", type=int, default=None, help="longest sequence (default: any)")
+    parser.add_argument(
+        "--max-seqlen", type=int, default=None, help="longest sequence (default: any)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ Mamba decodes with constant time and memory per token: each layer keeps a conv w
 
     MambaCache        the per-layer states as module buffers, allocated once for a maximum batch
                       and updated in place (CUDA graphs may mutate buffers, not plain arguments)
-    prefill           the full-sequence forward from the cache's states, writing the final states back
+    prefill           the full-sequence forward from the cache's states; writes the last states back
     decode_step       one token through every layer (selective_state_update + conv shift), compiled
                       with fullgraph and, on CUDA, mode="reduce-overhead" (CUDA graphs)
     sample            repetition penalty, temperature, top-k, top-p, min-p, all on device
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba_compiled.models import MambaConfig, MambaLMHeadModel
@@ -77,7 +76,8 @@ class MambaCache(nn.Module):
             layer.ssm_state.zero_()
             if model is not None:
                 mixer = model.backbone.layers[i].mixer
-                for buf, value in zip((layer.A, layer.D, layer.dt_bias), mixer.scan_constants(layer.A.dtype)):
+                constants = mixer.scan_constants(layer.A.dtype)
+                for buf, value in zip((layer.A, layer.D, layer.dt_bias), constants, strict=True):
                     buf.copy_(value)
 
     def constants(self) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -127,7 +127,9 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -187,14 +189,20 @@ def _check_ids(input_ids, attention_mask, vocab_rows: int) -> None:
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must hold token ids as torch.long, got {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, seqlen), got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, seqlen), got {tuple(input_ids.shape)}"
+        )
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_rows:
-        raise ValueError(f"input_ids out of range: values in [{lo}, {hi}], the vocabulary has {vocab_rows} rows")
+        raise ValueError(
+            f"input_ids out of range: values in [{lo}, {hi}], the vocabulary has {vocab_rows} rows"
+        )
     if attention_mask is None:
         return
     if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}"
+        )
     m = attention_mask.bool()
     if not bool(m[:, -1].all()) or bool((m[:, :-1] & ~m[:, 1:]).any()):
         raise ValueError(
@@ -210,7 +218,9 @@ class MambaGenerator:
     compile=True on CPU compiles without graphs.
     """
 
-    def __init__(self, model: MambaLMHeadModel, max_batch_size: int = 1, *, compile: bool | None = None):
+    def __init__(
+        self, model: MambaLMHeadModel, max_batch_size: int = 1, *, compile: bool | None = None
+    ):
         if not isinstance(model, MambaLMHeadModel):
             raise TypeError(f"model must be a MambaLMHeadModel, got {type(model).__name__}")
         self.model = model
@@ -232,17 +242,23 @@ class MambaGenerator:
     def matches(self, model: MambaLMHeadModel, batch: int, compile: bool | None) -> bool:
         weight = model.backbone.layers[0].mixer.in_proj.weight
         want = weight.device.type == "cuda" if compile is None else bool(compile)
-        return (self.model is model and batch <= self.max_batch_size and want == self.compiled
-                and (weight.device, weight.dtype) == (self.device, self.dtype))  # fmt: skip
+        return (
+            self.model is model
+            and batch <= self.max_batch_size
+            and want == self.compiled
+            and (weight.device, weight.dtype) == (self.device, self.dtype)
+        )
 
     @torch.no_grad()
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, chunk_size: int | None = None
     ) -> Tensor:
-        """Reset the cache and run the prompt (in chunks of `chunk_size` if given): logits (b, V)."""
+        """Reset the cache, run the prompt (in chunks of `chunk_size` if given): logits (b, V)."""
         batch, seqlen = input_ids.shape
         if batch > self.max_batch_size:
-            raise ValueError(f"batch {batch} exceeds the cache's max_batch_size {self.max_batch_size}")
+            raise ValueError(
+                f"batch {batch} exceeds the cache's max_batch_size {self.max_batch_size}"
+            )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"prefill chunk_size must be >= 1, got {chunk_size}")
         self.cache.reset(self.model)
@@ -283,7 +299,11 @@ class MambaGenerator:
         (checked every few tokens, so that decoding never waits on the host per token).
         """
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0
+        ):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         vocab = self.model.config.vocab_size
         _check_ids(input_ids, attention_mask, self.model.backbone.embedding.num_embeddings)
@@ -300,7 +320,9 @@ class MambaGenerator:
         if eos_token_id is not None:
             ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             if not ids or any(not 0 <= i < vocab for i in ids):
-                raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos_token_id!r}")
+                raise ValueError(
+                    f"eos_token_id must be token ids in [0, {vocab}), got {eos_token_id!r}"
+                )
             eos = torch.tensor(ids, device=self.device)
             fill = ids[0] if pad_token_id is None else pad_token_id
             finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -311,8 +333,16 @@ class MambaGenerator:
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=self.device)
-            prompt_ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, 0)
-            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            prompt_ids = (
+                input_ids
+                if attention_mask is None
+                else input_ids.masked_fill(attention_mask == 0, 0)
+            )
+            real = (
+                torch.ones_like(input_ids, dtype=torch.bool)
+                if attention_mask is None
+                else attention_mask.bool()
+            )
             seen.scatter_(1, prompt_ids.clamp(max=vocab - 1), real & (input_ids < vocab))
         if max_new_tokens == 0:
             return
@@ -366,12 +396,24 @@ class MambaGenerator:
 
 def _resolve_length(max_new_tokens, max_length, prompt_len: int) -> int:
     if (max_new_tokens is None) == (max_length is None):
-        raise ValueError("pass exactly one of max_new_tokens or max_length (prompt + new, as mamba_ssm)")
+        raise ValueError(
+            "pass exactly one of max_new_tokens or max_length (prompt + new, as mamba_ssm)"
+        )
     if max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < prompt_len:
-            raise ValueError(f"max_length must be an int >= the prompt length {prompt_len}, got {max_length!r}")
+        if (
+            isinstance(max_length, bool)
+            or not isinstance(max_length, int)
+            or max_length < prompt_len
+        ):
+            raise ValueError(
+                f"max_length must be an int >= the prompt length {prompt_len}, got {max_length!r}"
+            )
         return max_length - prompt_len
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     return max_new_tokens
 
@@ -425,12 +467,21 @@ def generate(
         gen = MambaGenerator(model, max(size, 1), compile=compile)
         model.__dict__["_mamba_generator"] = gen
     return gen.generate(
-        input_ids, max_new_tokens=max_new_tokens, max_length=max_length, streamer=streamer,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, attention_mask=attention_mask, seed=seed,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        streamer=streamer,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        attention_mask=attention_mask,
+        seed=seed,
         prefill_chunk_size=prefill_chunk_size,
-    )  # fmt: skip
+    )
 
 
 # ---- the `mamba-compiled generate` command -----------------------------------------------------
@@ -440,11 +491,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Generate from a checkpoint directory; prints the tokens and tokens/s."
-    parser.add_argument("checkpoint", type=Path, help="checkpoint directory (mamba_ssm or HF format)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="checkpoint directory (mamba_ssm or HF format)"
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs --tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,5,9")
-    parser.add_argument("--tokenizer", type=Path, help="a tokenizer.json or a directory holding one")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="a tokenizer.json or a directory holding one"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1, help="rows (the prompt repeated)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -455,10 +510,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-token-id", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: float16 on CUDA, float32 on CPU")  # fmt: skip
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile prefill and decode (default: on CUDA only)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: float16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile prefill and decode (default: on CUDA only)",
+    )
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
 
 
@@ -487,11 +550,19 @@ def run(args: argparse.Namespace) -> int:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError as e:
-            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from e
+            raise ValueError(
+                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
+            ) from e
     if not ids:
         raise ValueError("the prompt is empty")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
-    model = MambaLMHeadModel.from_pretrained(args.checkpoint, device=args.device, dtype=dtype).eval()
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    )
+    model = MambaLMHeadModel.from_pretrained(
+        args.checkpoint, device=args.device, dtype=dtype
+    ).eval()
     prompt = torch.tensor([ids] * args.batch, device=args.device)
 
     def show(tokens: Tensor) -> None:
@@ -501,10 +572,18 @@ def run(args: argparse.Namespace) -> int:
     streamer: Callable | None = show if args.stream else None
     start = time.perf_counter()
     out = model.generate(
-        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        eos_token_id=args.eos_token_id, seed=args.seed, compile=args.compile, streamer=streamer,
-    )  # fmt: skip
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        eos_token_id=args.eos_token_id,
+        seed=args.seed,
+        compile=args.compile,
+        streamer=streamer,
+    )
     if out.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -514,5 +593,8 @@ def run(args: argparse.Namespace) -> int:
     for row in out.tolist():
         print(tokenizer.decode(row) if tokenizer else " ".join(map(str, row)))
     n = new.numel()
-    print(f"{n} new tokens in {seconds:.3f} s: {n / seconds:.1f} tokens/s (first call includes compilation)")
+    print(
+        f"{n} new tokens in {seconds:.3f} s: {n / seconds:.1f} tokens/s "
+        "(the first call includes compilation)"
+    )
     return 0

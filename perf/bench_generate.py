@@ -1,10 +1,10 @@
-"""Generation benchmark: wall time of prefill + greedy decoding, as mamba_ssm's benchmark measures it.
+"""Generation benchmark: wall time of prefill + greedy decoding, as mamba_ssm's benchmark times it.
 
     # H200 (ANCHORS.md): fp16, prompt 100 + 200 new tokens, 130M and 1.4B at batch 1 and 64
     python perf/bench_generate.py --model 130m --batch 1 64
     python perf/bench_generate.py --model 1.4b --batch 1 64
     # CPU target: 130M, 32-token prompt + 64 new, <= 2 s
-    python perf/bench_generate.py --model 130m --batch 1 --prompt-len 32 --new-tokens 64 --device cpu
+    python perf/bench_generate.py --model 130m --prompt-len 32 --new-tokens 64 --device cpu
 
 Random weights unless --checkpoint DIR (the work per token is the same). Reports, per batch size:
 wall time of one generate call (prefill included; median of --repeats), prefill time, ms per
@@ -51,25 +51,42 @@ def build(args, device, dtype) -> MambaLMHeadModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="130m", help="130m, 370m, 790m, 1.4b, 2.8b (random weights)")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory instead")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--prompt-len", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: float16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--check-tokens", type=int, default=16, help="compiled == eager for this many tokens")
+    p.add_argument(
+        "--check-tokens", type=int, default=16, help="compiled == eager for this many tokens"
+    )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
     model = build(args, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     rows = []
     for batch in args.batch:
         ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device=device)
@@ -77,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-        def run(n=args.new_tokens, g=gen):
+        def run(n=args.new_tokens, g=gen, ids=ids):
             return g.generate(ids, max_new_tokens=n, temperature=0.0)
 
         first_s, out = timed(device, run)
@@ -87,24 +104,39 @@ def main(argv: list[str] | None = None) -> int:
             expected = eager.generate(ids, max_new_tokens=n, temperature=0.0)
             if not torch.equal(out[:, : args.prompt_len + n], expected):
                 agree = (out[:, : args.prompt_len + n] == expected).float().mean().item()
-                print(f"FAILED: compiled tokens differ from eager ({100 * agree:.1f} % agree)", file=sys.stderr)
+                print(
+                    f"FAILED: compiled tokens differ from eager ({100 * agree:.1f} % agree)",
+                    file=sys.stderr,
+                )
                 return 1
             del eager
         walls = [timed(device, run)[0] for _ in range(args.repeats)]
-        prefills = [timed(device, lambda: gen.prefill(ids))[0] for _ in range(args.repeats)]
+        prefills = [
+            timed(device, lambda g=gen, i=ids: g.prefill(i))[0] for _ in range(args.repeats)
+        ]
         wall, pre = statistics.median(walls), statistics.median(prefills)
         per_token = (wall - pre) / max(args.new_tokens - 1, 1)
-        mem = (torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)  # fmt: skip
-        rows.append((
-            batch, f"{1e3 * wall:.1f}", f"{1e3 * pre:.1f}", f"{1e3 * per_token:.3f}",
-            f"{batch * args.new_tokens / wall:.0f}", f"{weight_bytes / per_token / 1e9:.0f}",
-            f"{mem:.2f}", f"{max(first_s - wall, 0.0):.1f}",
-        ))  # fmt: skip
-        del gen
+        mem = (
+            torch.cuda.max_memory_allocated() / 1e9
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        )
+        rows.append(
+            (
+                batch,
+                f"{1e3 * wall:.1f}",
+                f"{1e3 * pre:.1f}",
+                f"{1e3 * per_token:.3f}",
+                f"{batch * args.new_tokens / wall:.0f}",
+                f"{weight_bytes / per_token / 1e9:.0f}",
+                f"{mem:.2f}",
+                f"{max(first_s - wall, 0.0):.1f}",
+            )
+        )
 
     header = (
-        f"{args.checkpoint or args.model} ({weight_bytes / 1e9:.2f} GB of weights), {str(dtype)[6:]}, "
+        f"{args.checkpoint or args.model} ({weight_bytes / 1e9:.2f} GB of weights), "
+        f"{str(dtype)[6:]}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new, greedy, "
         f"{'compiled' if args.compile else 'eager'}; {name}; torch {torch.__version__}"
     )

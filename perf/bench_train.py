@@ -40,14 +40,20 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="130m", help="130m, 370m, 790m, 1.4b, 2.8b")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--mode", choices=["train", "forward"], default="train")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["bf16", "none"], default=None,
-                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")  # fmt: skip
+    p.add_argument(
+        "--amp",
+        choices=["bf16", "none"],
+        default=None,
+        help="autocast dtype (default: bf16 on CUDA, none on CPU)",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -64,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     train = args.mode == "train"
     model.train(train)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if train else None
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        if train
+        else None
+    )
     fn = torch.compile(model, fullgraph=True) if args.compile else model
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seqlen + 1), device=device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -92,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     first_s = time.perf_counter() - start
     tol = 2e-2 if amp == "bf16" else 1e-4
-    if not torch.isfinite(first) or abs(float(first) - float(eager_loss)) > tol * max(1.0, abs(float(eager_loss))):
-        print(f"FAILED: compiled loss {float(first):.5f} vs eager {float(eager_loss):.5f}", file=sys.stderr)
+    if not torch.isfinite(first) or abs(float(first) - float(eager_loss)) > tol * max(
+        1.0, abs(float(eager_loss))
+    ):
+        print(
+            f"FAILED: compiled loss {float(first):.5f} vs eager {float(eager_loss):.5f}",
+            file=sys.stderr,
+        )
         return 1
     for _ in range(args.warmup):
         step()
@@ -114,18 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     flops = (6 if train else 2) * n_params * tokens
     mfu = f"{100 * flops / t / (peak * 1e12):.1f} %" if peak else "n/a"
     what = "train step (fwd+bwd+AdamW)" if train else "forward"
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     rows = [
-        ("work", f"{args.model} ({n_params / 1e6:.0f}M params) {what}, batch {args.batch} x {args.seqlen}, "
-                 f"{'bf16 autocast' if amp == 'bf16' else 'fp32'}, {'compiled' if args.compile else 'eager'}"),
+        (
+            "work",
+            f"{args.model} ({n_params / 1e6:.0f}M params) {what}, "
+            f"batch {args.batch} x {args.seqlen}, {'bf16 autocast' if amp == 'bf16' else 'fp32'}, "
+            f"{'compiled' if args.compile else 'eager'}",
+        ),
         ("device", f"{name}; torch {torch.__version__}"),
-        ("step time (median of %d)" % args.steps, f"{1e3 * t:.1f} ms"),
+        (f"step time (median of {args.steps})", f"{1e3 * t:.1f} ms"),
         ("tokens/s", f"{tokens / t / 1e3:.1f} K"),
         ("MFU (6·N·tokens)" if train else "MFU (2·N·tokens)", mfu),
-        ("peak memory", f"{peak_memory_gb(device):.2f} GB" + ("" if device.type == "cuda" else " (process RSS)")),
+        (
+            "peak memory",
+            f"{peak_memory_gb(device):.2f} GB"
+            + ("" if device.type == "cuda" else " (process RSS)"),
+        ),
         ("first step (compile + run)", f"{first_s:.1f} s"),
         ("loss (compiled / eager, first batch)", f"{float(first):.4f} / {float(eager_loss):.4f}"),
-    ]  # fmt: skip
+    ]
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
     if args.out:

@@ -1,4 +1,4 @@
-"""Checkpoints: parity with Hugging Face transformers' Mamba, both formats, round trips, bad files."""
+"""Checkpoints: parity with transformers' Mamba, both formats, round trips, bad files."""
 
 import json
 
@@ -20,9 +20,14 @@ def perturb_(model: torch.nn.Module, scale: float = 0.1) -> None:
 
 def hf_model(vocab, d_model, n_layer, d_state, rank="auto", tie=True, **kw):
     config = transformers.MambaConfig(
-        vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer, state_size=d_state,
-        time_step_rank=rank, tie_word_embeddings=tie, **kw,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=d_model,
+        num_hidden_layers=n_layer,
+        state_size=d_state,
+        time_step_rank=rank,
+        tie_word_embeddings=tie,
+        **kw,
+    )
     model = transformers.MambaForCausalLM(config).eval()
     perturb_(model)
     return model
@@ -32,7 +37,9 @@ def hf_model(vocab, d_model, n_layer, d_state, rank="auto", tie=True, **kw):
     "vocab, d_model, n_layer, d_state, seqlen, kw",
     [
         pytest.param(40, 32, 2, 8, 33, {}, id="32x2-L33"),
-        pytest.param(97, 48, 3, 16, 130, dict(use_bias=True, conv_kernel=3), id="48x3-L130-bias-k3"),
+        pytest.param(
+            97, 48, 3, 16, 130, dict(use_bias=True, conv_kernel=3), id="48x3-L130-bias-k3"
+        ),
     ],
 )
 def test_logits_match_transformers(tmp_path, vocab, d_model, n_layer, d_state, seqlen, kw):
@@ -64,7 +71,9 @@ def test_untied_head_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_our_hf_format_loads_in_transformers(tmp_path, tie):
-    ours = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=21, d_state=8, tie_embeddings=tie))
+    ours = MambaLMHeadModel(
+        MambaConfig(d_model=32, n_layer=2, vocab_size=21, d_state=8, tie_embeddings=tie)
+    )
     perturb_(ours)
     ours.save_pretrained(tmp_path, format="hf")
     hf = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
@@ -79,7 +88,9 @@ def test_our_hf_format_loads_in_transformers(tmp_path, tie):
     ids=["ssm-safetensors", "ssm-bin", "hf-safetensors", "hf-bin"],
 )
 def test_round_trip(tmp_path, fmt, safe):
-    config = MambaConfig(d_model=32, n_layer=2, vocab_size=21, d_state=8, conv_bias=False, bias=True)
+    config = MambaConfig(
+        d_model=32, n_layer=2, vocab_size=21, d_state=8, conv_bias=False, bias=True
+    )
     model = MambaLMHeadModel(config)
     perturb_(model)
     model.save_pretrained(tmp_path, format=fmt, safe_serialization=safe)
@@ -99,16 +110,28 @@ def test_reads_mamba_ssm_release_layout(tmp_path):
     holding both the embedding and the (tied) lm_head."""
     model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=50))  # padded to 56
     perturb_(model)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "d_model": 32, "n_layer": 2, "vocab_size": 50, "ssm_cfg": {}, "rms_norm": True,
-        "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
-    }))  # fmt: skip
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "d_model": 32,
+                "n_layer": 2,
+                "vocab_size": 50,
+                "ssm_cfg": {},
+                "rms_norm": True,
+                "residual_in_fp32": True,
+                "fused_add_norm": True,
+                "pad_vocab_size_multiple": 8,
+            }
+        )
+    )
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     loaded = MambaLMHeadModel.from_pretrained(tmp_path, dtype=torch.float16)
     assert loaded.backbone.embedding.weight.shape == (56, 32)
     assert loaded.backbone.embedding.weight.dtype == torch.float16
     assert loaded.backbone.layers[1].mixer.A_log.dtype == torch.float32
-    torch.testing.assert_close(loaded.backbone.layers[1].mixer.A_log, model.backbone.layers[1].mixer.A_log)
+    torch.testing.assert_close(
+        loaded.backbone.layers[1].mixer.A_log, model.backbone.layers[1].mixer.A_log
+    )
 
 
 def test_sharded_safetensors(tmp_path):
@@ -121,7 +144,10 @@ def test_sharded_safetensors(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     for name, ks in shards.items():
         save_file({k: state[k] for k in ks}, tmp_path / name, metadata={"format": "pt"})
     index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
@@ -178,7 +204,9 @@ def test_truncated_bin(tmp_path):
 
 def test_missing_key(saved):
     _rewrite(saved, lambda s: s.pop("backbone.layers.1.mixer.D"))
-    with pytest.raises(ValueError, match=r"model.safetensors.*missing key 'backbone.layers.1.mixer.D'"):
+    with pytest.raises(
+        ValueError, match=r"model.safetensors.*missing key 'backbone.layers.1.mixer.D'"
+    ):
         MambaLMHeadModel.from_pretrained(saved)
 
 
@@ -190,7 +218,9 @@ def test_unexpected_key(saved):
 
 def test_shape_mismatch(saved):
     _rewrite(saved, lambda s: s.update({"backbone.norm_f.weight": torch.ones(31)}))
-    with pytest.raises(ValueError, match=r"model.safetensors: key 'backbone.norm_f.weight' has shape \(31,\)"):
+    with pytest.raises(
+        ValueError, match=r"model.safetensors: key 'backbone.norm_f.weight' has shape \(31,\)"
+    ):
         MambaLMHeadModel.from_pretrained(saved)
 
 
@@ -201,7 +231,9 @@ def test_bad_config(saved):
     (saved / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="only Mamba-1"):
         MambaLMHeadModel.from_pretrained(saved)
-    (saved / "config.json").write_text(json.dumps({"d_model": 32, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2"}}))
+    (saved / "config.json").write_text(
+        json.dumps({"d_model": 32, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2"}})
+    )
     with pytest.raises(ValueError, match="Mamba1"):
         MambaLMHeadModel.from_pretrained(saved)
 

@@ -32,10 +32,13 @@ def test_export_dynamic_save_and_load_in_fresh_process(tmp_path):
     inputs = [torch.randint(0, 20, size) for size in SIZES]
     with torch.no_grad():
         expected = [model(ids).logits for ids in inputs]
-        for ids, ref in zip(inputs, expected):
+        for ids, ref in zip(inputs, expected, strict=True):
             torch.testing.assert_close(program.module()(ids).logits, ref, atol=1e-5, rtol=1e-5)
-    names = {n.target.name() for n in program.graph.nodes if n.op == "call_function"
-             and isinstance(n.target, torch._ops.OpOverload)}  # fmt: skip
+    names = {
+        n.target.name()
+        for n in program.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    }
     assert any(name.startswith("mamba_compiled::") for name in names), names
 
     torch.export.save(program, tmp_path / "model.pt2")
@@ -57,13 +60,17 @@ def test_export_command_writes_pt2(tmp_path, capsys):
     model.save_pretrained(tmp_path / "ckpt")
     parser = argparse.ArgumentParser()
     export.add_arguments(parser)
-    args = parser.parse_args([str(tmp_path / "ckpt"), "-o", str(tmp_path / "out" / "m.pt2"), "--device", "cpu"])
+    args = parser.parse_args(
+        [str(tmp_path / "ckpt"), "-o", str(tmp_path / "out" / "m.pt2"), "--device", "cpu"]
+    )
     assert export.run(args) == 0
     assert "exported" in capsys.readouterr().out
     program = torch.export.load(tmp_path / "out" / "m.pt2")
     ids = torch.randint(0, 20, (2, 7))
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            program.module()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_export_bad_arguments():

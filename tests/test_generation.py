@@ -1,4 +1,4 @@
-"""Generation: cache semantics, prefill, decode, sampling, EOS, padding, streaming, bad arguments."""
+"""Generation: cache, prefill, decode, sampling, EOS, padding, streaming, bad arguments."""
 
 import argparse
 import json
@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from mamba_compiled import generation
-from mamba_compiled.generation import MambaCache, MambaGenerator, SamplingParams, process_logits, sample
+from mamba_compiled.generation import (
+    MambaCache,
+    MambaGenerator,
+    SamplingParams,
+    process_logits,
+    sample,
+)
 from mamba_compiled.models import MambaConfig, MambaLMHeadModel
 
 VOCAB = 40
@@ -23,7 +29,9 @@ def perturb_(model, scale=0.3):
 @pytest.fixture
 def model():
     """Tiny, with weights far from init so that its greedy outputs are not constant."""
-    return perturb_(MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8))).eval()
+    return perturb_(
+        MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8))
+    ).eval()
 
 
 def greedy(model_or_gen, ids, n, **kw):
@@ -48,7 +56,10 @@ def test_cache_is_buffers_updated_in_place(model):
         generation.prefill(model, cache, torch.randint(0, VOCAB, (2, 6)), None)
         generation.decode_step(model, cache, torch.randint(0, VOCAB, (2,)))
     assert [b.data_ptr() for b in cache.buffers()] == ptrs
-    assert cache.layers[0].ssm_state[:2].abs().sum() > 0 and cache.layers[0].ssm_state[2].abs().sum() == 0
+    assert (
+        cache.layers[0].ssm_state[:2].abs().sum() > 0
+        and cache.layers[0].ssm_state[2].abs().sum() == 0
+    )
 
 
 def test_teacher_forced_decode_equals_full_forward(model):
@@ -68,21 +79,27 @@ def test_chunked_prefill_equals_one_shot(model, chunk):
     expected = one.prefill(ids)
     got = chunked.prefill(ids, chunk_size=chunk)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    for a, b in zip(chunked.cache.buffers(), one.cache.buffers()):
+    for a, b in zip(chunked.cache.buffers(), one.cache.buffers(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_equals_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2)
+    config = transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2
+    )
     hf = perturb_(transformers.MambaForCausalLM(config)).eval()
     hf.save_pretrained(tmp_path)
     ours = MambaLMHeadModel.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, VOCAB, (2, 9))
     expected = hf.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-        eos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(greedy(ours, ids, 24), expected)
 
 
@@ -91,7 +108,12 @@ def test_left_padded_batch_equals_rows_alone(model):
     prompts = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
     alone = [greedy(model, p, 12)[:, p.shape[1] :] for p in prompts]
     width = max(lengths)
-    ids = torch.stack([torch.cat([torch.full((width - n,), 5), p[0]]) for n, p in zip(lengths, prompts)])
+    ids = torch.stack(
+        [
+            torch.cat([torch.full((width - n,), 5), p[0]])
+            for n, p in zip(lengths, prompts, strict=True)
+        ]
+    )
     mask = torch.stack([torch.cat([torch.zeros(width - n), torch.ones(n)]) for n in lengths]).long()
     batched = greedy(model, ids, 12, attention_mask=mask)[:, width:]
     assert torch.equal(batched, torch.cat(alone))
@@ -138,10 +160,19 @@ def test_processors_match_transformers():
         (SamplingParams(top_p=0.6), [lp.TopPLogitsWarper(0.6)]),
         (SamplingParams(min_p=0.2), [lp.MinPLogitsWarper(0.2)]),
         (SamplingParams(repetition_penalty=1.3), [lp.RepetitionPenaltyLogitsProcessor(1.3)]),
-        (SamplingParams(temperature=1.5, top_k=10, top_p=0.9, min_p=0.05, repetition_penalty=1.2),
-         [lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TemperatureLogitsWarper(1.5), lp.TopKLogitsWarper(10),
-          lp.TopPLogitsWarper(0.9), lp.MinPLogitsWarper(0.05)]),
-    ]  # fmt: skip
+        (
+            SamplingParams(
+                temperature=1.5, top_k=10, top_p=0.9, min_p=0.05, repetition_penalty=1.2
+            ),
+            [
+                lp.RepetitionPenaltyLogitsProcessor(1.2),
+                lp.TemperatureLogitsWarper(1.5),
+                lp.TopKLogitsWarper(10),
+                lp.TopPLogitsWarper(0.9),
+                lp.MinPLogitsWarper(0.05),
+            ],
+        ),
+    ]
     for params, hf in cases:
         expected = logits.clone()
         for proc in hf:
@@ -244,17 +275,32 @@ def test_streamers(model):
     [
         pytest.param(dict(max_new_tokens=-1), ValueError, "max_new_tokens", id="negative-length"),
         pytest.param(dict(), ValueError, "max_new_tokens or max_length", id="no-length"),
-        pytest.param(dict(max_new_tokens=3, max_length=9), ValueError, "exactly one", id="both-lengths"),
+        pytest.param(
+            dict(max_new_tokens=3, max_length=9), ValueError, "exactly one", id="both-lengths"
+        ),
         pytest.param(dict(max_length=2), ValueError, "max_length", id="max_length-short"),
         pytest.param(dict(max_new_tokens=3, top_p=0.0), ValueError, "top_p", id="top_p-zero"),
         pytest.param(dict(max_new_tokens=3, top_p=1.5), ValueError, "top_p", id="top_p-big"),
         pytest.param(dict(max_new_tokens=3, top_k=-2), ValueError, "top_k", id="top_k"),
-        pytest.param(dict(max_new_tokens=3, temperature=-1.0), ValueError, "temperature", id="temperature"),
+        pytest.param(
+            dict(max_new_tokens=3, temperature=-1.0), ValueError, "temperature", id="temperature"
+        ),
         pytest.param(dict(max_new_tokens=3, min_p=2.0), ValueError, "min_p", id="min_p"),
-        pytest.param(dict(max_new_tokens=3, repetition_penalty=0.0), ValueError, "repetition_penalty", id="penalty"),
-        pytest.param(dict(max_new_tokens=3, eos_token_id=VOCAB), ValueError, "eos_token_id", id="eos-range"),
-        pytest.param(dict(max_new_tokens=3, attention_mask=torch.tensor([[1, 1, 0, 0]] * 2)), ValueError,
-                     "left padding", id="right-padding"),  # fmt: skip
+        pytest.param(
+            dict(max_new_tokens=3, repetition_penalty=0.0),
+            ValueError,
+            "repetition_penalty",
+            id="penalty",
+        ),
+        pytest.param(
+            dict(max_new_tokens=3, eos_token_id=VOCAB), ValueError, "eos_token_id", id="eos-range"
+        ),
+        pytest.param(
+            dict(max_new_tokens=3, attention_mask=torch.tensor([[1, 1, 0, 0]] * 2)),
+            ValueError,
+            "left padding",
+            id="right-padding",
+        ),
     ],
 )
 def test_bad_arguments(model, kwargs, exc, match):
@@ -285,8 +331,17 @@ def _parse(*argv):
 
 def test_generate_command_with_ids(model, tmp_path, capsys):
     model.save_pretrained(tmp_path)
-    args = _parse(str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--temperature", "0",
-                  "--device", "cpu")  # fmt: skip
+    args = _parse(
+        str(tmp_path),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert generation.run(args) == 0
     out = capsys.readouterr().out.splitlines()
     expected = greedy(model, torch.tensor([[1, 2, 3]]), 5)[0].tolist()
@@ -301,8 +356,20 @@ def test_generate_command_with_tokenizer(model, tmp_path, capsys):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     model.save_pretrained(tmp_path / "ckpt")
-    args = _parse(str(tmp_path / "ckpt"), "--prompt", "w1 w2 w3", "--tokenizer", str(tmp_path),
-                  "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu", "--stream")  # fmt: skip
+    args = _parse(
+        str(tmp_path / "ckpt"),
+        "--prompt",
+        "w1 w2 w3",
+        "--tokenizer",
+        str(tmp_path),
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+        "--stream",
+    )
     assert generation.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
     expected = greedy(model, torch.tensor([[1, 2, 3]]), 4)[0].tolist()

@@ -77,8 +77,16 @@ def test_left_padded_batch_equals_rows_alone_cuda():
     prompts = [torch.randint(0, VOCAB, (1, n), device="cuda") for n in lengths]
     alone = [greedy(gen, p, 16)[:, p.shape[1] :] for p in prompts]
     width = max(lengths)
-    ids = torch.stack([torch.cat([torch.full((width - n,), 3, device="cuda"), p[0]]) for n, p in zip(lengths, prompts)])
-    mask = (torch.arange(width, device="cuda")[None] >= torch.tensor([width - n for n in lengths], device="cuda")[:, None]).long()
+    ids = torch.stack(
+        [
+            torch.cat([torch.full((width - n,), 3, device="cuda"), p[0]])
+            for n, p in zip(lengths, prompts, strict=True)
+        ]
+    )
+    mask = (
+        torch.arange(width, device="cuda")[None]
+        >= torch.tensor([width - n for n in lengths], device="cuda")[:, None]
+    ).long()
     assert torch.equal(greedy(gen, ids, 16, attention_mask=mask)[:, width:], torch.cat(alone))
 
 
@@ -86,7 +94,9 @@ def test_chunked_prefill_cuda():
     model = model_on()
     ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
     one, chunked = MambaGenerator(model, 2, compile=True), MambaGenerator(model, 2, compile=True)
-    torch.testing.assert_close(chunked.prefill(ids, chunk_size=64), one.prefill(ids), atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(
+        chunked.prefill(ids, chunk_size=64), one.prefill(ids), atol=2e-4, rtol=2e-3
+    )
 
 
 def test_seeded_sampling_reproducible_cuda():

@@ -1,4 +1,4 @@
-"""The model: config, module tree and parameter names, init, forward semantics, compile, bad input."""
+"""The model: config, module tree and names, init, forward semantics, compile, bad input."""
 
 import math
 
@@ -21,17 +21,35 @@ def tiny(**overrides) -> MambaLMHeadModel:
 
 @pytest.mark.parametrize(
     "name, d_model, n_layer",
-    [("130m", 768, 24), ("370m", 1024, 48), ("790m", 1536, 48), ("1.4b", 2048, 48), ("2.8b", 2560, 64)],
+    [
+        ("130m", 768, 24),
+        ("370m", 1024, 48),
+        ("790m", 1536, 48),
+        ("1.4b", 2048, 48),
+        ("2.8b", 2560, 64),
+    ],
 )
 def test_named_sizes(name, d_model, n_layer):
     c = MambaConfig.from_name(name)
-    assert (c.d_model, c.n_layer, c.vocab_size, c.padded_vocab_size) == (d_model, n_layer, 50277, 50280)
+    assert (c.d_model, c.n_layer, c.vocab_size, c.padded_vocab_size) == (
+        d_model,
+        n_layer,
+        50277,
+        50280,
+    )
     assert c.dt_rank == math.ceil(d_model / 16) and c.d_inner == 2 * d_model
 
 
 def test_config_defaults_are_mamba_ssms():
     c = MambaConfig()
-    assert (c.d_state, c.d_conv, c.expand, c.dt_min, c.dt_max, c.dt_init_floor) == (16, 4, 2, 1e-3, 0.1, 1e-4)
+    assert (c.d_state, c.d_conv, c.expand, c.dt_min, c.dt_max, c.dt_init_floor) == (
+        16,
+        4,
+        2,
+        1e-3,
+        0.1,
+        1e-4,
+    )
     assert c.conv_bias and not c.bias and c.rms_norm and c.residual_in_fp32 and c.tie_embeddings
     assert c.pad_vocab_size_multiple == 8
 
@@ -63,22 +81,27 @@ def test_from_name_unknown():
 def test_parameter_names_and_shapes_are_mamba_ssms():
     model = tiny(vocab_size=21)  # padded to 24
     d, e, n, r = 32, 64, 8, 2
-    expected = {"backbone.embedding.weight": (24, d), "backbone.norm_f.weight": (d,),
-                "lm_head.weight": (24, d)}  # fmt: skip
+    expected = {
+        "backbone.embedding.weight": (24, d),
+        "backbone.norm_f.weight": (d,),
+        "lm_head.weight": (24, d),
+    }
     for i in range(2):
         p = f"backbone.layers.{i}."
-        expected.update({
-            p + "norm.weight": (d,),
-            p + "mixer.A_log": (e, n),
-            p + "mixer.D": (e,),
-            p + "mixer.in_proj.weight": (2 * e, d),
-            p + "mixer.conv1d.weight": (e, 1, 4),
-            p + "mixer.conv1d.bias": (e,),
-            p + "mixer.x_proj.weight": (r + 2 * n, e),
-            p + "mixer.dt_proj.weight": (e, r),
-            p + "mixer.dt_proj.bias": (e,),
-            p + "mixer.out_proj.weight": (d, e),
-        })  # fmt: skip
+        expected.update(
+            {
+                p + "norm.weight": (d,),
+                p + "mixer.A_log": (e, n),
+                p + "mixer.D": (e,),
+                p + "mixer.in_proj.weight": (2 * e, d),
+                p + "mixer.conv1d.weight": (e, 1, 4),
+                p + "mixer.conv1d.bias": (e,),
+                p + "mixer.x_proj.weight": (r + 2 * n, e),
+                p + "mixer.dt_proj.weight": (e, r),
+                p + "mixer.dt_proj.bias": (e,),
+                p + "mixer.out_proj.weight": (d, e),
+            }
+        )
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == expected
     assert isinstance(model.backbone.layers[0].mixer, Mamba)
@@ -131,10 +154,16 @@ def mixer_by_hand(m: Mamba, h: torch.Tensor) -> torch.Tensor:
     dt, B, C = torch.split(m.x_proj(x.transpose(1, 2)), [m.dt_rank, m.d_state, m.d_state], dim=-1)
     dt = (dt @ m.dt_proj.weight.T).transpose(1, 2)
     y = selective_scan_ref(
-        x.double(), dt.double(), -torch.exp(m.A_log.double()), B.transpose(1, 2).double(),
-        C.transpose(1, 2).double(), m.D.double(), z.transpose(1, 2).double(),
-        m.dt_proj.bias.double(), delta_softplus=True,
-    )  # fmt: skip
+        x.double(),
+        dt.double(),
+        -torch.exp(m.A_log.double()),
+        B.transpose(1, 2).double(),
+        C.transpose(1, 2).double(),
+        m.D.double(),
+        z.transpose(1, 2).double(),
+        m.dt_proj.bias.double(),
+        delta_softplus=True,
+    )
     return m.out_proj(y.float().transpose(1, 2))
 
 
@@ -192,12 +221,23 @@ def test_float64_model_runs():
 @pytest.mark.parametrize(
     "ids, exc, match",
     [
-        pytest.param(torch.tensor([[1, 2, 24]]), ValueError, "input_ids out of range", id="too-large"),
+        pytest.param(
+            torch.tensor([[1, 2, 24]]), ValueError, "input_ids out of range", id="too-large"
+        ),
         pytest.param(torch.tensor([[1, -1]]), ValueError, "input_ids out of range", id="negative"),
         pytest.param(torch.ones(1, 4), TypeError, "input_ids .*torch.long", id="float"),
-        pytest.param(torch.zeros(0, 4, dtype=torch.long), ValueError, "input_ids is empty", id="empty-batch"),
-        pytest.param(torch.zeros(2, 0, dtype=torch.long), ValueError, "input_ids is empty", id="empty-seq"),
-        pytest.param(torch.zeros(4, dtype=torch.long), ValueError, r"input_ids must be \(batch, seqlen\)", id="1d"),
+        pytest.param(
+            torch.zeros(0, 4, dtype=torch.long), ValueError, "input_ids is empty", id="empty-batch"
+        ),
+        pytest.param(
+            torch.zeros(2, 0, dtype=torch.long), ValueError, "input_ids is empty", id="empty-seq"
+        ),
+        pytest.param(
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            r"input_ids must be \(batch, seqlen\)",
+            id="1d",
+        ),
         pytest.param([[1, 2]], TypeError, "input_ids must be a torch.Tensor", id="list"),
     ],
 )
@@ -241,4 +281,6 @@ def test_compile_fullgraph_dynamic_train_step_matches_eager():
             loss_e, grads_e = loss_and_grads(model, ids)
             torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
             for name in grads_e:
-                torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-5, rtol=1e-4, msg=name)
+                torch.testing.assert_close(
+                    grads_c[name], grads_e[name], atol=1e-5, rtol=1e-4, msg=name
+                )

@@ -1,4 +1,4 @@
-"""The model on the GPU: agreement with the CPU, compiled bf16 training step, export and AOTInductor.
+"""The model on the GPU: agreement with the CPU, compiled bf16 train step, export, AOTInductor.
 
 Run with `pytest -m cuda` (perf/gpu_check.sh); skipped without a GPU.
 """
@@ -18,7 +18,9 @@ pytestmark = pytest.mark.cuda
 
 
 def tiny(**kw) -> MambaLMHeadModel:
-    model = MambaLMHeadModel(MambaConfig(**{**dict(d_model=64, n_layer=2, vocab_size=50, d_state=16), **kw}))
+    model = MambaLMHeadModel(
+        MambaConfig(**{**dict(d_model=64, n_layer=2, vocab_size=50, d_state=16), **kw})
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

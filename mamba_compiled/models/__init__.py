@@ -4,4 +4,12 @@ from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.models.lm import Block, CausalLMOutput, MambaLMHeadModel, MixerModel, RMSNorm
 from mamba_compiled.models.mamba import Mamba
 
-__all__ = ["Block", "CausalLMOutput", "Mamba", "MambaConfig", "MambaLMHeadModel", "MixerModel", "RMSNorm"]
+__all__ = [
+    "Block",
+    "CausalLMOutput",
+    "Mamba",
+    "MambaConfig",
+    "MambaLMHeadModel",
+    "MixerModel",
+    "RMSNorm",
+]

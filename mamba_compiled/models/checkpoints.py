@@ -1,6 +1,7 @@
 """Checkpoints in local directories, in the two formats Mamba-1 weights are published in.
 
-    mamba_ssm      config.json {"d_model", "n_layer", "ssm_cfg", ...}; keys backbone.embedding.weight,
+    mamba_ssm      config.json {"d_model", "n_layer", "ssm_cfg", ...};
+                   keys backbone.embedding.weight,
                    backbone.layers.{i}.(norm|mixer).*, backbone.norm_f.weight, lm_head.weight
     hf             config.json {"model_type": "mamba", "hidden_size", ...}; keys as above but
                    backbone.embeddings.weight (transformers' MambaForCausalLM)
@@ -33,7 +34,10 @@ BIN_NAME = "pytorch_model.bin"
 _HF_EMBEDDING = "backbone.embeddings.weight"
 _EMBEDDING = "backbone.embedding.weight"
 _LM_HEAD = "lm_head.weight"
-_FP32_PARAMS = ("mixer.A_log", "mixer.D")  # kept in float32 whatever the model's dtype (as mamba_ssm)
+_FP32_PARAMS = (
+    "mixer.A_log",
+    "mixer.D",
+)  # kept in float32 whatever the model's dtype (as mamba_ssm)
 
 
 def _safetensors():
@@ -51,7 +55,9 @@ def read_config(path: Path) -> tuple[MambaConfig, str]:
     """The config of a checkpoint directory and its format, "mamba_ssm" or "hf"."""
     file = path / CONFIG_NAME
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing; a checkpoint directory holds config.json and weights")
+        raise FileNotFoundError(
+            f"{file}: missing; a checkpoint directory holds config.json and weights"
+        )
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -68,7 +74,9 @@ def _load_file(file: Path) -> dict[str, Tensor]:
     except ImportError:
         raise
     except Exception as e:  # truncated or corrupt: say which file
-        raise ValueError(f"{file}: cannot read weights, the file is truncated or corrupt ({e})") from e
+        raise ValueError(
+            f"{file}: cannot read weights, the file is truncated or corrupt ({e})"
+        ) from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{file}: expected a flat dict of tensors (a state dict)")
     return state
@@ -76,7 +84,10 @@ def _load_file(file: Path) -> dict[str, Tensor]:
 
 def read_weights(path: Path) -> dict[str, tuple[Tensor, Path]]:
     """Every tensor of a checkpoint directory with the file it came from."""
-    for index_name, single in ((SAFE_NAME + ".index.json", SAFE_NAME), (BIN_NAME + ".index.json", BIN_NAME)):
+    for index_name, single in (
+        (SAFE_NAME + ".index.json", SAFE_NAME),
+        (BIN_NAME + ".index.json", BIN_NAME),
+    ):
         index = path / index_name
         if index.is_file():
             try:
@@ -141,7 +152,9 @@ def load_pretrained(cls: type[MambaLMHeadModel], path, device=None, dtype=None) 
                 f"({path / CONFIG_NAME}) needs {tuple(ref.shape)}"
             )
         if not tensor.is_floating_point():
-            raise ValueError(f"{file}: key {key!r} has dtype {tensor.dtype}, expected floating point")
+            raise ValueError(
+                f"{file}: key {key!r} has dtype {tensor.dtype}, expected floating point"
+            )
         state[key] = tensor.to(ref.dtype)  # A_log and D stay float32
     for key, (_, file) in weights.items():
         if key not in expected:
@@ -163,7 +176,9 @@ def _write_atomic(file: Path, write) -> None:
     os.replace(tmp, file)
 
 
-def save_pretrained(model: MambaLMHeadModel, path, format: str = "mamba_ssm", safe_serialization: bool = True) -> None:
+def save_pretrained(
+    model: MambaLMHeadModel, path, format: str = "mamba_ssm", safe_serialization: bool = True
+) -> None:
     if format not in ("mamba_ssm", "hf"):
         raise ValueError(f"format must be 'mamba_ssm' or 'hf', got {format!r}")
     config: MambaConfig = model.config
@@ -178,7 +193,9 @@ def save_pretrained(model: MambaLMHeadModel, path, format: str = "mamba_ssm", sa
     path.mkdir(parents=True, exist_ok=True)
     if safe_serialization:
         st = _safetensors()
-        _write_atomic(path / SAFE_NAME, lambda f: st.save_file(state, str(f), metadata={"format": "pt"}))
+        _write_atomic(
+            path / SAFE_NAME, lambda f: st.save_file(state, str(f), metadata={"format": "pt"})
+        )
     else:
         _write_atomic(path / BIN_NAME, lambda f: torch.save(state, f))
     text = json.dumps(config_json, indent=2) + "\n"

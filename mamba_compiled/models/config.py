@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# The sizes of the paper's released checkpoints (Gu & Dao 2023, Table 12), vocabulary of the GPT-NeoX
-# tokenizer (50277, padded to 50280 in the embedding).
+# The sizes of the paper's released checkpoints (Gu & Dao 2023, Table 12); vocabulary of the
+# GPT-NeoX tokenizer (50277, padded to 50280 in the embedding).
 _NAMED_SIZES: dict[str, dict[str, int]] = {
     "130m": dict(d_model=768, n_layer=24),
     "370m": dict(d_model=1024, n_layer=48),
@@ -25,9 +25,18 @@ _NAMED_SIZES: dict[str, dict[str, int]] = {
 
 # mamba_ssm's Mamba(...) keyword arguments, stored under "ssm_cfg" in its config.json.
 _SSM_CFG_FIELDS = (
-    "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
-    "dt_init_floor", "conv_bias", "bias",
-)  # fmt: skip
+    "d_state",
+    "d_conv",
+    "expand",
+    "dt_rank",
+    "dt_min",
+    "dt_max",
+    "dt_init",
+    "dt_scale",
+    "dt_init_floor",
+    "conv_bias",
+    "bias",
+)
 
 # Hugging Face MambaConfig name -> ours.
 _HF_FIELDS = {
@@ -63,7 +72,9 @@ class MambaConfig:
     d_conv: int = 4  # width of the causal depthwise convolution
     expand: int = 2  # d_inner = expand * d_model
     dt_rank: int | str = "auto"  # rank of the Δ projection; "auto" = ceil(d_model / 16)
-    dt_min: float = 0.001  # initial Δ = softplus(dt bias) is drawn log-uniformly in [dt_min, dt_max]
+    dt_min: float = (
+        0.001  # initial Δ = softplus(dt bias) is drawn log-uniformly in [dt_min, dt_max]
+    )
     dt_max: float = 0.1
     dt_init: str = "random"  # dt_proj.weight: "random" (uniform) or "constant"
     dt_scale: float = 1.0
@@ -79,21 +90,33 @@ class MambaConfig:
     rescale_prenorm_residual: bool = True  # out_proj.weight /= sqrt(n_layer) at init
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
-                     "pad_vocab_size_multiple"):  # fmt: skip
+        for name in (
+            "d_model",
+            "n_layer",
+            "vocab_size",
+            "d_state",
+            "d_conv",
+            "expand",
+            "pad_vocab_size_multiple",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MambaConfig.{name} must be a positive int, got {value!r}")
         if self.dt_rank == "auto":
             self.dt_rank = math.ceil(self.d_model / 16)
         if isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int) or self.dt_rank < 1:
-            raise ValueError(f"MambaConfig.dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")
+            raise ValueError(
+                f"MambaConfig.dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}"
+            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(
-                f"MambaConfig needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
+                f"MambaConfig needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
+                f"dt_max={self.dt_max}"
             )
         if self.dt_init not in ("random", "constant"):
-            raise ValueError(f"MambaConfig.dt_init must be 'random' or 'constant', got {self.dt_init!r}")
+            raise ValueError(
+                f"MambaConfig.dt_init must be 'random' or 'constant', got {self.dt_init!r}"
+            )
         if not self.norm_epsilon > 0:
             raise ValueError(f"MambaConfig.norm_epsilon must be > 0, got {self.norm_epsilon!r}")
 
@@ -143,7 +166,9 @@ class MambaConfig:
     def from_mamba_ssm_dict(cls, data: dict[str, Any], source: str = "config.json") -> MambaConfig:
         data = dict(data)
         if data.pop("d_intermediate", 0):
-            raise ValueError(f"{source}: d_intermediate > 0 (an MLP after each mixer) is not supported")
+            raise ValueError(
+                f"{source}: d_intermediate > 0 (an MLP after each mixer) is not supported"
+            )
         if data.pop("attn_layer_idx", None):
             raise ValueError(f"{source}: attention layers (attn_layer_idx) are not supported")
         data.pop("attn_cfg", None)
@@ -165,8 +190,8 @@ class MambaConfig:
         """mamba_ssm's config.json: what `mamba_ssm.MambaLMHeadModel(MambaConfig(**it))` reads."""
         if self.norm_epsilon != 1e-5:
             raise ValueError(
-                f"norm_epsilon={self.norm_epsilon} cannot be written in mamba_ssm's format (fixed at "
-                "1e-5 there); save with format='hf'"
+                f"norm_epsilon={self.norm_epsilon} cannot be written in mamba_ssm's format "
+                "(fixed at 1e-5 there); save with format='hf'"
             )
         return {
             "d_model": self.d_model,
@@ -193,8 +218,12 @@ class MambaConfig:
             if required not in data:
                 raise ValueError(f"{source}: missing key {required!r}")
         # Hugging Face stores the embedding's size; there is no further padding.
-        config = cls(**kwargs, pad_vocab_size_multiple=1, rms_norm=True,
-                     rescale_prenorm_residual=bool(data.get("rescale_prenorm_residual", False)))  # fmt: skip
+        config = cls(
+            **kwargs,
+            pad_vocab_size_multiple=1,
+            rms_norm=True,
+            rescale_prenorm_residual=bool(data.get("rescale_prenorm_residual", False)),
+        )
         inner = data.get("intermediate_size")
         if inner is not None and inner != config.d_inner:
             raise ValueError(
@@ -205,7 +234,9 @@ class MambaConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """transformers' MambaConfig as JSON: what `MambaForCausalLM.from_pretrained` reads."""
         if not self.rms_norm:
-            raise ValueError("rms_norm=False (LayerNorm) cannot be written in Hugging Face's format")
+            raise ValueError(
+                "rms_norm=False (LayerNorm) cannot be written in Hugging Face's format"
+            )
         out: dict[str, Any] = {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}
         for hf, ours in _HF_FIELDS.items():
             out[hf] = getattr(self, ours)

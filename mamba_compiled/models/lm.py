@@ -81,7 +81,9 @@ class MixerModel(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.embedding = nn.Embedding(
+            config.padded_vocab_size, config.d_model, device=device, dtype=dtype
+        )
         self.layers = nn.ModuleList(
             Block(config, i, device=device, dtype=dtype) for i in range(config.n_layer)
         )
@@ -199,7 +201,9 @@ class MambaLMHeadModel(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must hold token ids as torch.long, got {input_ids.dtype}")
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
         # A value check reads the data; compiled and exported graphs skip it (the embedding's own
@@ -222,8 +226,10 @@ class MambaLMHeadModel(nn.Module):
     def save_pretrained(
         self, path: str | Path, format: str = "mamba_ssm", safe_serialization: bool = True
     ) -> None:
-        """Write config.json and the weights (safetensors) in mamba_ssm's or Hugging Face's format."""
-        checkpoints.save_pretrained(self, path, format=format, safe_serialization=safe_serialization)
+        """Write config.json and the weights in mamba_ssm's or Hugging Face's format."""
+        checkpoints.save_pretrained(
+            self, path, format=format, safe_serialization=safe_serialization
+        )
 
     def generate(self, input_ids: Tensor, *args, **kwargs) -> Tensor:
         """Recurrent decoding; see `mamba_compiled.generation.generate` for the arguments."""

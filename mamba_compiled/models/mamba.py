@@ -1,4 +1,4 @@
-"""The Mamba mixer (Gu & Dao 2023, Section 3.4 and Algorithm 2), in plain PyTorch around the scan op.
+"""The Mamba mixer (Gu & Dao 2023, Section 3.4, Algorithm 2): plain PyTorch around the scan op.
 
     in_proj -> (x, z);  x -> causal depthwise conv1d -> SiLU -> u
     u -> x_proj -> (Δ, B, C);  Δ -> dt_proj (its bias and the softplus run inside the scan)
@@ -45,10 +45,17 @@ class Mamba(nn.Module):
 
         self.in_proj = nn.Linear(self.d_model, 2 * self.d_inner, bias=config.bias, **factory)
         self.conv1d = nn.Conv1d(
-            self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
-            padding=self.d_conv - 1, bias=config.conv_bias, **factory,
-        )  # fmt: skip
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+            self.d_inner,
+            self.d_inner,
+            kernel_size=self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,
+            bias=config.conv_bias,
+            **factory,
+        )
+        self.x_proj = nn.Linear(
+            self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory
+        )
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
         # S4D-real initialization A = -(1, 2, ..., N) per channel, stored as log(-A) in float32.
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
@@ -134,7 +141,14 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias in the scan
         acc = _acc_dtype(u.dtype)
         A = -torch.exp(self.A_log.to(acc))  # (d_inner, N)
-        scan_args = (u, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(acc))  # B, C: (b, N, l)
+        scan_args = (
+            u,
+            dt,
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D.to(acc),
+        )  # B, C: (b, N, l)
         scan_kwargs = dict(z=z, delta_bias=self.dt_proj.bias.to(acc), delta_softplus=True)
         if ssm_state is None:
             y = selective_scan_fn(*scan_args, **scan_kwargs)  # (b, d_inner, l)
