@@ -47,7 +47,13 @@ def build(args, device, dtype) -> MambaLMHeadModel:
     if args.checkpoint:
         return MambaLMHeadModel.from_pretrained(args.checkpoint, device=device, dtype=dtype).eval()
     torch.manual_seed(0)
-    return MambaLMHeadModel(MambaConfig.from_name(args.model), device=device, dtype=dtype).eval()
+    return MambaLMHeadModel(
+        MambaConfig.from_name(
+            args.model, **({} if args.n_layer is None else {"n_layer": args.n_layer})
+        ),
+        device=device,
+        dtype=dtype,
+    ).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", default="130m", help="130m, 370m, 790m, 1.4b, 2.8b (random weights)")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory instead")
+    p.add_argument("--n-layer", type=int, default=None, help="override the depth (smoke runs)")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--prompt-len", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=200)
