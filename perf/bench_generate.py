@@ -56,6 +56,18 @@ def build(args, device, dtype) -> MambaLMHeadModel:
     ).eval()
 
 
+def check_against_eager(model, gen: MambaGenerator, seq: torch.Tensor, start: int) -> float:
+    """Teacher-force `seq` through the compiled generator and an eager one; the largest logit
+    difference relative to the logits' scale. (Comparing greedy tokens would fail on near-ties,
+    which random weights are full of.)"""
+    eager = MambaGenerator(model, seq.shape[0], compile=False)
+    pairs = [(gen.prefill(seq[:, :start]).float(), eager.prefill(seq[:, :start]).float())]
+    for t in range(start, seq.shape[1]):
+        pairs.append((gen.step(seq[:, t]).float().clone(), eager.step(seq[:, t]).float()))
+    got, ref = (torch.stack(x) for x in zip(*pairs, strict=True))
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--check-tokens", type=int, default=16, help="compiled == eager for this many tokens"
+        "--check-tokens",
+        type=int,
+        default=16,
+        help="compiled vs eager logits over this many tokens",
     )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
@@ -105,18 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             return g.generate(ids, max_new_tokens=n, temperature=0.0)
 
         first_s, out = timed(device, run)
+        err = float("nan")
         if args.compile and args.check_tokens:
-            eager = MambaGenerator(model, batch, compile=False)
-            n = min(args.check_tokens, args.new_tokens)
-            expected = eager.generate(ids, max_new_tokens=n, temperature=0.0)
-            if not torch.equal(out[:, : args.prompt_len + n], expected):
-                agree = (out[:, : args.prompt_len + n] == expected).float().mean().item()
+            err = check_against_eager(
+                model, gen, out[:, : args.prompt_len + args.check_tokens], args.prompt_len
+            )
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            if not err <= tol:
                 print(
-                    f"FAILED: compiled tokens differ from eager ({100 * agree:.1f} % agree)",
+                    f"FAILED: compiled logits differ from eager by {err:.2e} (> {tol})",
                     file=sys.stderr,
                 )
                 return 1
-            del eager
         walls = [timed(device, run)[0] for _ in range(args.repeats)]
         prefills = [
             timed(device, lambda g=gen, i=ids: g.prefill(i))[0] for _ in range(args.repeats)
@@ -138,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{weight_bytes / per_token / 1e9:.0f}",
                 f"{mem:.2f}",
                 f"{max(first_s - wall, 0.0):.1f}",
+                f"{err:.1e}",
             )
         )
 
@@ -149,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     table = (
         f"{header}\n\n| batch | wall ms (all in) | prefill ms | ms / decoded token | tokens/s "
-        "| weight GB/s | peak mem GB | compile s |\n|---|---|---|---|---|---|---|---|\n"
+        "| weight GB/s | peak mem GB | compile s | logits vs eager |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
     )
     print(table)
