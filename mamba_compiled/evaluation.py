@@ -53,7 +53,10 @@ def eval_batches(task, sequences: int, batch_size: int, seed: int, env: DistEnv)
         source: Iterable[Batch] = task.eval_batches(per_step, max_tokens=sequences * task.seq_len)
     else:
         steps = math.ceil(sequences / per_step)
-        source = (task.sample(per_step, generator(seed, "eval", i)) for i in range(steps))
+        source = (
+            task.sample(min(per_step, sequences - i * per_step), generator(seed, "eval", i))
+            for i in range(steps)
+        )
     for batch in source:
         n = len(batch)
         lo, hi = n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size
