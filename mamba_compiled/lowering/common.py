@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -75,6 +76,42 @@ def shifted_combine(l1, p1, s1, l2, p2, s2):
     return l2, p1 * k, s1 * k + s2
 
 
+@triton.jit
+def take_ticket(sync_ptr, n_seg, n_dblk, batch):
+    """(channel block, batch element (int64), segment) of this program. With segments, programs
+    take tickets from a counter (sync_ptr[0]) in the order they start, segment-major: a program
+    then only waits for programs that started before it, whatever order the hardware starts
+    them in. Without segments, the program id (no atomics)."""
+    if n_seg > 1:
+        k = tl.atomic_add(sync_ptr, 1)
+    else:
+        k = tl.program_id(0)
+    rest = k // n_dblk
+    return k % n_dblk, (rest % batch).to(tl.int64), rest // batch
+
+
+@triton.jit
+def wait_for(flag_ptr):
+    """Spin until another program has published at flag_ptr (acquire: its writes are visible
+    after this; read them with cache_modifier=".cg", the L1 is not coherent)."""
+    while tl.atomic_add(flag_ptr, 0, sem="acquire") == 0:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def publish(flag_ptr, FENCE: tl.constexpr):
+    """Set the flag after this program's stores: each thread fences its own stores (FENCE; the
+    interpreter runs programs one after another and has no inline PTX), a barrier, then one
+    release store."""
+    if FENCE:
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, 1, sem="release")
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -82,13 +119,27 @@ def interpreting() -> bool:
 @dataclass(frozen=True)
 class ScanConfig:
     """Launch configuration of one scan kernel. BD = channels per program, T = time steps per
-    chunk, N_B = state lanes; num_warps and num_stages as Triton's."""
+    chunk, N_B = state lanes; num_warps and num_stages as Triton's. Segments: when batch ·
+    channel blocks is under `target` programs, the sequence is cut into segments of at least
+    `min_seg` steps run by separate programs (target 0: never)."""
 
     BD: int
     T: int
     N_B: int
     num_warps: int
     num_stages: int = 1
+    target: int = 0
+    min_seg: int = 1024
+
+
+def segments(programs, seqlen, cfg: ScanConfig):
+    """(n_seg, seg_len): the number of segments and their length in steps (a multiple of cfg.T),
+    for `programs` = batch · channel blocks. Integer arithmetic on sizes only (torch.sym_min /
+    sym_max add no guards): batch and seqlen may be symbolic under torch.compile and export."""
+    want = triton.cdiv(cfg.target, programs)
+    n_seg = torch.sym_max(1, torch.sym_min(want, triton.cdiv(seqlen, cfg.min_seg)))
+    seg_len = torch.sym_max(triton.cdiv(triton.cdiv(seqlen, n_seg), cfg.T) * cfg.T, cfg.T)
+    return torch.sym_max(1, triton.cdiv(seqlen, seg_len)), seg_len
 
 
 # The checkpoint interval: the forward writes the state at the start of every CK steps, the
@@ -126,18 +177,22 @@ def state_pad(dstate: int) -> int:
 
 def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     """Heuristic forward config. groups: the B and C group counts (1 when shared); a block of
-    channels must lie in one group of each. Never looks at batch or seqlen (dynamic in export).
+    channels must lie in one group of each. Looks at model constants only (dim, dstate): batch
+    and seqlen are dynamic in export; segments are chosen from them by integer arithmetic.
     Measurements behind the choice: perf/NOTES.md."""
     if "fwd" in _override:
         return _override["fwd"]  # type: ignore[return-value]
     ck = checkpoint_interval()
     n = state_pad(dstate)
-    if interpreting():
-        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1)
+    if interpreting():  # tiny blocks; segments of 2 chunks once there are under 16 programs
+        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
+                          target=16, min_seg=2 * ck)  # fmt: skip
     # 2 warps x 8 channel lanes, 4 state lanes x 4 states in registers, 16 steps: 64 elements
     # of the (T, N, BD) block per thread, about 230 registers, no spills. Second GPU run: 0.727
     # ms at 8x4096x2048 (0.752 with BD 32, 4 warps) and 1.33 ms at 1x4096x16384 (1.47).
-    return ScanConfig(BD=_block_d(16, dim, groups), T=max(ck, 16), N_B=min(n, 4), num_warps=2)
+    # Segments once batch x blocks is under 2 waves of 4 programs per SM.
+    return ScanConfig(BD=_block_d(16, dim, groups), T=max(ck, 16), N_B=min(n, 4), num_warps=2,
+                      target=1024, min_seg=1024)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
@@ -147,11 +202,14 @@ def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     ck = checkpoint_interval()
     n = state_pad(dstate)
     if interpreting():
-        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1)
+        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
+                          target=16, min_seg=2 * ck)  # fmt: skip
     # Sums over channels (dB, dC per step) cross lanes: one warp (no cross-warp round), 8
     # channel lanes x 4 state lanes, 8 steps (first GPU run: 3.5 ms against 7.9 for 16 steps,
-    # 2 warps, 8 state lanes; perf/NOTES.md).
-    return ScanConfig(BD=_block_d(8, dim, groups), T=ck, N_B=min(n, 4), num_warps=1)
+    # 2 warps, 8 state lanes; perf/NOTES.md). Segments once batch x blocks is under 2 waves
+    # of 8 one-warp programs per SM.
+    return ScanConfig(BD=_block_d(8, dim, groups), T=ck, N_B=min(n, 4), num_warps=1,
+                      target=2048, min_seg=512)  # fmt: skip
 
 
 def _block_d(want: int, dim: int, groups: tuple[int, ...]) -> int:

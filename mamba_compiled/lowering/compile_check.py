@@ -27,8 +27,9 @@ from .scan_forward import _scan_fwd_kernel
 
 F32_PTRS = {
     "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "ck_ptr", "dlast_ptr", "dA_ptr",
-    "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr",
+    "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
 }  # fmt: skip
+I32_PTRS = {"sync_ptr"}
 
 
 def jobs(dim: int = 4096, dstate: int = 16):
@@ -37,7 +38,7 @@ def jobs(dim: int = 4096, dstate: int = 16):
     bwd = common.bwd_config(dim, dstate, (1, 1))
     n = triton.next_power_of_2(dstate)
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_MATH=True, N=n)
-    scan = dict(flags, B_SHARED=False, C_SHARED=False)
+    scan = dict(flags, B_SHARED=False, C_SHARED=False, EVEN_D=dim % 16 == 0, EVEN_N=n == dstate)
     ck = common.checkpoint_interval()
     return [
         ("scan_fwd", _scan_fwd_kernel,
@@ -52,20 +53,43 @@ def jobs(dim: int = 4096, dstate: int = 16):
     ]  # fmt: skip
 
 
-def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: str = "bf16"):
-    signature = {}
-    for param in kernel.params:
+# Integer arguments of the first ANCHORS row (8 x 4096 x 2048 x 16, contiguous, one segment),
+# specialized as Triton's JIT does at launch: value 1 -> a constant, multiples of 16 -> known
+# divisible (pointers are 16-byte aligned), which is what lets unmasked loads vectorize.
+ROW1_INTS = dict(
+    batch=8, dim=4096, dstate=16, seqlen=2048, n_seg=1, seg_len=2048, B_per_group=4096,
+    C_per_group=4096, s_ub=4096 * 2048, s_ud=2048, s_db=4096 * 2048, s_dd=2048, s_zb=4096 * 2048,
+    s_zd=2048, s_ob=4096 * 2048, s_od=2048, s_ot=1, s_Bb=16 * 2048, s_Bg=16 * 2048, s_Bn=2048,
+    s_Cb=16 * 2048, s_Cg=16 * 2048, s_Cn=2048,
+)  # fmt: skip
+
+
+def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: str = "bf16",
+                   ints: dict | None = None):  # fmt: skip
+    """Compile for GPUTarget(cuda, arch). ints: values of integer arguments to specialize on as
+    the JIT would (1 -> constant, multiple of 16 -> divisibility); others stay generic i32."""
+    ints = ROW1_INTS if ints is None else ints
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
+    for i, param in enumerate(kernel.params):
         name = param.name
         if param.is_constexpr:
             if name not in constexprs:
                 raise KeyError(f"no value for constexpr {name} of {kernel.fn.__name__}")
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in F32_PTRS else f"*{dtype}"
+            signature[name] = (
+                "*fp32" if name in F32_PTRS else "*i32" if name in I32_PTRS else f"*{dtype}"
+            )
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints.get(name) == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
         else:
             signature[name] = "i32"
+            if name in ints and ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps},
     )

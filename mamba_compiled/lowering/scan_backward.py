@@ -37,9 +37,13 @@ from .common import (
     checkpoint_interval,
     interpreting,
     linear_combine,
+    publish,
+    segments,
     shifted_combine,
     sigmoid,
     softplus,
+    take_ticket,
+    wait_for,
 )
 from .scan_forward import _load_chunk, bc_args, groups_of
 
@@ -61,217 +65,387 @@ def _bc_slot(pid_d, pid_b, batch, d0, dim, per_group, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _bc_put(ptrs, values, mask, ATOMIC: tl.constexpr):
+def _bc_put(ptrs, values, mask, ATOMIC: tl.constexpr, MASK: tl.constexpr):
     if ATOMIC:
-        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
-    else:
+        if MASK:
+            tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, values, sem="relaxed")
+    elif MASK:
         tl.store(ptrs, values, mask=mask)
+    else:
+        tl.store(ptrs, values)
+
+
+@triton.jit
+def _bwd_chunk(
+    carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
+    A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
+    du_ptrs, ddelta_ptrs, dz_ptrs, dB_base, dC_base,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, T: tl.constexpr,
+    FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    """The backward over one chunk (t0 its first step) given the carry from the chunk after it
+    and the state before it (its checkpoint). Stores du, ddelta, dz and the per-step dB, dC;
+    returns the carry into the chunk before it and this chunk's contributions to the sums over
+    time: (carry, dA (N_A, BD, N_B), dB, dC when shared (N_A, BD, N_B), dD (BD,), dbias (BD,))."""
+    tt2 = t0 + t2
+    tt3 = t0 + t3
+    if MASKED:
+        m2 = (tt2 < seqlen) & dmask2
+        mt3 = ntmask3 & (tt3 < seqlen)
+    else:
+        m2 = dmask2
+        mt3 = ntmask3
+    raw = raw.to(tl.float32)
+    u = u.to(tl.float32)
+    dout = dout.to(tl.float32)
+    if HAS_BIAS:
+        raw += bias
+    if SOFTPLUS:
+        delta = softplus(raw, FAST_MATH)
+    else:
+        delta = raw
+    if MASKED:
+        delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0
+    delta_u = delta * u
+    delta4 = delta[:, None, :, None]
+    if B_SHARED:
+        Bt = B_sh
+    else:
+        Bt = B_raw.to(tl.float32)[:, :, None, :]
+    if C_SHARED:
+        Ct = C_sh
+    else:
+        Ct = C_raw.to(tl.float32)[:, :, None, :]
+
+    # recompute h_t inside the chunk from its checkpoint (h_start)
+    dA = tl.exp2(delta4 * A2)  # (T, N_A, BD, N_B)
+    dBu = delta_u[:, None, :, None] * Bt
+    b = tl.where(t4 == 0, dBu + dA * h_start[None], dBu)
+    _, hs = tl.associative_scan((dA, b), 0, linear_combine)
+
+    if HAS_Z:
+        z = z.to(tl.float32)
+        y = _sum_state(hs * Ct)
+        if HAS_D:
+            y += Dv * u
+        sz = sigmoid(z)
+        dy = dout * z * sz
+        dz = (dout * y * sz * (1.0 + z * (1.0 - sz))).to(dz_ptrs.dtype.element_ty)
+        _store2(dz_ptrs + tt2, dz, m2, MASKED, EVEN_D)
+    else:
+        dy = dout
+    dy4 = dy[:, None, :, None]
+
+    # adjoint: dh_t = C_t·dy_t + Ā_{t+1}·dh_{t+1}, the next chunk entering through `carry`
+    g = Ct * dy4
+    g = tl.where(t4 == T - 1, g + carry[None], g)
+    _, _, dh = tl.associative_scan(
+        (tl.flip(dA, 0), ones, tl.flip(g, 0)), 0, shifted_combine
+    )  # time-flipped
+    dh = tl.flip(dh, 0)
+    carry = tl.sum(tl.where(t4 == 0, dA * dh, -0.0), 0)
+
+    hdy = hs * dy4
+    dhdu = dh * delta_u[:, None, :, None]
+    dB = carry  # (placeholders when per step)
+    dC = carry
+    if C_SHARED:
+        dC = tl.sum(hdy, 0)
+    else:
+        _bc_put(dC_base + tt3, tl.sum(hdy, 2), mt3, ATOMIC_BC, MASKED or not EVEN_N)
+    if B_SHARED:
+        dB = tl.sum(dhdu, 0)
+    else:
+        _bc_put(dB_base + tt3, tl.sum(dhdu, 2), mt3, ATOMIC_BC, MASKED or not EVEN_N)
+
+    p = dh * (hs - dBu)  # dh·Ā_t·h_{t-1}
+    dA_c = tl.sum(delta4 * p, 0)
+    sw = _sum_state(dh * Bt)  # Σ_n dh·B_t: (T, BD)
+    sp = _sum_state(p * A)
+    du = delta * sw
+    if HAS_D:
+        du += Dv * dy
+    ddelta = sp + u * sw
+    if SOFTPLUS:
+        ddelta = tl.where(raw > 20.0, ddelta, ddelta * sigmoid(raw))
+    if MASKED:
+        ddelta = tl.where(m2, ddelta, 0.0)
+    _store2(du_ptrs + tt2, du.to(du_ptrs.dtype.element_ty), m2, MASKED, EVEN_D)
+    _store2(ddelta_ptrs + tt2, ddelta.to(ddelta_ptrs.dtype.element_ty), m2, MASKED, EVEN_D)
+    return carry, dA_c, dB, dC, tl.sum(dy * u, 0), tl.sum(ddelta, 0)
+
+
+@triton.jit
+def _store2(ptrs, values, mask, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    if MASKED or not EVEN_D:
+        tl.store(ptrs, values, mask=mask)
+    else:
+        tl.store(ptrs, values)
+
+
+@triton.jit
+def _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
+                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   C_SHARED: tl.constexpr, MASKED: tl.constexpr, m2, T: tl.constexpr,
+                   FAST_MATH: tl.constexpr):  # fmt: skip
+    """The adjoint alone over one chunk (it needs no state): the carry into the chunk before it,
+    and ΣΔ over the chunk added to dsum (1, BD)."""
+    raw = raw.to(tl.float32)
+    if HAS_BIAS:
+        raw += bias
+    if SOFTPLUS:
+        delta = softplus(raw, FAST_MATH)
+    else:
+        delta = raw
+    if MASKED:
+        delta = tl.where(m2, delta, 0.0)
+    dsum += tl.sum(delta, 0)[None, :]
+    dout = dout.to(tl.float32)
+    if HAS_Z:
+        z = z.to(tl.float32)
+        dy = dout * z * sigmoid(z)
+    else:
+        dy = dout
+    if C_SHARED:
+        Ct = C_sh
+    else:
+        Ct = C_raw.to(tl.float32)[:, :, None, :]
+    dA = tl.exp2(delta[:, None, :, None] * A2)
+    g = Ct * dy[:, None, :, None]
+    g = tl.where(t4 == T - 1, g + carry[None], g)
+    _, _, dh = tl.associative_scan((tl.flip(dA, 0), ones, tl.flip(g, 0)), 0, shifted_combine)
+    dh = tl.flip(dh, 0)
+    return tl.sum(tl.where(t4 == 0, dA * dh, -0.0), 0), dsum
 
 
 @triton.jit
 def _scan_bwd_kernel(
     dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ck_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    dim, dstate, seqlen, n_ck, B_per_group, C_per_group,
+    sync_ptr, seg_ptr,
+    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od, s_ot,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     ATOMIC_BC: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    batch = tl.num_programs(1)
+    n_dblk = tl.cdiv(dim, BD)
+    pid_d, pid_b, k_seg = take_ticket(sync_ptr, n_seg, n_dblk, batch)
+    seg = n_seg - 1 - k_seg  # the last segment first: the adjoint runs backwards in time
     d0 = pid_d * BD
+    t_begin = seg * seg_len  # a multiple of T (= CK)
+    t_end = tl.minimum(t_begin + seg_len, seqlen)
+    c_begin = t_begin // T
+    n_full = (t_end - t_begin) // T  # whole chunks (the partial one, if any, comes after them)
+    has_tail = tl.cdiv(t_end - t_begin, T) - n_full  # 1 when the segment ends the sequence early
 
     # frames as in the forward kernel: (T, BD), (N_A, BD, N_B), (T, N_A, N_B), (T, 1, 1, 1)
     t2 = tl.arange(0, T)[:, None]
     dl2 = tl.arange(0, BD)[None, :]
     dmask2 = d0 + dl2 < dim
-    n3 = tl.arange(0, N_A)[:, None, None] * N_B + tl.arange(0, N_B)[None, None, :]
+    n3 = tl.arange(0, N_A)[:, None, None] + tl.arange(0, N_B)[None, None, :] * N_A
     d3 = d0 + tl.arange(0, BD)[None, :, None]
     smask3 = (n3 < dstate) & (d3 < dim)
     state_off3 = d3 * dstate + n3
     t3 = tl.arange(0, T)[:, None, None]
-    nt3 = tl.arange(0, N_A)[None, :, None] * N_B + tl.arange(0, N_B)[None, None, :]
+    nt3 = tl.arange(0, N_A)[None, :, None] + tl.arange(0, N_B)[None, None, :] * N_A
     ntmask3 = nt3 < dstate
     t4 = t3[:, :, :, None]
 
-    u_base = u_ptr + pid_b * s_ub + d0.to(tl.int64) * s_ud
-    delta_base = delta_ptr + pid_b * s_db + d0.to(tl.int64) * s_dd
-    dout_base = dout_ptr + pid_b * s_ob + d0.to(tl.int64) * s_od
-    grad_base = (pid_b * dim + d0) * seqlen  # du, ddelta, dz: fresh (batch, dim, L)
-    row_u = dl2.to(tl.int64) * s_ud
-    row_delta = dl2.to(tl.int64) * s_dd
-    row_dout = dl2.to(tl.int64) * s_od
-    row_grad = dl2.to(tl.int64) * seqlen
-    z_base = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd  # (z_ptr is u_ptr when no z)
-    row_z = dl2.to(tl.int64) * s_zd
+    row_d = d0.to(tl.int64) + dl2.to(tl.int64)
+    u_ptrs = u_ptr + pid_b * s_ub + row_d * s_ud
+    delta_ptrs = delta_ptr + pid_b * s_db + row_d * s_dd
+    z_ptrs = z_ptr + pid_b * s_zb + row_d * s_zd  # (z_ptr is u_ptr when no z)
+    dout_ptrs = dout_ptr + pid_b * s_ob + row_d * s_od
+    grad_row = (pid_b * dim + d0) * seqlen + dl2.to(tl.int64) * seqlen  # fresh (batch, dim, L)
+    du_ptrs = du_ptr + grad_row
+    ddelta_ptrs = ddelta_ptr + grad_row
+    dz_ptrs = dz_ptr + grad_row
 
-    A = tl.load(A_ptr + state_off3, mask=smask3, other=0.0)[None]  # (1, N_A, BD, N_B)
-    A2 = A * LOG2E
+    A3 = tl.load(A_ptr + state_off3, mask=smask3, other=0.0)  # (N_A, BD, N_B)
+    A = A3[None]
+    A2_3 = A3 * LOG2E
+    A2 = A2_3[None]
+    bias = A  # (placeholders for absent inputs, never read)
+    Dv = A
+    B_sh = A
+    C_sh = A
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d0 + dl2, mask=dmask2, other=0.0)
     if HAS_D:
         Dv = tl.load(D_ptr + d0 + dl2, mask=dmask2, other=0.0)
-    dD_acc = tl.zeros((BD,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BD,), dtype=tl.float32)
-    dA_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-    B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
-    C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
+    B_ptrs = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
+    C_ptrs = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
+    dB_base = dBp_ptr
+    dC_base = dCp_ptr
     if B_SHARED:
         B_sh = tl.load(B_ptr + d3 * s_Bg + n3 * s_Bn, mask=smask3, other=0.0).to(tl.float32)[None]
-        dB_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     else:
         slot = _bc_slot(pid_d, pid_b, batch, d0, dim, B_per_group, ATOMIC_BC)
         dB_base = dBp_ptr + (slot * dstate + nt3) * seqlen
     if C_SHARED:
         C_sh = tl.load(C_ptr + d3 * s_Cg + n3 * s_Cn, mask=smask3, other=0.0).to(tl.float32)[None]
-        dC_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     else:
         slot = _bc_slot(pid_d, pid_b, batch, d0, dim, C_per_group, ATOMIC_BC)
         dC_base = dCp_ptr + (slot * dstate + nt3) * seqlen
 
     slab = dim * dstate
     if HAS_DLAST:
-        carry = tl.load(dlast_ptr + pid_b * slab + state_off3, mask=smask3, other=0.0)
+        dlast = tl.load(dlast_ptr + pid_b * slab + state_off3, mask=smask3, other=0.0)
     else:
-        carry = tl.zeros((N_A, BD, N_B), dtype=tl.float32)  # Ā_{t+1}·dh_{t+1} after the chunk
+        dlast = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
     ones = tl.full((T, N_A, BD, N_B), 1.0, dtype=tl.float32)
+    flag = sync_ptr + 1 + (seg * batch + pid_b) * n_dblk + pid_d  # (segment, batch, block)
+    seg_state = seg_ptr + (seg * batch + pid_b) * slab + state_off3  # its carry, when published
 
-    # Software pipelining by hand, as in the forward: the loads of the chunk before (in time)
-    # are issued before the math of this one.
-    t_last = (n_ck - 1) * T
-    raw_n, u_n, z_n, B_n, C_n = _load_chunk(
-        t_last, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u,
-        z_base + row_z, B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
-    )  # fmt: skip
-    dout_n = tl.load(
-        dout_base + row_dout + (t_last + t2) * s_ot, mask=(t_last + t2 < seqlen) & dmask2, other=0.0
-    )
-    h_start_n = tl.load(ck_base + (n_ck - 1 + 0 * pid_b) * slab, mask=smask3, other=0.0)
-    for c in range(0, n_ck):
-        ci = n_ck - 1 - c
+    # 1.-3. the carry into the segment's last step (decoupled look-back, as in the forward but
+    # backwards: segment s waits for s + 1 and publishes the carry out of its first step)
+    carry = dlast
+    c_loc = dlast
+    dsum = tl.zeros((1, BD), dtype=tl.float32)
+    if seg > 0:
+        if seg < n_seg - 1:
+            carry = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+        for c in range(0, has_tail):  # the sequence's partial last chunk
+            t0 = t_begin + n_full * T
+            m2 = (t0 + t2 < seqlen) & dmask2
+            raw, _, z, _, C_raw = _load_chunk(
+                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+                HAS_Z, True, True, C_SHARED, True, EVEN_D, EVEN_N,
+            )  # fmt: skip
+            dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=m2, other=0.0)
+            carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4,
+                                         ones, HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, True, m2, T,
+                                         FAST_MATH)  # fmt: skip
+        for c in range(0, n_full):
+            t0 = t_begin + (n_full - 1 - c) * T
+            raw, _, z, _, C_raw = _load_chunk(
+                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+                HAS_Z, True, True, C_SHARED, False, EVEN_D, EVEN_N,
+            )  # fmt: skip
+            if EVEN_D:
+                dout = tl.load(dout_ptrs + (t0 + t2) * s_ot)
+            else:
+                dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=dmask2, other=0.0)
+            carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4,
+                                         ones, HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, False,
+                                         dmask2, T, FAST_MATH)  # fmt: skip
+        c_loc = carry
+        carry = dlast
+    if seg < n_seg - 1:
+        wait_for(flag + batch * n_dblk)  # segment s + 1 of this (batch, block)
+        carry = tl.load(seg_state + batch * slab, mask=smask3, other=0.0, cache_modifier=".cg")
+    if seg > 0:
+        if seg < n_seg - 1:
+            c_loc += tl.exp2(A2_3 * dsum[:, :, None]) * carry
+        tl.store(seg_state, c_loc, mask=smask3)
+        publish(flag, FAST_MATH)
+
+    # 4. the full backward over the segment, chunks in reverse: the partial last chunk (masked),
+    # then whole chunks with the loads of the chunk before issued before the math of this one.
+    dD_acc = tl.zeros((BD,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BD,), dtype=tl.float32)
+    dA_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+    dB_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+    dC_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+    for c in range(0, has_tail):
+        ci = c_begin + n_full
         t0 = ci * T
-        tt2 = t0 + t2
-        m2 = (tt2 < seqlen) & dmask2
-        raw, u, z, B_raw, C_raw, dout, h_start = raw_n, u_n, z_n, B_n, C_n, dout_n, h_start_n
-        tp = t0 - T  # the previous chunk (nothing loads when tp < 0: every mask is false)
-        raw_n, u_n, z_n, B_n, C_n = _load_chunk(
-            tp, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u,
-            z_base + row_z, B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+        raw, u, z, B_raw, C_raw = _load_chunk(
+            t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+            HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
-        dout_n = tl.load(
-            dout_base + row_dout + (tp + t2) * s_ot, mask=(tp + t2 >= 0) & dmask2, other=0.0
-        )
-        h_start_n = tl.load(
-            ck_base + (ci - 1 + 0 * pid_b) * slab, mask=smask3 & (ci - 1 + 0 * n3 >= 0), other=0.0
-        )
-
-        raw = raw.to(tl.float32)
-        u = u.to(tl.float32)
-        dout = dout.to(tl.float32)
-        if HAS_BIAS:
-            raw += bias
-        if SOFTPLUS:
-            delta = softplus(raw, FAST_MATH)
+        dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=(t0 + t2 < seqlen) & dmask2, other=0.0)
+        h_start = tl.load(ck_base + ci.to(tl.int64) * slab, mask=smask3, other=0.0)
+        carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
+            carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
+            A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
+            du_ptrs, ddelta_ptrs, dz_ptrs, dB_base, dC_base,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, ATOMIC_BC,
+            True, EVEN_D, EVEN_N, T, FAST_MATH,
+        )  # fmt: skip
+        dA_acc += dA_c
+        dB_acc += dB_c
+        dC_acc += dC_c
+        dD_acc += dD_c
+        dbias_acc += dbias_c
+    # (masked: the segment may hold no whole chunk)
+    t_n = t_begin + tl.maximum(n_full - 1, 0) * T
+    raw_n, u_n, z_n, B_n, C_n = _load_chunk(
+        t_n, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+        HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
+    )  # fmt: skip
+    dout_n = tl.load(dout_ptrs + (t_n + t2) * s_ot, mask=(t_n + t2 < seqlen) & dmask2, other=0.0)
+    h_start_n = tl.load(ck_base + (t_n // T).to(tl.int64) * slab, mask=smask3, other=0.0)
+    for c in range(0, n_full):
+        ci = c_begin + n_full - 1 - c
+        t0 = ci * T
+        raw, u, z, B_raw, C_raw, dout, h_start = raw_n, u_n, z_n, B_n, C_n, dout_n, h_start_n
+        tp = tl.maximum(ci - 1, c_begin) * T  # the chunk before (this one again at the start)
+        raw_n, u_n, z_n, B_n, C_n = _load_chunk(
+            tp, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+            HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+        )  # fmt: skip
+        if EVEN_D:
+            dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot)
         else:
-            delta = raw
-        delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0
-        delta_u = delta * u
-        delta4 = delta[:, None, :, None]
+            dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot, mask=dmask2, other=0.0)
+        h_start_n = tl.load(ck_base + (tp // T).to(tl.int64) * slab, mask=smask3, other=0.0)
+        carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
+            carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
+            A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
+            du_ptrs, ddelta_ptrs, dz_ptrs, dB_base, dC_base,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, ATOMIC_BC,
+            False, EVEN_D, EVEN_N, T, FAST_MATH,
+        )  # fmt: skip
+        dA_acc += dA_c
+        dB_acc += dB_c
+        dC_acc += dC_c
+        dD_acc += dD_c
+        dbias_acc += dbias_c
 
-        tt3 = t0 + t3
-        mt3 = ntmask3 & (tt3 < seqlen)
-        if B_SHARED:
-            Bt = B_sh
-        else:
-            Bt = B_raw.to(tl.float32)[:, :, None, :]
-        if C_SHARED:
-            Ct = C_sh
-        else:
-            Ct = C_raw.to(tl.float32)[:, :, None, :]
+    # per-(segment, batch, channel) partial sums, (n_seg + 1, batch, ...) with the extra row
+    # zero (no dimension of size 1); the launcher sums over segments and batch
+    _put_partials(seg * batch + pid_b, slab, dim, state_off3, smask3, d0, BD, dA_ptr, dBp_ptr,
+                  dCp_ptr, dD_ptr, dbias_ptr, dA_acc, dB_acc, dC_acc, dD_acc, dbias_acc,
+                  B_SHARED, C_SHARED)  # fmt: skip
+    if seg == 0:
+        tl.store(dh0_ptr + pid_b * slab + state_off3, carry, mask=smask3)
+        zero3 = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+        zero1 = tl.zeros((BD,), dtype=tl.float32)
+        _put_partials(n_seg * batch + pid_b, slab, dim, state_off3, smask3, d0, BD, dA_ptr,
+                      dBp_ptr, dCp_ptr, dD_ptr, dbias_ptr, zero3, zero3, zero3, zero1, zero1,
+                      B_SHARED, C_SHARED)  # fmt: skip
 
-        # recompute h_t inside the chunk from its checkpoint (h_start)
-        dA = tl.exp2(delta4 * A2)  # (T, N_A, BD, N_B)
-        dBu = delta_u[:, None, :, None] * Bt
-        b = tl.where(t4 == 0, dBu + dA * h_start[None], dBu)
-        _, hs = tl.associative_scan((dA, b), 0, linear_combine)
 
-        if HAS_Z:
-            z = z.to(tl.float32)
-            y = _sum_state(hs * Ct)
-            if HAS_D:
-                y += Dv * u
-            sz = sigmoid(z)
-            dy = dout * z * sz
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + grad_base + row_grad + tt2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-        else:
-            dy = dout
-        dy4 = dy[:, None, :, None]
-
-        # adjoint: dh_t = C_t·dy_t + Ā_{t+1}·dh_{t+1}, the next chunk entering through `carry`
-        g = Ct * dy4
-        g = tl.where(t4 == T - 1, g + carry[None], g)
-        _, _, dh = tl.associative_scan(
-            (tl.flip(dA, 0), ones, tl.flip(g, 0)), 0, shifted_combine
-        )  # time-flipped
-        dh = tl.flip(dh, 0)
-        carry = tl.sum(tl.where(t4 == 0, dA * dh, -0.0), 0)
-
-        hdy = hs * dy4
-        dhdu = dh * delta_u[:, None, :, None]
-        if C_SHARED:
-            dC_acc += tl.sum(hdy, 0)
-        else:
-            _bc_put(dC_base + tt3, tl.sum(hdy, 2), mt3, ATOMIC_BC)
-        if B_SHARED:
-            dB_acc += tl.sum(dhdu, 0)
-        else:
-            _bc_put(dB_base + tt3, tl.sum(dhdu, 2), mt3, ATOMIC_BC)
-
-        p = dh * (hs - dBu)  # dh·Ā_t·h_{t-1}
-        dA_acc += tl.sum(delta4 * p, 0)
-        sw = _sum_state(dh * Bt)  # Σ_n dh·B_t: (T, BD)
-        sp = _sum_state(p * A)
-        du = delta * sw
-        if HAS_D:
-            du += Dv * dy
-        dD_acc += tl.sum(dy * u, 0)
-        ddelta = sp + u * sw
-        if SOFTPLUS:
-            ddelta = tl.where(raw > 20.0, ddelta, ddelta * sigmoid(raw))
-        ddelta = tl.where(m2, ddelta, 0.0)
-        dbias_acc += tl.sum(ddelta, 0)
-        tl.store(du_ptr + grad_base + row_grad + tt2, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(
-            ddelta_ptr + grad_base + row_grad + tt2,
-            ddelta.to(ddelta_ptr.dtype.element_ty),
-            mask=m2,
-        )
-
-    # per-(batch, channel) partial sums; the launcher sums over batch
-    part3 = pid_b * slab + state_off3
-    tl.store(dh0_ptr + part3, carry, mask=smask3)
-    tl.store(dA_ptr + part3, dA_acc, mask=smask3)
+@triton.jit
+def _put_partials(part, slab, dim, state_off3, smask3, d0, BD: tl.constexpr, dA_ptr, dBp_ptr,
+                  dCp_ptr, dD_ptr, dbias_ptr, dA, dB, dC, dD, dbias,
+                  B_SHARED: tl.constexpr, C_SHARED: tl.constexpr):  # fmt: skip
+    part3 = part * slab + state_off3
+    tl.store(dA_ptr + part3, dA, mask=smask3)
     if B_SHARED:
-        tl.store(dBp_ptr + part3, dB_acc, mask=smask3)
+        tl.store(dBp_ptr + part3, dB, mask=smask3)
     if C_SHARED:
-        tl.store(dCp_ptr + part3, dC_acc, mask=smask3)
+        tl.store(dCp_ptr + part3, dC, mask=smask3)
     d1 = d0 + tl.arange(0, BD)
-    tl.store(dD_ptr + pid_b * dim + d1, dD_acc, mask=d1 < dim)
-    tl.store(dbias_ptr + pid_b * dim + d1, dbias_acc, mask=d1 < dim)
+    tl.store(dD_ptr + part * dim + d1, dD, mask=d1 < dim)
+    tl.store(dbias_ptr + part * dim + d1, dbias, mask=d1 < dim)
 
 
 def _bc_grad(partial: Tensor, M: Tensor, batch: int, atomic: bool) -> Tensor:
     """Sum the kernel's partial dB or dC into M's shape and dtype."""
-    if M.dim() == 2:  # shared: partial (batch, dim, dstate)
-        return partial.sum(0).to(M.dtype)
+    if M.dim() == 2:  # shared: partial (n_seg + 1, batch, dim, dstate)
+        return partial.sum((0, 1)).to(M.dtype)
     if atomic:  # already (batch, groups, dstate, L)
         return partial.to(M.dtype)
     groups = M.shape[1]
@@ -310,20 +484,25 @@ def scan_bwd(
     cfg = bwd_config(dim, dstate, groups_of(B, C))
     assert cfg.T == ck, "the backward chunk is the checkpoint interval"
     n_dblk = triton.cdiv(dim, cfg.BD)
+    n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
     dev, f32 = u.device, torch.float32
     du = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=dev)
     ddelta = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=dev)
     dz = torch.empty((batch, dim, seqlen) if z is not None else (0,), dtype=u.dtype, device=dev)
-    dA_part = torch.empty((batch, dim, dstate), dtype=f32, device=dev)
-    dD_part = torch.empty((batch, dim), dtype=f32, device=dev)
-    dbias_part = torch.empty((batch, dim), dtype=f32, device=dev)
+    # per-(segment, batch) partial sums; row n_seg is zero (never a dimension of size 1)
+    dA_part = torch.empty((n_seg + 1, batch, dim, dstate), dtype=f32, device=dev)
+    dD_part = torch.empty((n_seg + 1, batch, dim), dtype=f32, device=dev)
+    dbias_part = torch.empty((n_seg + 1, batch, dim), dtype=f32, device=dev)
     dinitial_state = torch.empty((batch, dim, dstate), dtype=f32, device=dev)
+    # the look-back: ticket counter and flags; the carry each segment publishes
+    sync = torch.zeros((1 + (n_seg + 1) * batch * n_dblk,), dtype=torch.int32, device=dev)
+    seg_carry = torch.empty((n_seg + 1, batch, dim, dstate), dtype=f32, device=dev)
 
     atomic = not deterministic and bc_atomics()
 
     def bc_partial(M: Tensor) -> Tensor:
         if M.dim() == 2:
-            return torch.empty((batch, dim, dstate), dtype=f32, device=dev)
+            return torch.empty((n_seg + 1, batch, dim, dstate), dtype=f32, device=dev)
         if atomic:
             return torch.zeros((batch, M.shape[1], dstate, seqlen), dtype=f32, device=dev)
         return torch.empty((n_dblk, batch, dstate, seqlen), dtype=f32, device=dev)
@@ -336,27 +515,28 @@ def scan_bwd(
     B_shared, B_per_group, s_Bb, s_Bg, s_Bn = bc_args(B, dim)
     C_shared, C_per_group, s_Cb, s_Cg, s_Cn = bc_args(C, dim)
     z_ = z if z is not None else u
-    grid = (n_dblk, batch)
+    N = triton.next_power_of_2(dstate)
+    grid = (n_seg * batch * n_dblk,)
     wrap_triton(_scan_bwd_kernel)[grid](
         dout, dlast_state if dlast_state is not None else A,
         u, delta, A, B, C, D if D is not None else A, z_,
         delta_bias if delta_bias is not None else A, checkpoints,
         du, ddelta, dz if z is not None else du, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        dinitial_state,
-        dim, dstate, seqlen, n_ck, B_per_group, C_per_group,
+        dinitial_state, sync, seg_carry,
+        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         dout.stride(0), dout.stride(1), dout.stride(2),
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
         B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic,
-        BD=cfg.BD, T=ck, N=triton.next_power_of_2(dstate), N_B=cfg.N_B,
-        FAST_MATH=not interpreting(),
+        BD=cfg.BD, T=ck, N=N, N_B=cfg.N_B,
+        EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    dA = dA_part.sum(0)
+    dA = dA_part.sum((0, 1))
     dB = _bc_grad(dB_part, B, batch, atomic)
     dC = _bc_grad(dC_part, C, batch, atomic)
-    dD = dD_part.sum(0)  # the gradient at D (or at D = 0 when D is None)
-    ddelta_bias = dbias_part.sum(0)
+    dD = dD_part.sum((0, 1))  # the gradient at D (or at D = 0 when D is None)
+    ddelta_bias = dbias_part.sum((0, 1))
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

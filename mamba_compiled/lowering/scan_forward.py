@@ -1,11 +1,27 @@
 """The selective scan forward: one fused Triton kernel and its launcher.
 
-One program per (block of BD channels, batch element) walks the sequence in chunks of T steps:
-load (T, BD) tiles of delta, u, z and (T, N) tiles of B, C; form Ā = exp2(Δ·A·log2 e) and
-B̄u = Δ·B·u over (T, N_A, BD, N_B) (see common.py for the frame); fold the carried state into the
-first step (b_0 += Ā_0·h_prev) and scan along T; contract with C; add D·u; gate with silu(z);
-store the (T, BD) output. The state after each CK steps is written as a checkpoint for the
-backward; the expanded (batch, dim, L, dstate) tensor never leaves registers.
+A program owns a block of BD channels of one batch element over one segment of the sequence and
+walks it in chunks of T steps: load (T, BD) tiles of delta, u, z and (T, N) tiles of B, C; form
+Ā = exp2(Δ·A·log2 e) and B̄u = Δ·B·u over (T, N_A, BD, N_B) (see common.py for the frame); fold
+the carried state into the first step (b_0 += Ā_0·h_prev) and scan along T; contract with C; add
+D·u; gate with silu(z); store the (T, BD) output. The state before every CK steps is written as a
+checkpoint for the backward; the expanded (batch, dim, L, dstate) tensor never leaves registers.
+
+Segments (when batch · channel blocks alone would leave the GPU idle, e.g. batch 1 at long L):
+the sequence is cut into n_seg segments processed by separate programs, chained by a decoupled
+look-back in the same launch. The program of segment s
+
+    1. (s < last) scans its segment from the zero state (from h0 when s = 0): the local end state
+       h_loc and ΣΔ over the segment;
+    2. (s > 0) waits for segment s - 1 to publish its true end state, its own start state;
+    3. (s < last) publishes its true end state exp2(A·log2e·ΣΔ)·h_start + h_loc (for s = 0 the
+       local scan already started from h0): the checkpoint at the start of segment s + 1;
+    4. runs the full forward over its segment from h_start.
+
+Programs take tickets from an atomic counter, segment-major, so a program only waits for programs
+that started before it (no deadlock whatever order the hardware starts programs in). Inside a
+segment, full chunks run without time masks (vectorized loads); the sequence's last, partial
+chunk runs masked.
 """
 
 from __future__ import annotations
@@ -22,62 +38,168 @@ from .common import (
     fwd_config,
     interpreting,
     linear_combine,
+    publish,
+    segments,
     sigmoid,
     softplus,
+    take_ticket,
+    wait_for,
 )
 
 
 @triton.jit
 def _load_chunk(
     t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-    HAS_Z: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
+    LOAD_Z: tl.constexpr, LOAD_C: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
-    """The raw tiles of the chunk starting at t0: delta, u, z (T, BD) and B, C (T, N_A, N_B),
-    zero past the end (and zero-size placeholders for absent inputs are never loaded)."""
+    """The raw tiles of the chunk starting at t0: delta, u, z (T, BD) and B, C (T, N_A, N_B).
+    MASKED: zero past seqlen (and before 0); else the chunk lies inside the sequence and only
+    padded channels and states are masked (none when EVEN_D and EVEN_N), so loads vectorize.
+    Absent inputs (z when not LOAD_Z, C when not LOAD_C, shared B/C) come back as zeros."""
     tt2 = t0 + t2
-    m2 = (tt2 >= 0) & (tt2 < seqlen) & dmask2  # t0 < 0 or t0 >= seqlen: nothing loads
-    delta = tl.load(delta_ptrs + tt2, mask=m2, other=0.0)
-    u = tl.load(u_ptrs + tt2, mask=m2, other=0.0)
-    if HAS_Z:
-        z = tl.load(z_ptrs + tt2, mask=m2, other=0.0)
-    else:
-        z = u
     tt3 = t0 + t3
-    mt3 = ntmask3 & (tt3 >= 0) & (tt3 < seqlen)
+    if MASKED:
+        m2 = (tt2 >= 0) & (tt2 < seqlen) & dmask2
+        m3 = ntmask3 & (tt3 >= 0) & (tt3 < seqlen)
+    else:
+        m2 = dmask2
+        m3 = ntmask3
+    if MASKED or not EVEN_D:
+        delta = tl.load(delta_ptrs + tt2, mask=m2, other=0.0)
+        u = tl.load(u_ptrs + tt2, mask=m2, other=0.0)
+        if LOAD_Z:
+            z = tl.load(z_ptrs + tt2, mask=m2, other=0.0)
+        else:
+            z = u
+    else:
+        delta = tl.load(delta_ptrs + tt2)
+        u = tl.load(u_ptrs + tt2)
+        if LOAD_Z:
+            z = tl.load(z_ptrs + tt2)
+        else:
+            z = u
+    zero3 = tl.zeros(t3.shape, dtype=tl.float32) + tl.zeros(ntmask3.shape, dtype=tl.float32)
     if B_SHARED:
-        Bc = tl.zeros(t3.shape, dtype=tl.float32) + tl.zeros(ntmask3.shape, dtype=tl.float32)
+        Bc = zero3
+    elif MASKED or not EVEN_N:
+        Bc = tl.load(B_ptrs + tt3, mask=m3, other=0.0)
     else:
-        Bc = tl.load(B_ptrs + tt3, mask=mt3, other=0.0)
-    if C_SHARED:
-        Cc = tl.zeros(t3.shape, dtype=tl.float32) + tl.zeros(ntmask3.shape, dtype=tl.float32)
+        Bc = tl.load(B_ptrs + tt3)
+    if C_SHARED or not LOAD_C:
+        Cc = zero3
+    elif MASKED or not EVEN_N:
+        Cc = tl.load(C_ptrs + tt3, mask=m3, other=0.0)
     else:
-        Cc = tl.load(C_ptrs + tt3, mask=mt3, other=0.0)
+        Cc = tl.load(C_ptrs + tt3)
     return delta, u, z, Bc, Cc
+
+
+@triton.jit
+def _delta(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr):
+    """Δ (T, BD) in fp32 from the raw tile: + delta_bias, then softplus."""
+    delta = delta.to(tl.float32)
+    if HAS_BIAS:
+        delta += bias
+    if SOFTPLUS:
+        delta = softplus(delta, FAST_MATH)
+    return delta
+
+
+@triton.jit
+def _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED: tl.constexpr):
+    """h_t over the chunk, (T, N_A, BD, N_B), from the state h before it and Δ (T, BD).
+    Zero Δ (masked steps) gives Ā = 1, B̄u = 0: the state carries on."""
+    if B_SHARED:
+        Bt = B_sh
+    else:
+        Bt = B_raw.to(tl.float32)[:, :, None, :]
+    dA = tl.exp2(delta[:, None, :, None] * A2)  # Ā
+    dBu = (delta * u.to(tl.float32))[:, None, :, None] * Bt  # B̄u
+    dBu = tl.where(t4 == 0, dBu + dA * h[None], dBu)
+    _, hs = tl.associative_scan((dA, dBu), 0, linear_combine)
+    return hs
+
+
+@triton.jit
+def _last(hs, t4, T: tl.constexpr):
+    """The state after the chunk's last step (a register move: positions are compile-time)."""
+    return tl.sum(tl.where(t4 == T - 1, hs, -0.0), 0)
+
+
+@triton.jit
+def _fwd_chunk(
+    h, c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
+    t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    T: tl.constexpr, CK: tl.constexpr, FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    """The full forward over one chunk (c: its index, t0 its first step): checkpoints, output.
+    Returns the state after the chunk."""
+    delta = _delta(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+    if MASKED:
+        m2 = (t0 + t2 < seqlen) & dmask2
+        delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0
+    u = u.to(tl.float32)
+    hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED)
+    # checkpoints: the state before steps t0, t0 + CK, ...
+    for j in tl.static_range(T // CK):
+        if j == 0:
+            hj = h
+        else:
+            hj = tl.sum(tl.where(t4 == j * CK - 1, hs, -0.0), 0)
+        ci = c * (T // CK) + j
+        if MASKED:
+            tl.store(ck_base + ci.to(tl.int64) * slab, hj, mask=smask3 & (ci + 0 * n3 < n_ck))
+        else:
+            tl.store(ck_base + ci.to(tl.int64) * slab, hj, mask=smask3)
+    if C_SHARED:
+        Ct = C_sh
+    else:
+        Ct = C_raw.to(tl.float32)[:, :, None, :]
+    y = tl.sum(tl.sum(hs * Ct, 1), 2)  # (T, BD): in-thread over N_A first, then lanes
+    if HAS_D:
+        y += Dv * u
+    if HAS_Z:
+        z = z.to(tl.float32)
+        y = y * z * sigmoid(z)
+    y = y.to(out_ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(out_ptrs + (t0 + t2), y, mask=(t0 + t2 < seqlen) & dmask2)
+    elif EVEN_D:
+        tl.store(out_ptrs + (t0 + t2), y)
+    else:
+        tl.store(out_ptrs + (t0 + t2), y, mask=dmask2)
+    return _last(hs, t4, T)
 
 
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, last_ptr, ck_ptr,
-    dim, dstate, seqlen, n_ck, B_per_group, C_per_group,
+    out_ptr, last_ptr, ck_ptr, sync_ptr,
+    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, CK: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    n_dblk = tl.cdiv(dim, BD)
+    pid_d, pid_b, seg = take_ticket(sync_ptr, n_seg, n_dblk, batch)
     d0 = pid_d * BD
+    t_begin = seg * seg_len  # a multiple of T (and CK)
+    t_end = tl.minimum(t_begin + seg_len, seqlen)
+    n_full = (t_end - t_begin) // T  # chunks of the segment that need no time mask
 
     # (T, BD) frame for per-(channel, step) values
     t2 = tl.arange(0, T)[:, None]
     dl2 = tl.arange(0, BD)[None, :]
     dmask2 = d0 + dl2 < dim
     # (N_A, BD, N_B) frame for per-(channel, state) values
-    n3 = tl.arange(0, N_A)[:, None, None] * N_B + tl.arange(0, N_B)[None, None, :]
+    n3 = tl.arange(0, N_A)[:, None, None] + tl.arange(0, N_B)[None, None, :] * N_A
     d3 = d0 + tl.arange(0, BD)[None, :, None]
     smask3 = (n3 < dstate) & (d3 < dim)
     state_off3 = d3 * dstate + n3  # offset inside one (dim, dstate) slab
@@ -85,98 +207,104 @@ def _scan_fwd_kernel(
     # then expanded to 4-d. A 4-d load would anchor the whole computation to the load's coalesced
     # layout (lanes along T) and turn the scan into shuffles.
     t3 = tl.arange(0, T)[:, None, None]
-    nt3 = tl.arange(0, N_A)[None, :, None] * N_B + tl.arange(0, N_B)[None, None, :]
+    nt3 = tl.arange(0, N_A)[None, :, None] + tl.arange(0, N_B)[None, None, :] * N_A
     ntmask3 = nt3 < dstate
     t4 = t3[:, :, :, None]  # (T, 1, 1, 1)
 
-    u_base = u_ptr + pid_b * s_ub + d0.to(tl.int64) * s_ud
-    delta_base = delta_ptr + pid_b * s_db + d0.to(tl.int64) * s_dd
-    out_base = out_ptr + (pid_b * dim + d0) * seqlen
-    row_u = dl2.to(tl.int64) * s_ud
-    row_delta = dl2.to(tl.int64) * s_dd
-    row_out = dl2.to(tl.int64) * seqlen
-    z_base = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd  # (z_ptr is u_ptr when no z)
-    row_z = dl2.to(tl.int64) * s_zd
+    delta_ptrs = delta_ptr + pid_b * s_db + d0.to(tl.int64) * s_dd + dl2.to(tl.int64) * s_dd
+    u_ptrs = u_ptr + pid_b * s_ub + d0.to(tl.int64) * s_ud + dl2.to(tl.int64) * s_ud
+    z_ptrs = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd + dl2.to(tl.int64) * s_zd
+    out_ptrs = out_ptr + (pid_b * dim + d0) * seqlen + dl2.to(tl.int64) * seqlen
+    B_ptrs = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
+    C_ptrs = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
 
-    A2 = tl.load(A_ptr + state_off3, mask=smask3, other=0.0) * LOG2E  # (N_A, BD, N_B)
-    A2 = A2[None]
+    A2_3 = tl.load(A_ptr + state_off3, mask=smask3, other=0.0) * LOG2E  # (N_A, BD, N_B)
+    A2 = A2_3[None]
+    bias = A2  # (placeholders for absent inputs, never read)
+    Dv = A2
+    B_sh = A2
+    C_sh = A2
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d0 + dl2, mask=dmask2, other=0.0)  # (1, BD)
     if HAS_D:
         Dv = tl.load(D_ptr + d0 + dl2, mask=dmask2, other=0.0)  # (1, BD)
     if B_SHARED:
         B_sh = tl.load(B_ptr + d3 * s_Bg + n3 * s_Bn, mask=smask3, other=0.0).to(tl.float32)[None]
-    B_base = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
     if C_SHARED:
         C_sh = tl.load(C_ptr + d3 * s_Cg + n3 * s_Cn, mask=smask3, other=0.0).to(tl.float32)[None]
-    C_base = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
 
     slab = dim * dstate
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * slab + state_off3, mask=smask3, other=0.0)
-    else:
-        h = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * slab + state_off3, mask=smask3, other=0.0)
+    else:
+        h0 = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+    flag = sync_ptr + 1 + (seg * batch + pid_b) * n_dblk + pid_d  # (segment, batch, block)
 
-    # Software pipelining by hand: the loads of chunk c + 1 are issued before the math of chunk
-    # c, so their latency hides behind it (few warps fit per SM at these register counts).
-    delta_n, u_n, z_n, B_n, C_n = _load_chunk(
-        0, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u, z_base + row_z,
-        B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+    # 1.-3. the segment's start state (decoupled look-back; nothing to do when n_seg = 1)
+    h = h0
+    h_loc = h0
+    dsum = tl.zeros((1, BD), dtype=tl.float32)
+    if seg < n_seg - 1:  # the segment is whole chunks inside the sequence: no time masks
+        if seg > 0:
+            h = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+        for c in range(0, n_full):
+            t0 = t_begin + c * T
+            delta, u, _, B_raw, _ = _load_chunk(
+                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+                False, False, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+            )  # fmt: skip
+            delta = _delta(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+            dsum += tl.sum(delta, 0)[None, :]
+            h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
+        h_loc = h
+        h = h0
+    if seg > 0:
+        wait_for(flag - batch * n_dblk)  # segment s - 1 of this (batch, block)
+        h = tl.load(ck_base + (t_begin // CK).to(tl.int64) * slab, mask=smask3, other=0.0,
+                    cache_modifier=".cg")  # fmt: skip (written by another program: skip L1)
+    if seg < n_seg - 1:
+        if seg > 0:
+            h_loc += tl.exp2(A2_3 * dsum[:, :, None]) * h
+        tl.store(ck_base + (t_end // CK).to(tl.int64) * slab, h_loc, mask=smask3)
+        publish(flag, FAST_MATH)
+
+    # 4. the full forward over the segment. Software pipelining by hand: the loads of chunk
+    # c + 1 are issued before the math of chunk c (few warps fit per SM at these register counts).
+    c_begin = t_begin // T
+    delta_n, u_n, z_n, B_n, C_n = _load_chunk(  # masked: the segment may hold no full chunk
+        t_begin, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+        HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
     )  # fmt: skip
-    for c in range(0, tl.cdiv(seqlen, T)):
-        t0 = c * T
-        tt2 = t0 + t2
-        m2 = (tt2 < seqlen) & dmask2
+    for c in range(0, n_full):
+        t0 = t_begin + c * T
         delta, u, z, B_raw, C_raw = delta_n, u_n, z_n, B_n, C_n
+        # the next full chunk (the last one again at the end: in bounds, never masked)
         delta_n, u_n, z_n, B_n, C_n = _load_chunk(
-            t0 + T, seqlen, t2, t3, dmask2, ntmask3, delta_base + row_delta, u_base + row_u,
-            z_base + row_z, B_base, C_base, HAS_Z, B_SHARED, C_SHARED,
+            t_begin + tl.minimum(c + 1, n_full - 1) * T, seqlen, t2, t3, dmask2, ntmask3,
+            delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+            HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
         )  # fmt: skip
-        delta = delta.to(tl.float32)
-        u = u.to(tl.float32)
-        if HAS_BIAS:
-            delta += bias
-        if SOFTPLUS:
-            delta = softplus(delta, FAST_MATH)
-        delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0, the state carries on
+        h = _fwd_chunk(
+            h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
+            t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK, FAST_MATH,
+        )  # fmt: skip
+    for c in range(n_full, tl.cdiv(t_end - t_begin, T)):  # the partial last chunk, if any
+        t0 = t_begin + c * T
+        delta, u, z, B_raw, C_raw = _load_chunk(
+            t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+            HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
+        )  # fmt: skip
+        h = _fwd_chunk(
+            h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
+            t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, True, EVEN_D, T, CK, FAST_MATH,
+        )  # fmt: skip
 
-        if B_SHARED:
-            Bt = B_sh
-        else:
-            Bt = B_raw.to(tl.float32)[:, :, None, :]
-        dA = tl.exp2(delta[:, None, :, None] * A2)  # Ā: (T, N_A, BD, N_B)
-        dBu = (delta * u)[:, None, :, None] * Bt  # B̄u
-        dBu = tl.where(t4 == 0, dBu + dA * h[None], dBu)
-        _, hs = tl.associative_scan((dA, dBu), 0, linear_combine)  # h_t
-
-        # checkpoints: the state before steps t0, t0 + CK, ... (positions are compile-time
-        # constants in registers, so the masked sums below fold to register moves)
-        for j in tl.static_range(T // CK):
-            if j == 0:
-                hj = h
-            else:
-                hj = tl.sum(tl.where(t4 == j * CK - 1, hs, -0.0), 0)
-            ci = c * (T // CK) + j
-            ck_mask = smask3 & (ci + 0 * n3 < n_ck)  # (as a tensor: the interpreter wants one)
-            tl.store(ck_base + ci.to(tl.int64) * slab, hj, mask=ck_mask)
-        h = tl.sum(tl.where(t4 == T - 1, hs, -0.0), 0)
-
-        if C_SHARED:
-            Ct = C_sh
-        else:
-            Ct = C_raw.to(tl.float32)[:, :, None, :]
-        y = tl.sum(tl.sum(hs * Ct, 1), 2)  # (T, BD): in-thread over N_A first, then lanes
-        if HAS_D:
-            y += Dv * u
-        if HAS_Z:
-            z = z.to(tl.float32)
-            y = y * z * sigmoid(z)
-        tl.store(out_base + row_out + tt2, y.to(out_ptr.dtype.element_ty), mask=m2)
-
-    tl.store(last_ptr + pid_b * slab + state_off3, h, mask=smask3)
-    ck_last = ck_ptr + (pid_b * (n_ck + 1) + n_ck) * slab + state_off3
-    tl.store(ck_last, h, mask=smask3)  # the extra last slot
+    if seg == n_seg - 1:
+        tl.store(last_ptr + pid_b * slab + state_off3, h, mask=smask3)
+        tl.store(ck_base + n_ck.to(tl.int64) * slab, h, mask=smask3)  # the extra last slot
 
 
 def bc_args(M: Tensor, dim: int) -> tuple[bool, int, int, int, int]:
@@ -217,9 +345,13 @@ def scan_fwd(
     n_ck = triton.cdiv(seqlen, ck)
     cfg = fwd_config(dim, dstate, groups_of(B, C))
     assert cfg.T % ck == 0, "the forward chunk must be a multiple of the checkpoint interval"
+    n_dblk = triton.cdiv(dim, cfg.BD)
+    n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
     out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     checkpoints = torch.empty((batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device)
+    # ticket counter, then one flag per (segment, batch, channel block)
+    sync = torch.zeros((1 + (n_seg + 1) * batch * n_dblk,), dtype=torch.int32, device=u.device)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -227,21 +359,22 @@ def scan_fwd(
     B_shared, B_per_group, s_Bb, s_Bg, s_Bn = bc_args(B, dim)
     C_shared, C_per_group, s_Cb, s_Cg, s_Cn = bc_args(C, dim)
     z_ = z if z is not None else u
-    grid = (triton.cdiv(dim, cfg.BD), batch)
+    N = triton.next_power_of_2(dstate)
+    grid = (n_seg * batch * n_dblk,)
     wrap_triton(_scan_fwd_kernel)[grid](
         u, delta, A, B, C,
         D if D is not None else A, z_,
         delta_bias if delta_bias is not None else A,
         initial_state if initial_state is not None else A,
-        out, last_state, checkpoints,
-        dim, dstate, seqlen, n_ck, B_per_group, C_per_group,
+        out, last_state, checkpoints, sync,
+        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
         B_SHARED=B_shared, C_SHARED=C_shared,
-        BD=cfg.BD, T=cfg.T, CK=ck, N=triton.next_power_of_2(dstate), N_B=cfg.N_B,
-        FAST_MATH=not interpreting(),
+        BD=cfg.BD, T=cfg.T, CK=ck, N=N, N_B=cfg.N_B,
+        EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, last_state, checkpoints
