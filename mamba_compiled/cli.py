@@ -110,39 +110,16 @@ def _lengths(text: str) -> list[int]:
 
 # ---- train ---------------------------------------------------------------------------------------
 
-# CLI option -> TrainConfig field, for the options that map one to one.
-_TRAIN_FIELDS = {
-    "seq_len": "seq_len",
-    "vocab_size": "vocab_size",
-    "num_tokens": "num_tokens",
-    "data": "data",
-    "model_size": "model_size",
-    "d_model": "d_model",
-    "n_layer": "n_layer",
-    "d_state": "d_state",
-    "expand": "expand",
-    "steps": "steps",
-    "batch_size": "batch_size",
-    "grad_accum": "grad_accum",
-    "lr": "lr",
-    "schedule": "schedule",
-    "warmup_steps": "warmup_steps",
-    "min_lr_ratio": "min_lr_ratio",
-    "weight_decay": "weight_decay",
-    "grad_clip": "grad_clip",
-    "eval_every": "eval_every",
-    "eval_sequences": "eval_sequences",
-    "eval_lengths": "eval_lengths",
-    "eval_token_budget": "eval_token_budget",
-    "seed": "seed",
-    "log_every": "log_every",
-    "ckpt_every": "ckpt_every",
-    "keep_checkpoints": "keep_checkpoints",
-    "out": "out_dir",
-    "device": "device",
-    "fsdp": "fsdp",
-    "time_limit": "time_limit",
-}
+# Options spelled as TrainConfig fields (--seq-len -> seq_len); --out is out_dir.
+# fmt: off
+_TRAIN_FIELDS = (
+    "seq_len", "vocab_size", "num_tokens", "data", "model_size", "d_model", "n_layer", "d_state",
+    "expand", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps",
+    "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "eval_sequences", "eval_lengths",
+    "eval_token_budget", "target_accuracy", "seed", "log_every", "ckpt_every",
+    "keep_checkpoints", "device", "fsdp", "time_limit", "compile", "progress",
+)
+# fmt: on
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,6 +175,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="tokens per forward in the length sweep (longer: chunked prefill)",
     )
+    g.add_argument(
+        "--target-accuracy",
+        type=_non_negative_float,
+        help="finish once an evaluation reaches this accuracy (a fraction, e.g. 0.99)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory (default: runs/<task>-<preset>)")
     g.add_argument(
@@ -238,9 +220,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    out = {field: getattr(args, opt) for opt, field in _TRAIN_FIELDS.items()}
-    out["compile"] = args.compile
-    out["progress"] = args.progress
+    out = {name: getattr(args, name) for name in _TRAIN_FIELDS}
+    out["out_dir"] = args.out
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -84,164 +84,57 @@ class TrainConfig:
     compile: bool = True
     fsdp: bool = False
     time_limit: float = 0.0  # minutes; stop (with a checkpoint) once exceeded; 0: no limit
+    target_accuracy: float = 0.0  # finish early once an evaluation reaches it; 0: never
     progress: bool = True
 
 
 # Fields a resumed run may change: where and how it runs, not what it computes.
-RUN_CONTROL = frozenset(
-    {
-        "out_dir",
-        "device",
-        "compile",
-        "fsdp",
-        "time_limit",
-        "progress",
-        "log_every",
-        "ckpt_every",
-        "keep_checkpoints",
-        "eval_every",
-        "eval_sequences",
-        "eval_lengths",
-        "eval_token_budget",
-    }
-)
+# fmt: off
+RUN_CONTROL = frozenset({
+    "out_dir", "device", "compile", "fsdp", "time_limit", "target_accuracy", "progress",
+    "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_sequences", "eval_lengths",
+    "eval_token_budget",
+})
 
-_POWERS_6_TO_20 = [2**k for k in range(6, 21)]
-
-# Named starting points per task. "paper" is the paper's setting (Appendix E.1); the others are
-# sized for a CPU. "cpu" for selective copying is the main job's default.
+# Named starting points per task. "paper" is the paper's setting (Appendix E.1: 2 layers of
+# d_model 64, constant learning rate); "cpu" and "small" are sized for a 2-core CPU, "cpu" of
+# selective copying being the main job's; "tiny" is for tests.
 PRESETS: dict[str, dict[str, dict]] = {
     "selective-copying": {
-        "paper": dict(
-            seq_len=4096,
-            vocab_size=16,
-            num_tokens=16,
-            d_model=64,
-            n_layer=2,
-            batch_size=64,
-            lr=1e-4,
-            schedule="constant",
-            warmup_steps=0,
-            steps=400_000,
-            eval_every=2000,
-            ckpt_every=2000,
-            log_every=100,
-            eval_sequences=1024,
-        ),
-        "cpu": dict(
-            seq_len=128,
-            vocab_size=16,
-            num_tokens=8,
-            d_model=64,
-            n_layer=2,
-            batch_size=32,
-            lr=3e-3,
-            schedule="cosine",
-            warmup_steps=20,
-            steps=300,
-            eval_every=100,
-            ckpt_every=100,
-            log_every=10,
-            eval_sequences=256,
-        ),
-        "tiny": dict(
-            seq_len=32,
-            vocab_size=8,
-            num_tokens=4,
-            d_model=16,
-            n_layer=1,
-            batch_size=8,
-            lr=3e-3,
-            steps=20,
-            eval_sequences=16,
-            log_every=1,
-        ),
+        "paper": dict(seq_len=4096, vocab_size=16, num_tokens=16, d_model=64, n_layer=2,
+                      batch_size=64, lr=1e-4, schedule="constant", warmup_steps=0,
+                      steps=400_000, eval_every=2000, ckpt_every=2000, log_every=100,
+                      eval_sequences=1024),
+        "cpu": dict(seq_len=64, vocab_size=16, num_tokens=4, d_model=64, n_layer=2,
+                    batch_size=64, lr=1e-2, schedule="cosine", warmup_steps=20, steps=400,
+                    eval_every=100, ckpt_every=100, log_every=10, eval_sequences=512),
+        "tiny": dict(seq_len=32, vocab_size=8, num_tokens=4, d_model=16, n_layer=1,
+                     batch_size=8, lr=3e-3, steps=20, eval_sequences=16, log_every=1),
     },
     "induction-heads": {
-        "paper": dict(
-            seq_len=256,
-            vocab_size=16,
-            d_model=64,
-            n_layer=2,
-            batch_size=8,
-            lr=1e-3,
-            schedule="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            beta2=0.999,
-            steps=25 * 8192,
-            eval_every=8192,
-            ckpt_every=8192,
-            log_every=256,
-            eval_sequences=512,
-            eval_lengths=_POWERS_6_TO_20,
-        ),
-        "cpu": dict(
-            seq_len=64,
-            vocab_size=16,
-            d_model=64,
-            n_layer=2,
-            batch_size=16,
-            lr=1e-3,
-            schedule="constant",
-            weight_decay=0.0,
-            beta2=0.999,
-            steps=2000,
-            eval_every=250,
-            ckpt_every=500,
-            log_every=25,
-            eval_sequences=256,
-            eval_lengths=[2**k for k in range(6, 13)],
-        ),
-        "tiny": dict(
-            seq_len=16,
-            vocab_size=8,
-            d_model=16,
-            n_layer=1,
-            batch_size=8,
-            steps=20,
-            eval_sequences=16,
-            eval_lengths=[16, 64],
-            log_every=1,
-        ),
+        "paper": dict(seq_len=256, vocab_size=16, d_model=64, n_layer=2, batch_size=8, lr=1e-3,
+                      schedule="constant", warmup_steps=0, weight_decay=0.0, beta2=0.999,
+                      steps=25 * 8192, eval_every=2048, ckpt_every=8192, log_every=256,
+                      eval_sequences=512, eval_lengths=[2**k for k in range(6, 21)]),
+        "cpu": dict(seq_len=64, vocab_size=16, d_model=64, n_layer=2, batch_size=16, lr=1e-3,
+                    schedule="constant", weight_decay=0.0, beta2=0.999, steps=2000,
+                    eval_every=250, ckpt_every=500, log_every=25, eval_sequences=256,
+                    eval_lengths=[2**k for k in range(6, 13)]),
+        "tiny": dict(seq_len=16, vocab_size=8, d_model=16, n_layer=1, batch_size=8, steps=20,
+                     eval_sequences=16, eval_lengths=[16, 64], log_every=1),
     },
     "bytes": {
-        "small": dict(
-            seq_len=256,
-            d_model=128,
-            n_layer=4,
-            batch_size=16,
-            lr=2e-3,
-            warmup_steps=100,
-            steps=2000,
-            eval_every=500,
-            ckpt_every=500,
-            eval_sequences=128,
-            log_every=20,
-        ),
-        "130m": dict(
-            model_size="130m",
-            seq_len=2048,
-            batch_size=16,
-            lr=6e-4,
-            warmup_steps=500,
-            steps=20_000,
-            eval_every=1000,
-            ckpt_every=1000,
-            eval_sequences=64,
-            log_every=50,
-        ),
-        "tiny": dict(
-            seq_len=32,
-            d_model=16,
-            n_layer=1,
-            batch_size=8,
-            steps=20,
-            eval_sequences=16,
-            log_every=1,
-        ),
+        "small": dict(seq_len=256, d_model=128, n_layer=4, batch_size=16, lr=2e-3,
+                      warmup_steps=100, steps=2000, eval_every=500, ckpt_every=500,
+                      eval_sequences=128, log_every=20),
+        "130m": dict(model_size="130m", seq_len=2048, batch_size=16, lr=6e-4, warmup_steps=500,
+                     steps=20_000, eval_every=1000, ckpt_every=1000, eval_sequences=64,
+                     log_every=50),
+        "tiny": dict(seq_len=32, d_model=16, n_layer=1, batch_size=8, steps=20,
+                     eval_sequences=16, log_every=1),
     },
 }
+# fmt: on
 
 DEFAULT_PRESET = {"selective-copying": "cpu", "induction-heads": "cpu", "bytes": "small"}
 
@@ -291,7 +184,14 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    for name in ("lr", "weight_decay", "grad_clip", "time_limit", "min_lr_ratio"):
+    for name in (
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "time_limit",
+        "min_lr_ratio",
+        "target_accuracy",
+    ):
         value = getattr(c, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
@@ -556,14 +456,14 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int, final: bool = False) -> dict:
         c = self.config
         batches = eval_batches(self.task, c.eval_sequences, self.micro_batch, c.seed, self.env)
         result = evaluate(self.model, batches, self.env, per_byte=isinstance(self.task, ByteLM))
         if c.fsdp:
             distributed.reshard(self.model)
         self.log.write({"kind": "eval", "step": step, **result})
-        if c.eval_lengths and step == c.steps:  # the length sweep: at the end only
+        if c.eval_lengths and final:  # the length sweep: at the end only
             for r in length_sweep(
                 self.model,
                 self.task,
@@ -676,9 +576,18 @@ class Trainer:
                 steps_since_log, timed_steps, t_log = 0, 0, time.perf_counter()
             if progress is not None:
                 progress.update(1)
+            reached = False
             if is_eval:
                 last_eval = self.evaluate(step)
                 self._print_eval(step, last_eval, progress)
+                reached = 0 < c.target_accuracy <= last_eval["accuracy"]
+            if reached:
+                if env.is_main:
+                    msg = f"target accuracy {100 * c.target_accuracy:g}% reached at step {step}"
+                    (progress.write if progress else print)(msg)
+                summary["reached_target"] = True
+                finished = True
+                break
             if is_ckpt or (out_of_time and not done):
                 self.save_checkpoint(step)
             if out_of_time and not done:
@@ -698,8 +607,9 @@ class Trainer:
         summary["finished"] = finished
         summary["train_s"] = time.perf_counter() - t_start
         if finished:
-            last_eval = self.evaluate(step)
-            self._print_eval(step, last_eval, None)
+            if not summary.get("reached_target") or c.eval_lengths:
+                last_eval = self.evaluate(step, final=True)
+                self._print_eval(step, last_eval, None)
             summary["checkpoint"] = str(self.save_checkpoint(step))
         if last_eval is not None:
             summary["eval"] = last_eval
