@@ -215,11 +215,18 @@ class MambaGenerator:
     """A cache for up to `max_batch_size` rows and the (compiled) prefill and decode functions.
 
     compile=None compiles on CUDA (decode step with CUDA graphs) and runs eagerly on CPU;
-    compile=True on CPU compiles without graphs.
+    compile=True on CPU compiles without graphs. `decode_mode` overrides the decode step's
+    torch.compile mode (default: "reduce-overhead" on CUDA, the default mode on CPU); for
+    example "max-autotune", which also uses CUDA graphs and autotunes the matmuls.
     """
 
     def __init__(
-        self, model: MambaLMHeadModel, max_batch_size: int = 1, *, compile: bool | None = None
+        self,
+        model: MambaLMHeadModel,
+        max_batch_size: int = 1,
+        *,
+        compile: bool | None = None,
+        decode_mode: str | None = None,
     ):
         if not isinstance(model, MambaLMHeadModel):
             raise TypeError(f"model must be a MambaLMHeadModel, got {type(model).__name__}")
@@ -228,10 +235,13 @@ class MambaGenerator:
         self.device, self.dtype = weight.device, weight.dtype
         self.cache = MambaCache(model.config, max_batch_size, self.device, self.dtype)
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
+        if decode_mode is not None and not self.compiled:
+            raise ValueError(f"decode_mode={decode_mode!r} needs compile=True")
         if self.compiled:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            if decode_mode is None and self.device.type == "cuda":
+                decode_mode = "reduce-overhead"
             self._prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
-            self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+            self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=decode_mode)
         else:
             self._prefill, self._step = prefill, decode_step
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from mamba_compiled.generation import MambaGenerator
 from mamba_compiled.models import MambaConfig, MambaLMHeadModel
@@ -93,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="compiled vs eager logits over this many tokens",
     )
+    p.add_argument(
+        "--decode-mode",
+        default=None,
+        help="torch.compile mode of the decode step (default reduce-overhead on CUDA), "
+        "e.g. max-autotune",
+    )
+    p.add_argument(
+        "--coordinate-descent",
+        action="store_true",
+        help="set torch._inductor.config.coordinate_descent_tuning (as gpt-fast does)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
 
@@ -112,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batch:
         ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device=device)
-        gen = MambaGenerator(model, batch, compile=args.compile)
+        gen = MambaGenerator(
+            model,
+            batch,
+            compile=args.compile,
+            decode_mode=args.decode_mode if args.compile else None,
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -161,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.checkpoint or args.model} ({weight_bytes / 1e9:.2f} GB of weights), "
         f"{str(dtype)[6:]}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new, greedy, "
-        f"{'compiled' if args.compile else 'eager'}; {name}; torch {torch.__version__}"
+        f"{'compiled' if args.compile else 'eager'}"
+        f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}"
+        f"{', coordinate descent tuning' if args.coordinate_descent else ''}; "
+        f"{name}; torch {torch.__version__}"
     )
     table = (
         f"{header}\n\n| batch | wall ms (all in) | prefill ms | ms / decoded token | tokens/s "
