@@ -112,6 +112,87 @@ def publish(flag_ptr, FENCE: tl.constexpr):
     tl.atomic_xchg(flag_ptr, 1, sem="release")
 
 
+@triton.jit
+def _shfl_xor(x, M: tl.constexpr, LANE: tl.constexpr, FAST: tl.constexpr):
+    """x (A0, A1, BD, N_B) as held by channel d ^ M. FAST: one butterfly shuffle with lane mask
+    LANE (the lanes of a warp hold (BD, N_B) with N_B fastest, so channel bit M is lane bit
+    M·N_B); else (the interpreter has no lanes) the same permutation along the channel axis."""
+    if FAST:
+        if LANE == 1:
+            r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+        elif LANE == 2:
+            r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+        elif LANE == 4:
+            r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+        elif LANE == 8:
+            r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+        else:
+            tl.static_assert(LANE == 16)
+            r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 0x1f, -1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        BD: tl.constexpr = x.shape[2]
+        src = tl.arange(0, BD)[None, None, None, :, None]
+        dst = tl.arange(0, BD)[None, None, :, None, None]
+        r = tl.sum(tl.where(src == (dst ^ M), x[:, :, None, :, :], 0.0), 3)
+    return r
+
+
+@triton.jit
+def _rs_round(x, d, AXIS: tl.constexpr, M: tl.constexpr, LANE: tl.constexpr, FAST: tl.constexpr):
+    """One round of a reduce-scatter across the channel pairs (d, d ^ M): x (A0, A1, BD, N_B) is
+    halved along AXIS (0 or 1, held in registers); the channel with bit M set keeps the upper
+    half, its partner the lower, and each adds the other's copy of the half it keeps."""
+    A0: tl.constexpr = x.shape[0]
+    A1: tl.constexpr = x.shape[1]
+    BD: tl.constexpr = x.shape[2]
+    NB: tl.constexpr = x.shape[3]
+    if AXIS == 0:
+        y = tl.permute(tl.reshape(x, (2, A0 // 2, A1, BD, NB)), (1, 2, 3, 4, 0))
+    else:
+        y = tl.permute(tl.reshape(x, (A0, 2, A1 // 2, BD, NB)), (0, 2, 3, 4, 1))
+    lo, hi = tl.split(y)
+    up = (d & M) != 0
+    return tl.where(up, hi, lo) + _shfl_xor(tl.where(up, lo, hi), M, LANE, FAST)
+
+
+@triton.jit
+def sum_channels_scattered(x, FAST: tl.constexpr):
+    """Σ_d of x (T, N_A, BD, N_B) over the BD channels of one warp, scattered over them (a
+    butterfly reduce-scatter: log2(BD) rounds exchanging half of what is left, against log2(BD)
+    rounds exchanging everything for tl.sum). Returns (r, t_off, na_off): r (T', N_A', BD, N_B)
+    holds at (t, a, d, b) the sum for step t + t_off[d] and state index a + na_off[d] (N_A is
+    halved first, then T), each (step, state) once. FAST (GPU) needs BD · N_B = 32, one warp."""
+    BD: tl.constexpr = x.shape[2]
+    d = tl.arange(0, BD)[None, None, :, None]
+    t_off = d * 0
+    na_off = d * 0
+    # channel bits BD/2, BD/4, ..., 1 (BD <= 32); a bit of 0 is a stage that does nothing
+    x, t_off, na_off = _rs_stage(x, d, t_off, na_off, BD // 2, FAST)
+    x, t_off, na_off = _rs_stage(x, d, t_off, na_off, BD // 4, FAST)
+    x, t_off, na_off = _rs_stage(x, d, t_off, na_off, BD // 8, FAST)
+    x, t_off, na_off = _rs_stage(x, d, t_off, na_off, BD // 16, FAST)
+    x, t_off, na_off = _rs_stage(x, d, t_off, na_off, BD // 32, FAST)
+    return x, t_off, na_off
+
+
+@triton.jit
+def _rs_stage(x, d, t_off, na_off, M: tl.constexpr, FAST: tl.constexpr):
+    NB: tl.constexpr = x.shape[3]
+    if M >= 1:
+        if x.shape[1] > 1:
+            na_off += ((d & M) != 0).to(tl.int32) * (x.shape[1] // 2)
+            x = _rs_round(x, d, 1, M, M * NB, FAST)
+        else:
+            t_off += ((d & M) != 0).to(tl.int32) * (x.shape[0] // 2)
+            x = _rs_round(x, d, 0, M, M * NB, FAST)
+    return x, t_off, na_off
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -130,6 +211,7 @@ class ScanConfig:
     num_stages: int = 1
     target: int = 0
     min_seg: int = 1024
+    rs: bool = False  # backward: per-step dB/dC summed over channels by a reduce-scatter
 
 
 def segments(programs, seqlen, cfg: ScanConfig):
@@ -203,7 +285,7 @@ def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     n = state_pad(dstate)
     if interpreting():
         return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
-                          target=16, min_seg=2 * ck)  # fmt: skip
+                          target=16, min_seg=2 * ck, rs=True)  # fmt: skip
     # Sums over channels (dB, dC per step) cross lanes: one warp (no cross-warp round), 8
     # channel lanes x 4 state lanes, 8 steps (first GPU run: 3.5 ms against 7.9 for 16 steps,
     # 2 warps, 8 state lanes; perf/NOTES.md). Segments once batch x blocks is under 2 waves

@@ -44,10 +44,10 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
         ("scan_bwd", _scan_bwd_kernel,
-         dict(scan, HAS_DLAST=True, ATOMIC_BC=True, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
+         dict(scan, HAS_DLAST=True, ATOMIC_BC=True, RS=bwd.rs, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
          bwd.num_warps),
         ("scan_bwd_deterministic", _scan_bwd_kernel,
-         dict(scan, HAS_DLAST=True, ATOMIC_BC=False, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
+         dict(scan, HAS_DLAST=True, ATOMIC_BC=False, RS=bwd.rs, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
          bwd.num_warps),
         ("state_update", _state_update_kernel, dict(flags, BD=max(1, 512 // n)), 4),
     ]  # fmt: skip

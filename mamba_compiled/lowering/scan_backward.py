@@ -42,6 +42,7 @@ from .common import (
     shifted_combine,
     sigmoid,
     softplus,
+    sum_channels_scattered,
     take_ticket,
     wait_for,
 )
@@ -81,9 +82,9 @@ def _bc_put(ptrs, values, mask, ATOMIC: tl.constexpr, MASK: tl.constexpr):
 def _bwd_chunk(
     carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
     A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
-    du_ptrs, ddelta_ptrs, dz_ptrs, dB_base, dC_base,
+    du_ptrs, ddelta_ptrs, dz_ptrs, dB_row, dC_row, nt3, dstate,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, ATOMIC_BC: tl.constexpr, RS: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, T: tl.constexpr,
     FAST_MATH: tl.constexpr,
 ):  # fmt: skip
@@ -156,11 +157,13 @@ def _bwd_chunk(
     if C_SHARED:
         dC = tl.sum(hdy, 0)
     else:
-        _bc_put(dC_base + tt3, tl.sum(hdy, 2), mt3, ATOMIC_BC, MASKED or not EVEN_N)
+        _put_per_step(dC_row, hdy, t0, tt3, mt3, nt3, seqlen, dstate, ATOMIC_BC, RS,
+                      MASKED or not EVEN_N, FAST_MATH)  # fmt: skip
     if B_SHARED:
         dB = tl.sum(dhdu, 0)
     else:
-        _bc_put(dB_base + tt3, tl.sum(dhdu, 2), mt3, ATOMIC_BC, MASKED or not EVEN_N)
+        _put_per_step(dB_row, dhdu, t0, tt3, mt3, nt3, seqlen, dstate, ATOMIC_BC, RS,
+                      MASKED or not EVEN_N, FAST_MATH)  # fmt: skip
 
     p = dh * (hs - dBu)  # dh·Ā_t·h_{t-1}
     dA_c = tl.sum(delta4 * p, 0)
@@ -177,6 +180,24 @@ def _bwd_chunk(
     _store2(du_ptrs + tt2, du.to(du_ptrs.dtype.element_ty), m2, MASKED, EVEN_D)
     _store2(ddelta_ptrs + tt2, ddelta.to(ddelta_ptrs.dtype.element_ty), m2, MASKED, EVEN_D)
     return carry, dA_c, dB, dC, tl.sum(dy * u, 0), tl.sum(ddelta, 0)
+
+
+@triton.jit
+def _put_per_step(row, x, t0, tt3, mt3, nt3, seqlen, dstate, ATOMIC: tl.constexpr,
+                  RS: tl.constexpr, MASK: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    """Add (atomics) or write (partials) Σ_d x of x (T, N_A, BD, N_B) at row[n, t0 + t] (row:
+    this program's (dstate, L) slab of the dB or dC buffer). RS: a reduce-scatter over the
+    channel lanes, each thread then puts its own few (step, state) values."""
+    if RS:
+        r, t_off, na_off = sum_channels_scattered(x, FAST)
+        N_A: tl.constexpr = x.shape[1]
+        N_B: tl.constexpr = x.shape[3]
+        t = t0 + tl.arange(0, r.shape[0])[:, None, None, None] + t_off
+        n = tl.arange(0, r.shape[1])[None, :, None, None] + na_off
+        n += tl.arange(0, N_B)[None, None, None, :] * N_A
+        _bc_put(row + n.to(tl.int64) * seqlen + t, r, (t < seqlen) & (n < dstate), ATOMIC, MASK)
+    else:
+        _bc_put(row + nt3.to(tl.int64) * seqlen + tt3, tl.sum(x, 2), mt3, ATOMIC, MASK)
 
 
 @triton.jit
@@ -232,7 +253,7 @@ def _scan_bwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
-    ATOMIC_BC: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, RS: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
@@ -284,18 +305,18 @@ def _scan_bwd_kernel(
         Dv = tl.load(D_ptr + d0 + dl2, mask=dmask2, other=0.0)
     B_ptrs = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
     C_ptrs = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
-    dB_base = dBp_ptr
-    dC_base = dCp_ptr
+    dB_row = dBp_ptr  # this program's (dstate, L) slab of the per-step dB, dC buffers
+    dC_row = dCp_ptr
     if B_SHARED:
         B_sh = tl.load(B_ptr + d3 * s_Bg + n3 * s_Bn, mask=smask3, other=0.0).to(tl.float32)[None]
     else:
         slot = _bc_slot(pid_d, pid_b, batch, d0, dim, B_per_group, ATOMIC_BC)
-        dB_base = dBp_ptr + (slot * dstate + nt3) * seqlen
+        dB_row = dBp_ptr + slot * dstate * seqlen
     if C_SHARED:
         C_sh = tl.load(C_ptr + d3 * s_Cg + n3 * s_Cn, mask=smask3, other=0.0).to(tl.float32)[None]
     else:
         slot = _bc_slot(pid_d, pid_b, batch, d0, dim, C_per_group, ATOMIC_BC)
-        dC_base = dCp_ptr + (slot * dstate + nt3) * seqlen
+        dC_row = dCp_ptr + slot * dstate * seqlen
 
     slab = dim * dstate
     if HAS_DLAST:
@@ -369,8 +390,8 @@ def _scan_bwd_kernel(
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
-            du_ptrs, ddelta_ptrs, dz_ptrs, dB_base, dC_base,
-            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, ATOMIC_BC,
+            du_ptrs, ddelta_ptrs, dz_ptrs, dB_row, dC_row, nt3, dstate,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, ATOMIC_BC, RS,
             True, EVEN_D, EVEN_N, T, FAST_MATH,
         )  # fmt: skip
         dA_acc += dA_c
@@ -403,8 +424,8 @@ def _scan_bwd_kernel(
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
-            du_ptrs, ddelta_ptrs, dz_ptrs, dB_base, dC_base,
-            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, ATOMIC_BC,
+            du_ptrs, ddelta_ptrs, dz_ptrs, dB_row, dC_row, nt3, dstate,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, ATOMIC_BC, RS,
             False, EVEN_D, EVEN_N, T, FAST_MATH,
         )  # fmt: skip
         dA_acc += dA_c
@@ -483,6 +504,9 @@ def scan_bwd(
     n_ck = triton.cdiv(seqlen, ck)
     cfg = bwd_config(dim, dstate, groups_of(B, C))
     assert cfg.T == ck, "the backward chunk is the checkpoint interval"
+    assert not cfg.rs or interpreting() or (cfg.num_warps == 1 and cfg.BD * cfg.N_B == 32), (
+        "the reduce-scatter of dB/dC works across the lanes of one warp: BD * N_B == 32"
+    )
     n_dblk = triton.cdiv(dim, cfg.BD)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
     dev, f32 = u.device, torch.float32
@@ -529,7 +553,7 @@ def scan_bwd(
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
-        B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic,
+        B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic, RS=cfg.rs,
         BD=cfg.BD, T=ck, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
