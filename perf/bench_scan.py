@@ -1,7 +1,8 @@
 """Benchmark the selective scan and its decode step.
 
     python perf/bench_scan.py [--out DIR] [--sweep] [--rows 0,1,...] [--skip-refs]
-                              [--skip-plot] [--skip-decode] [--quick]
+                              [--skip-plot] [--skip-decode] [--quick] [--workers N]
+                              [--wait-for FILE]
 
 On CUDA: forward and forward+backward for every shape of shared/ANCHORS.md through the public op
 (`mamba_compiled.ops.selective_scan_fn`), each after a correctness check on fresh random inputs
@@ -9,8 +10,12 @@ On CUDA: forward and forward+backward for every shape of shared/ANCHORS.md throu
 ratio to mamba_ssm's time, fraction of the floor, peak memory of forward+backward; reference
 points (the eager oracle and a torch associative_scan formulation, on smaller sizes, scaled);
 time against L from 512 to 2^20 (PNG); the decode step in eager and in a CUDA graph.
---sweep then times the launch configurations of sweep_space() on the first shape and keeps the
-fastest for the sections after it (printed).
+--sweep first checks every launch configuration of sweep_space() against a float64 reference
+(all outputs and gradients; segmented, masked and deterministic cases) in --workers processes
+that also compile its kernels in parallel (Triton's cache is shared), then times the verified
+ones on the first shape and at batch 1 (1x4096x65536) and keeps the fastest verified forward
+and backward settings for the table, which then comes after it. --wait-for FILE: start timing
+only once FILE exists (e.g. when tests run beside the checks).
 
 On CPU: forward and forward+backward at batch 2, dim 1536, L 2048, dstate 16, fp32 through the
 public op, against the oracle and a torch.compile'd sequential reference (both at shorter L,
@@ -53,23 +58,31 @@ MAMBA_DECODE_US = 50.0  # ANCHORS: mamba_ssm's Triton decode step, eager, B <= 6
 
 
 def sweep_space():
-    """Launch configurations compared by --sweep: (name, overrides for common.set_override)."""
+    """Launch configurations compared by --sweep: (name, overrides for common.set_override).
+    Forward and backward settings are independent (the backward's T is the checkpoint interval,
+    and the forward's T must be a multiple of it)."""
     from mamba_compiled.lowering.common import ScanConfig as S
 
-    fwd16 = S(BD=32, T=16, N_B=4, num_warps=4)
+    fwd = dict(target=1024, min_seg=1024)
+    bwd = dict(target=2048, min_seg=512)
     return [
         ("default", {}),
-        ("fwd BD16 w2", dict(fwd=S(BD=16, T=16, N_B=4, num_warps=2))),
-        ("fwd NB8 BD32 w4", dict(fwd=S(BD=32, T=16, N_B=8, num_warps=4))),
-        ("fwd NB8 BD16 w2", dict(fwd=S(BD=16, T=16, N_B=8, num_warps=2))),
-        ("fwd NB2 BD64", dict(fwd=S(BD=64, T=16, N_B=2, num_warps=4))),
-        ("fwd T8 ck8", dict(ck=8, fwd=S(BD=32, T=8, N_B=4, num_warps=4),
-                            bwd=S(BD=8, T=8, N_B=4, num_warps=1))),
-        ("ck16 bwd BD4 w1", dict(ck=16, fwd=fwd16, bwd=S(BD=4, T=16, N_B=8, num_warps=1))),
-        ("ck16 bwd NB8 BD8 w2", dict(ck=16, fwd=fwd16, bwd=S(BD=8, T=16, N_B=8, num_warps=2))),
-        ("ck8 bwd NB8 BD4 w1", dict(ck=8, fwd=fwd16, bwd=S(BD=4, T=8, N_B=8, num_warps=1))),
-        ("ck8 bwd NB4 BD16 w2", dict(ck=8, fwd=fwd16, bwd=S(BD=16, T=8, N_B=4, num_warps=2))),
-        ("bwd partials (deterministic)", dict(bc_atomics=False)),
+        ("fwd BD16 T16 w2", dict(fwd=S(16, 16, 4, 2, **fwd))),
+        ("fwd BD32 T16 w4", dict(fwd=S(32, 16, 4, 4, **fwd))),
+        ("fwd BD8 T16 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
+        ("fwd BD32 T8 w4", dict(fwd=S(32, 8, 4, 4, **fwd))),
+        ("fwd BD8 T8 w1", dict(fwd=S(8, 8, 4, 1, **fwd))),
+        ("fwd BD16 T8 NB2 w1", dict(fwd=S(16, 8, 2, 1, **fwd))),
+        ("fwd BD16 T8 w2, segments under 2048", dict(fwd=S(16, 8, 4, 2, 1, 2048, 1024))),
+        ("fwd BD16 T8 w2, segments under 512", dict(fwd=S(16, 8, 4, 2, 1, 512, 2048))),
+        ("bwd no reduce-scatter", dict(bwd=S(8, 8, 4, 1, **bwd))),
+        ("bwd BD4 NB8 rs", dict(bwd=S(4, 8, 8, 1, **bwd, rs=True))),
+        ("bwd rs, segments under 1024", dict(bwd=S(8, 8, 4, 1, 1, 1024, 512, rs=True))),
+        ("bwd rs, segments under 4096", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024, rs=True))),
+        ("ck16: fwd BD16 T16 w2, bwd BD4 T16 NB8 rs",
+         dict(ck=16, fwd=S(16, 16, 4, 2, **fwd), bwd=S(4, 16, 8, 1, **bwd, rs=True))),
+        ("ck16: fwd BD32 T16 w4, bwd BD4 T16 NB8 rs",
+         dict(ck=16, fwd=S(32, 16, 4, 4, **fwd), bwd=S(4, 16, 8, 1, **bwd, rs=True))),
     ]  # fmt: skip
 
 
@@ -175,55 +188,163 @@ class Report:
 # CUDA
 
 
-def cuda_sweep(rep: Report):
-    """Time each configuration of sweep_space() on the first shape; keep the fastest fwd and
-    fwd+bwd settings (fwd-only keys by fwd time, the rest by fwd+bwd time)."""
+# (batch, dim, L, dstate, dtype, B/C layout, deterministic): a masked tail, segments at batch
+# 1 (4099 steps, 64 channels), groups, shared B/C, the deterministic dB/dC path
+VERIFY_CASES = [
+    (2, 256, 1000, 16, torch.bfloat16, "var", False),
+    (1, 64, 4099, 16, torch.float32, "var", False),
+    (2, 128, 777, 16, torch.bfloat16, "g2", True),
+    (1, 96, 2500, 16, torch.float32, "shared", False),
+]
+VERIFY_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2}  # max error / max |ref|
+
+
+def _reference_full(kw, dout, dlast):
+    """Forward and every gradient in float64 by a doubling scan over L (GPU), joint loss on out
+    and last_state, like tests/test_lowering_cuda.py."""
+    ref = {k: None if v is None else v.detach().double().requires_grad_() for k, v in kw.items()}
+    u, delta, A, B, C = (ref[k] for k in ("u", "delta", "A", "B", "C"))
+    dim, L = u.shape[1], u.shape[2]
+    dt = F.softplus(delta + ref["delta_bias"][:, None])
+
+    def per_step(M):
+        return M[None, :, :, None] if M.dim() == 2 else M.repeat_interleave(dim // M.shape[1], 1)
+
+    a = torch.exp(dt[:, :, None] * A[None, :, :, None])
+    x = dt[:, :, None] * per_step(B) * u[:, :, None]
+    x = torch.cat([x[..., :1] + a[..., :1] * ref["initial_state"][..., None], x[..., 1:]], -1)
+    s = 1
+    while s < L:
+        x = torch.cat([x[..., :s], a[..., s:] * x[..., :-s] + x[..., s:]], -1)
+        a = torch.cat([a[..., :s], a[..., s:] * a[..., :-s]], -1)
+        s *= 2
+    y = (x * per_step(C)).sum(2) + ref["D"][:, None] * u
+    out = y * F.silu(ref["z"])
+    ((out * dout.double()).sum() + (x[..., -1] * dlast.double()).sum()).backward()
+    return out.detach(), x[..., -1].detach(), {k: v.grad for k, v in ref.items()}
+
+
+def verify_config(overrides, cases=VERIFY_CASES, device="cuda", warm=True) -> dict:
+    """Max relative errors of the launchers under `overrides` on `cases` against float64; raises
+    AssertionError past VERIFY_TOL. warm: also run the shapes timed later (compiles them)."""
+    from mamba_compiled.lowering import common, scan_bwd, scan_fwd
+
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    worst: dict[str, float] = {}
+    common.set_override(**overrides)
+    try:
+        for batch, dim, L, N, dtype, layout, deterministic in cases:
+            g = dict(device=device)
+            bc_shape = {"var": (batch, 1, N, L), "g2": (batch, 2, N, L), "shared": (dim, N)}[layout]
+            # fp32 cases: small Δ·A, a memory of thousands of steps across the segments
+            slow = dtype == torch.float32
+            kw = dict(
+                u=torch.randn(batch, dim, L, **g).to(dtype),
+                delta=(0.5 * torch.rand(batch, dim, L, **g) - (5.0 if slow else 1.0)).to(dtype),
+                A=-torch.rand(dim, N, **g) * (0.1 if slow else 1.0) - 0.01,
+                B=torch.randn(bc_shape, **g).to(dtype if layout != "shared" else torch.float32),
+                C=torch.randn(bc_shape, **g).to(dtype if layout != "shared" else torch.float32),
+                D=torch.randn(dim, **g), z=torch.randn(batch, dim, L, **g).to(dtype),
+                delta_bias=0.5 * torch.rand(dim, **g),
+                initial_state=torch.randn(batch, dim, N, **g),
+            )  # fmt: skip
+            args = [kw[k] for k in order]
+            out, last, ck = scan_fwd(*args, True)
+            dout, dlast = torch.randn_like(out), torch.randn_like(last)
+            grads = scan_bwd(dout, dlast, *args, ck, True, deterministic)
+            ref_out, ref_last, ref_grads = _reference_full(kw, dout, dlast)
+            got = dict(out=out, last=last)
+            got.update({f"d{k}": v for k, v in zip(order, grads, strict=True)})
+            want = dict(out=ref_out, last=ref_last)
+            want.update({f"d{k}": ref_grads[k] for k in order})
+            for name, w in want.items():
+                err = ((got[name].double() - w).abs().max() / (w.abs().max() + 1e-12)).item()
+                assert err == err and err < VERIFY_TOL[dtype], (
+                    f"{name} at {batch}x{dim}x{L} {str(dtype)[6:]} {layout}: error {err:.2e}"
+                )
+                worst[name] = max(worst.get(name, 0.0), err)
+        # the shapes timed later, so that their kernels compile here
+        for batch, dim, L in ((8, 4096, 2048), (1, 4096, 16384)) if warm else ():
+            kw = make_inputs(batch, dim, L, 16, torch.bfloat16, "cuda", requires_grad=True)
+            call(kw).backward(torch.randn(batch, dim, L, device="cuda", dtype=torch.bfloat16))
+            torch.cuda.synchronize()
+    finally:
+        common.set_override()
+    return worst
+
+
+def _verify_worker(name: str) -> tuple[str, dict | str]:
+    """In a fresh process (spawned): verify one sweep configuration by name."""
+    overrides = dict(sweep_space())[name]
+    try:
+        return name, verify_config(overrides)
+    except Exception as exc:  # reported in the sweep table; the configuration is not timed
+        return name, f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None):
+    """Verify every configuration of sweep_space() in parallel processes (which also compiles
+    them into Triton's shared cache), then time the verified ones here; keep the fastest
+    verified forward and backward settings for the rest of the run."""
+    import concurrent.futures
+    import multiprocessing
+
     from mamba_compiled.lowering import common
 
+    space = sweep_space()
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        verified = dict(pool.map(_verify_worker, [name for name, _ in space]))
+    rep(f"\n### Config sweep: checked against float64 in {time.perf_counter() - t0:.0f} s "
+        f"({workers} processes; cases {[c[:4] for c in VERIFY_CASES]})\n")  # fmt: skip
+    if wait_for is not None:
+        while not wait_for.exists():
+            time.sleep(1.0)
     batch, dim, L, N, dtype = ANCHORS[0][:5]
     kw = make_inputs(batch, dim, L, N, dtype, "cuda", requires_grad=True)
     dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
-    rep(f"\n### Config sweep, {batch}x{dim}x{L}x{N} {str(dtype)[6:]} (ms, medians)\n")
-    kw1 = make_inputs(1, 4096, 16384, N, dtype, "cuda")
-    rep("| config | fwd | fwd+bwd | fwd 1x4096x16384 | out err | du err | compile s |")
-    rep("|---|---|---|---|---|---|---|")
+    kw1 = make_inputs(1, 4096, 65536, N, dtype, "cuda", requires_grad=True)
+    dout1 = torch.randn(1, 4096, 65536, device="cuda", dtype=dtype)
+    rep(f"| config | {batch}x{dim}x{L} fwd | fwd+bwd | 1x4096x65536 fwd | fwd+bwd | "
+        "worst error (out, du, dB, dA) |")  # fmt: skip
+    rep("|---|---|---|---|---|---|")
     results = []
-    for name, ov in sweep_space():
+    for name, ov in space:
+        errs = verified[name]
+        if isinstance(errs, str):
+            rep(f"| {name} | FAILED CHECK: {errs} | | | | |")
+            continue
         common.set_override(**ov)
         try:
-            for t in kw.values():
-                t.grad = None  # (do_bench leaves the last call's gradients behind)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = call(kw)
-            out2 = call(kw)
-            out2.backward(dout)
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            errs = check_channels(kw, out, dout)
-            with torch.no_grad():
-                call(kw1)
-            for t in kw.values():
+            for t in (*kw.values(), *kw1.values()):
                 t.grad = None
             with torch.no_grad():
                 fwd = bench_ms(lambda: call(kw))
                 fwd1 = bench_ms(lambda: call(kw1))
             fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
+            fb1 = bench_ms(lambda: call(kw1).backward(dout1), grad_to_none=list(kw1.values()))
         except Exception as exc:
-            rep(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:80]} | | | | | |")
+            rep(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:80]} | | | | |")
             traceback.print_exc()
             continue
         finally:
             common.set_override()
-        results.append((name, ov, fwd, fb))
-        rep(f"| {name} | {fwd:.3f} | {fb:.3f} | {fwd1:.3f} | {errs['out']:.1e} | "
-            f"{errs['du']:.1e} | {compile_s:.1f} |")  # fmt: skip
-    best_fwd = min((r for r in results if set(r[1]) <= {"fwd"}), key=lambda r: r[2])
-    best_fb = min((r for r in results if "fwd" not in r[1] or "ck" in r[1]), key=lambda r: r[3])
-    chosen = dict(best_fb[1])
-    if "ck" not in chosen and "fwd" in best_fwd[1]:
-        chosen["fwd"] = best_fwd[1]["fwd"]
-    rep(f"\nKept for the rest of the run: fwd from '{best_fwd[0]}', bwd from '{best_fb[0]}': "
+        results.append((name, ov, fwd, fb, fwd1, fb1))
+        rep(f"| {name} | {fwd:.3f} | {fb:.3f} | {fwd1:.3f} | {fb1:.3f} | {errs['out']:.1e}, "
+            f"{errs['du']:.1e}, {errs['dB']:.1e}, {errs['dA']:.1e} |")  # fmt: skip
+    torch.cuda.empty_cache()
+    # forward settings by forward time (first shape + batch 1), backward by the fwd+bwd time
+    # with the default forward (ck variants carry both and compete on fwd+bwd)
+    fwd_only = [r for r in results if set(r[1]) <= {"fwd"}]
+    bwd_only = [r for r in results if set(r[1]) <= {"bwd"}]
+    best_fwd = min(fwd_only, key=lambda r: r[2] + r[4])
+    best_bwd = min(bwd_only, key=lambda r: r[3] + r[5])
+    chosen = {**best_fwd[1], **best_bwd[1]}
+    for r in results:
+        if "ck" in r[1] and r[3] + r[5] < best_bwd[3] + best_bwd[5] and r[2] <= best_fwd[2]:
+            chosen = dict(r[1])
+    rep(f"\nKept for the table: fwd from '{best_fwd[0]}', bwd from '{best_bwd[0]}': "
         f"{chosen or 'defaults'}")  # fmt: skip
     common.set_override(**chosen)
 
@@ -513,6 +634,8 @@ def main() -> int:
     parser.add_argument("--skip-plot", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--quick", action="store_true", help="CPU: a small shape")
+    parser.add_argument("--workers", type=int, default=8, help="--sweep: checking processes")
+    parser.add_argument("--wait-for", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -523,6 +646,12 @@ def main() -> int:
 
         rep(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
             f"{triton.__version__}; command: `python {' '.join(sys.argv)}`")  # fmt: skip
+        if args.sweep:
+            with rep.section("config sweep"):
+                cuda_sweep(rep, args.workers, args.wait_for)
+        elif args.wait_for is not None:
+            while not args.wait_for.exists():
+                time.sleep(1.0)
         with rep.section("selective scan table"):
             cuda_table(rep, [int(r) for r in args.rows.split(",") if r])
         if not args.skip_decode:
@@ -530,9 +659,6 @@ def main() -> int:
                 cuda_decode(rep)
             with rep.section("host overhead"):
                 cuda_host_overhead(rep)
-        if args.sweep:
-            with rep.section("config sweep"):
-                cuda_sweep(rep)
         if not args.skip_plot:
             with rep.section("time against L"):
                 cuda_plot(rep, args.out)

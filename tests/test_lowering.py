@@ -1,9 +1,10 @@
 """The Triton launchers against the float64 oracle, on CPU under TRITON_INTERPRET=1.
 
 The interpreter runs the same kernels as the GPU with tiny launch configurations (a checkpoint
-interval of 4 steps, 4-channel blocks), so short sequences already cross several chunks. Outputs
-are allocated NaN-filled (poison): an element a kernel forgets to write fails the comparison.
-On a CUDA machine the same tests run the real configurations on the GPU.
+interval of 4 steps, 4-channel blocks, segments of 8 steps once there are under 16 programs), so
+short sequences already cross several chunks and segments. Outputs are allocated NaN-filled
+(poison): an element a kernel forgets to write fails the comparison. On a CUDA machine the same
+tests run the real configurations on the GPU.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Case:
     strided: bool = False  # u and z as halves of one (batch, 2·dim, L) tensor, like x and z
     dout_t_stride: bool = False  # dout with stride(-1) != 1
     deterministic: bool = False  # per-block dB/dC partial sums instead of atomics
+    bwd_rs: bool = True  # interpreter: backward dB/dC by the reduce-scatter (else tl.sum)
 
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -100,6 +102,9 @@ CASES = [
     pytest.param(Case(strided=True, dout_t_stride=True, seqlen=11), id="strided-x-z-dout"),
     pytest.param(Case(dtype=torch.bfloat16, seqlen=10), id="bf16"),
     pytest.param(Case(dtype=torch.float16, B="g2", C="shared", seqlen=10), id="fp16"),
+    pytest.param(Case(batch=1, seqlen=38), id="segments5-tail"),
+    pytest.param(Case(batch=1, seqlen=38, deterministic=True, bwd_rs=False), id="segments5-sum"),
+    pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
 ]
 
 
@@ -148,10 +153,14 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_scan_forward_backward(case: Case):
-    from mamba_compiled.lowering import scan_bwd, scan_fwd
+def test_scan_forward_backward(case: Case, request):
+    from mamba_compiled.lowering import common, scan_bwd, scan_fwd
     from mamba_compiled.lowering.common import checkpoint_interval
 
+    if DEVICE == "cpu" and not case.bwd_rs:
+        cfg = common.bwd_config(case.dim, case.dstate, (1, 1))
+        common.set_override(bwd=dataclasses.replace(cfg, rs=False))
+        request.addfinalizer(common.set_override)
     kw = case.inputs()
     b, d, n, L = case.batch, case.dim, case.dstate, case.seqlen
     out, last, ck = scan_fwd(
@@ -201,6 +210,49 @@ def test_scan_forward_backward(case: Case):
         if kw[name] is not None:
             assert got[name].dtype == like.dtype, f"d{name}: dtype {got[name].dtype}"
         _close(f"d{name}", got[name], ref, 4 * tol)
+
+
+def test_segments_are_used():
+    """The segment cases above really run several segments (programs chained by the look-back)
+    under the interpreter's configuration, forward and backward."""
+    from mamba_compiled.lowering import common
+
+    if DEVICE != "cpu":
+        pytest.skip("interpreter configuration")
+    for cfg in (common.fwd_config(8, 4, (1, 1)), common.bwd_config(8, 4, (1, 1))):
+        assert common.segments(1 * (8 // cfg.BD), 38, cfg) == (5, 8)
+        assert common.segments(2 * (8 // cfg.BD), 13, cfg) == (2, 8)
+        assert common.segments(2 * (8 // cfg.BD), 4, cfg)[0] == 1
+
+
+def test_segments_add_no_guards():
+    """The number of segments comes from batch and seqlen by integer arithmetic on sizes only:
+    symbolic sizes (torch.compile, export with dynamic batch and seqlen) get no guards, and the
+    buffers sized by it neither."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from mamba_compiled.lowering.common import ScanConfig, segments
+
+    env = ShapeEnv()
+
+    def sym(name, hint):
+        src = ConstantSource(name)
+        return env.create_symintnode(
+            env.create_symbol(hint, source=src, dynamic_dim=DimDynamic.DYNAMIC), hint=hint,
+            source=src,
+        )  # fmt: skip
+
+    batch, seqlen = sym("batch", 3), sym("seqlen", 5000)
+    cfg = ScanConfig(BD=16, T=8, N_B=4, num_warps=2, target=1024, min_seg=1024)
+    n_seg, seg_len = segments(batch * 256, seqlen, cfg)
+    with FakeTensorMode(shape_env=env):
+        flags = torch.zeros((1 + (n_seg + 1) * batch * 256,), dtype=torch.int32)
+        part = torch.empty((n_seg + 1, batch, 64, 16)).sum((0, 1))
+    assert flags.dim() == 1 and part.shape == (64, 16)
+    assert not env.guards, env.guards
+    assert segments(3 * 256, 5000, cfg) == (2, 2504)
 
 
 def test_backward_deterministic_bitwise():

@@ -9,6 +9,8 @@ indexing by comparing one launch over all 2048 channels with two launches over h
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,8 @@ def scan_reference(u, delta, A, B, C, D, z, delta_bias, softplus, h0):
 
 
 def make_inputs(batch, dim, L, dstate, dtype, B_layout="var", C_layout="var", z=True,
-                bc_dtype=None):  # fmt: skip
+                bc_dtype=None, slow=False):  # fmt: skip
+    """slow: small Δ·A, so that the state remembers thousands of steps (across segments)."""
     dev = "cuda"
 
     def bc(layout):
@@ -59,8 +62,8 @@ def make_inputs(batch, dim, L, dstate, dtype, B_layout="var", C_layout="var", z=
 
     return dict(
         u=torch.randn(batch, dim, L, device=dev).to(dtype),
-        delta=(0.5 * torch.rand(batch, dim, L, device=dev)).to(dtype),
-        A=-0.5 * torch.rand(dim, dstate, device=dev),
+        delta=(0.5 * torch.rand(batch, dim, L, device=dev) - (6.0 if slow else 0.0)).to(dtype),
+        A=-0.5 * torch.rand(dim, dstate, device=dev) * (0.1 if slow else 1.0),
         B=bc(B_layout),
         C=bc(C_layout),
         D=torch.randn(dim, device=dev),
@@ -133,6 +136,19 @@ def test_scan_65536():
     check(make_inputs(1, 16, 65536, 16, torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scan_segments_long_memory(dtype):
+    """Batch 1, 64 channels, 20001 steps: tens of segments chained by the look-back, forward
+    and backward, with a memory (Δ·A small) that spans many segments."""
+    from mamba_compiled.lowering import common
+
+    batch, dim, L = 1, 64, 20001
+    fwd, bwd = common.fwd_config(dim, 16, (1, 1)), common.bwd_config(dim, 16, (1, 1))
+    assert common.segments(batch * dim // fwd.BD, L, fwd)[0] > 8
+    assert common.segments(batch * dim // bwd.BD, L, bwd)[0] > 8
+    check(make_inputs(batch, dim, L, 16, dtype, slow=True))
+
+
 def test_deterministic_bitwise():
     from mamba_compiled.lowering import scan_bwd, scan_fwd
 
@@ -150,9 +166,25 @@ def test_2pow20_tokens_dim2048():
     """2^20 tokens at dim 2048 (offsets past 2^31 in the checkpoints and dB partials): one
     launch over all channels equals two launches over channel halves; the forward of a few
     channels, the last ones included, equals the float64 reference."""
-    from mamba_compiled.lowering import scan_bwd, scan_fwd
+    from mamba_compiled.lowering import common
 
     L, dim, half = 1 << 20, 2048, 1024
+    # the same 16 segments for the full launch and the halves (segments otherwise follow the
+    # number of programs, and their boundaries change the rounding)
+    pin = dict(target=1 << 20, min_seg=1 << 16)
+    common.set_override(
+        fwd=dataclasses.replace(common.fwd_config(dim, 16, (1, 1)), **pin),
+        bwd=dataclasses.replace(common.bwd_config(dim, 16, (1, 1)), **pin),
+    )
+    try:
+        _check_2pow20(L, dim, half)
+    finally:
+        common.set_override()
+
+
+def _check_2pow20(L, dim, half):
+    from mamba_compiled.lowering import scan_bwd, scan_fwd
+
     kw = make_inputs(1, dim, L, 16, torch.bfloat16, bc_dtype=torch.float32)  # dB, dC in fp32
     args = [kw[k] for k in ORDER]
     out, last, ck = scan_fwd(*args, True)

@@ -269,11 +269,10 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     if interpreting():  # tiny blocks; segments of 2 chunks once there are under 16 programs
         return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
                           target=16, min_seg=2 * ck)  # fmt: skip
-    # 2 warps x 8 channel lanes, 4 state lanes x 4 states in registers, 16 steps: 64 elements
-    # of the (T, N, BD) block per thread, about 230 registers, no spills. Second GPU run: 0.727
-    # ms at 8x4096x2048 (0.752 with BD 32, 4 warps) and 1.33 ms at 1x4096x16384 (1.47).
-    # Segments once batch x blocks is under 2 waves of 4 programs per SM.
-    return ScanConfig(BD=_block_d(16, dim, groups), T=max(ck, 16), N_B=min(n, 4), num_warps=2,
+    # 2 warps x 8 channel lanes, 4 state lanes x 4 states in registers, 8 steps: 32 elements
+    # of the (T, N, BD) block per thread, 110 registers (sm_90, triton 3.9): 9 programs per SM.
+    # Segments once batch x blocks is under about one wave. perf/NOTES.md has the measurements.
+    return ScanConfig(BD=_block_d(16, dim, groups), T=ck, N_B=min(n, 4), num_warps=2,
                       target=1024, min_seg=1024)  # fmt: skip
 
 
@@ -288,10 +287,12 @@ def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
                           target=16, min_seg=2 * ck, rs=True)  # fmt: skip
     # Sums over channels (dB, dC per step) cross lanes: one warp (no cross-warp round), 8
     # channel lanes x 4 state lanes, 8 steps (first GPU run: 3.5 ms against 7.9 for 16 steps,
-    # 2 warps, 8 state lanes; perf/NOTES.md). Segments once batch x blocks is under 2 waves
-    # of 8 one-warp programs per SM.
-    return ScanConfig(BD=_block_d(8, dim, groups), T=ck, N_B=min(n, 4), num_warps=1,
-                      target=2048, min_seg=512)  # fmt: skip
+    # 2 warps, 8 state lanes; perf/NOTES.md), summed by a reduce-scatter (needs BD x N_B = 32
+    # lanes). Segments once batch x blocks is under 2 waves of 8 one-warp programs per SM.
+    bd = _block_d(8, dim, groups)
+    n_b = min(n, 4)
+    return ScanConfig(BD=bd, T=ck, N_B=n_b, num_warps=1, target=2048, min_seg=512,
+                      rs=bd * n_b == 32)  # fmt: skip
 
 
 def _block_d(want: int, dim: int, groups: tuple[int, ...]) -> int:

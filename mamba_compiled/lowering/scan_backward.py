@@ -336,7 +336,7 @@ def _scan_bwd_kernel(
     if seg > 0:
         if seg < n_seg - 1:
             carry = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-        for c in range(0, has_tail):  # the sequence's partial last chunk
+        for _tail in range(0, has_tail):  # the sequence's partial last chunk
             t0 = t_begin + n_full * T
             m2 = (t0 + t2 < seqlen) & dmask2
             raw, _, z, _, C_raw = _load_chunk(
@@ -378,7 +378,7 @@ def _scan_bwd_kernel(
     dA_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     dB_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
     dC_acc = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-    for c in range(0, has_tail):
+    for _tail in range(0, has_tail):
         ci = c_begin + n_full
         t0 = ci * T
         raw, u, z, B_raw, C_raw = _load_chunk(

@@ -261,8 +261,9 @@ def _scan_fwd_kernel(
         h = h0
     if seg > 0:
         wait_for(flag - batch * n_dblk)  # segment s - 1 of this (batch, block)
+        # written by another program: read it from L2 (".cg"), the L1 is not coherent
         h = tl.load(ck_base + (t_begin // CK).to(tl.int64) * slab, mask=smask3, other=0.0,
-                    cache_modifier=".cg")  # fmt: skip (written by another program: skip L1)
+                    cache_modifier=".cg")  # fmt: skip
     if seg < n_seg - 1:
         if seg > 0:
             h_loc += tl.exp2(A2_3 * dsum[:, :, None]) * h
