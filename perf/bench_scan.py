@@ -282,7 +282,7 @@ def _verify_worker(name: str) -> tuple[str, dict | str]:
         return name, f"{type(exc).__name__}: {str(exc)[:160]}"
 
 
-def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None):
+def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None, timeout_s: float = 200):
     """Verify every configuration of sweep_space() in parallel processes (which also compiles
     them into Triton's shared cache), then time the verified ones here; keep the fastest
     verified forward and backward settings for the rest of the run."""
@@ -294,8 +294,18 @@ def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None):
     space = sweep_space()
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        verified = dict(pool.map(_verify_worker, [name for name, _ in space]))
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    futures = [pool.submit(_verify_worker, name) for name, _ in space]
+    verified = {name: f"TIMEOUT after {timeout_s} s (a kernel never ended?)" for name, _ in space}
+    try:
+        for fut in concurrent.futures.as_completed(futures, timeout=timeout_s):
+            name, result = fut.result()
+            verified[name] = result
+            print(f"checked {name}: {result}", flush=True)
+    except concurrent.futures.TimeoutError:
+        for proc in list(pool._processes.values()):  # a hung kernel dies with its process
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
     rep(f"\n### Config sweep: checked against float64 in {time.perf_counter() - t0:.0f} s "
         f"({workers} processes; cases {[c[:4] for c in VERIFY_CASES]})\n")  # fmt: skip
     if wait_for is not None:
@@ -334,15 +344,18 @@ def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None):
         rep(f"| {name} | {fwd:.3f} | {fb:.3f} | {fwd1:.3f} | {fb1:.3f} | {errs['out']:.1e}, "
             f"{errs['du']:.1e}, {errs['dB']:.1e}, {errs['dA']:.1e} |")  # fmt: skip
     torch.cuda.empty_cache()
-    # forward settings by forward time (first shape + batch 1), backward by the fwd+bwd time
-    # with the default forward (ck variants carry both and compete on fwd+bwd)
+    # forward settings by forward time, backward by fwd+bwd time with the default forward (ck
+    # variants carry both and compete on fwd+bwd); each shape counts relative to its target
+    t_f, t_fb = ANCHORS[0][9:11]
+    t_f1, t_fb1 = ANCHORS[3][9:11]
     fwd_only = [r for r in results if set(r[1]) <= {"fwd"}]
     bwd_only = [r for r in results if set(r[1]) <= {"bwd"}]
-    best_fwd = min(fwd_only, key=lambda r: r[2] + r[4])
-    best_bwd = min(bwd_only, key=lambda r: r[3] + r[5])
+    best_fwd = min(fwd_only, key=lambda r: r[2] / t_f + r[4] / t_f1)
+    best_bwd = min(bwd_only, key=lambda r: r[3] / t_fb + r[5] / t_fb1)
     chosen = {**best_fwd[1], **best_bwd[1]}
     for r in results:
-        if "ck" in r[1] and r[3] + r[5] < best_bwd[3] + best_bwd[5] and r[2] <= best_fwd[2]:
+        fb_score = r[3] / t_fb + r[5] / t_fb1
+        if "ck" in r[1] and fb_score < best_bwd[3] / t_fb + best_bwd[5] / t_fb1:
             chosen = dict(r[1])
     rep(f"\nKept for the table: fwd from '{best_fwd[0]}', bwd from '{best_bwd[0]}': "
         f"{chosen or 'defaults'}")  # fmt: skip
