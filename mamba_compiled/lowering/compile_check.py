@@ -3,7 +3,9 @@
     python -m mamba_compiled.lowering.compile_check [--arch 90] [--res] [--sass DIR]
 
 Uses Triton's bundled ptxas, so it runs on any machine with triton installed (not under
-TRITON_INTERPRET=1). Prints each kernel's configuration; --res adds registers, stack (spills)
+TRITON_INTERPRET=1). Compiles each kernel as the JIT specializes it for the first ANCHORS row and
+for a one-step sequence at batch 1 (value-1 arguments become constants). Prints each kernel's
+configuration; --res adds registers, stack (spills)
 and shared memory (from the bundled cuobjdump); --sass writes each kernel's SASS to DIR.
 """
 
@@ -64,6 +66,13 @@ ROW1_INTS = dict(
 )  # fmt: skip
 
 
+# A one-step sequence at batch 1 (L = 1, n_ck = 1): arguments equal to 1 become Python ints in
+# the kernel, which the interpreter never shows (e.g. `n_ck.to(...)` fails to compile).
+ONE_INTS = dict(ROW1_INTS, batch=1, seqlen=1, n_ck=1, seg_len=8, s_ub=4096, s_ud=1, s_db=4096,
+                s_dd=1, s_zb=4096, s_zd=1, s_ob=4096, s_od=1, s_Bb=16, s_Bg=16, s_Bn=1, s_Cb=16,
+                s_Cg=16, s_Cn=1)  # fmt: skip
+
+
 def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: str = "bf16",
                    ints: dict | None = None):  # fmt: skip
     """Compile for GPUTarget(cuda, arch). ints: values of integer arguments to specialize on as
@@ -112,6 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     for name, kernel, constexprs, num_warps in jobs():
+        compile_kernel(kernel, constexprs, num_warps, args.arch, ints=ONE_INTS)
         compiled = compile_kernel(kernel, constexprs, num_warps, args.arch)
         meta = compiled.metadata
         print(f"{name}: {constexprs} warps={num_warps} shared={meta.shared}B")

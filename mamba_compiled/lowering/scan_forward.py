@@ -305,7 +305,8 @@ def _scan_fwd_kernel(
 
     if seg == n_seg - 1:
         tl.store(last_ptr + pid_b * slab + state_off3, h, mask=smask3)
-        tl.store(ck_base + n_ck.to(tl.int64) * slab, h, mask=smask3)  # the extra last slot
+        # the extra last slot (n_ck may be a constant: the JIT specializes arguments equal to 1)
+        tl.store(ck_base + (pid_b * 0 + n_ck) * slab, h, mask=smask3)
 
 
 def bc_args(M: Tensor, dim: int) -> tuple[bool, int, int, int, int]:
