@@ -64,25 +64,22 @@ def sweep_space():
     from mamba_compiled.lowering.common import ScanConfig as S
 
     fwd = dict(target=1024, min_seg=1024)
-    bwd = dict(target=2048, min_seg=512)
+    bwd = dict(target=4096, min_seg=1024, rs=True)
+    f32 = dict(bc_f32=True)
     return [
         ("default", {}),
-        ("fwd BD16 T16 w2", dict(fwd=S(16, 16, 4, 2, **fwd))),
-        ("fwd BD32 T16 w4", dict(fwd=S(32, 16, 4, 4, **fwd))),
-        ("fwd BD8 T16 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
-        ("fwd BD32 T8 w4", dict(fwd=S(32, 8, 4, 4, **fwd))),
-        ("fwd BD8 T8 w1", dict(fwd=S(8, 8, 4, 1, **fwd))),
-        ("fwd BD16 T8 NB2 w1", dict(fwd=S(16, 8, 2, 1, **fwd))),
-        ("fwd BD16 T8 w2, segments under 2048", dict(fwd=S(16, 8, 4, 2, 1, 2048, 1024))),
-        ("fwd BD16 T8 w2, segments under 512", dict(fwd=S(16, 8, 4, 2, 1, 512, 2048))),
-        ("bwd no reduce-scatter", dict(bwd=S(8, 8, 4, 1, **bwd))),
-        ("bwd BD4 NB8 rs", dict(bwd=S(4, 8, 8, 1, **bwd, rs=True))),
-        ("bwd rs, segments under 1024", dict(bwd=S(8, 8, 4, 1, 1, 1024, 512, rs=True))),
-        ("bwd rs, segments under 4096", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024, rs=True))),
-        ("ck16: fwd BD16 T16 w2, bwd BD4 T16 NB8 rs",
-         dict(ck=16, fwd=S(16, 16, 4, 2, **fwd), bwd=S(4, 16, 8, 1, **bwd, rs=True))),
-        ("ck16: fwd BD32 T16 w4, bwd BD4 T16 NB8 rs",
-         dict(ck=16, fwd=S(32, 16, 4, 4, **fwd), bwd=S(4, 16, 8, 1, **bwd, rs=True))),
+        ("fwd B/C in fp32", dict(fwd=S(16, 8, 2, 1, **fwd, **f32))),
+        ("fwd B/C in fp32, segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 1024, **f32))),
+        ("fwd segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 1024))),
+        ("fwd BD16 T8 NB4 w2", dict(fwd=S(16, 8, 4, 2, **fwd))),
+        ("fwd BD16 T16 NB4 w2", dict(fwd=S(16, 16, 4, 2, **fwd))),
+        ("fwd BD8 T16 NB4 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
+        ("fwd BD32 T16 NB4 w4", dict(fwd=S(32, 16, 4, 4, **fwd))),
+        ("bwd B/C in fp32", dict(bwd=S(8, 8, 4, 1, **bwd, **f32))),
+        ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),
+        ("bwd segments under 2048", dict(bwd=S(8, 8, 4, 1, 1, 2048, 512, rs=True))),
+        ("ck16: fwd BD16 T16 NB4 w2, bwd BD4 T16 NB8",
+         dict(ck=16, fwd=S(16, 16, 4, 2, **fwd), bwd=S(4, 16, 8, 1, **bwd))),
     ]  # fmt: skip
 
 

@@ -55,6 +55,7 @@ class Case:
     dout_t_stride: bool = False  # dout with stride(-1) != 1
     deterministic: bool = False  # per-block dB/dC partial sums instead of atomics
     bwd_rs: bool = True  # interpreter: backward dB/dC by the reduce-scatter (else tl.sum)
+    bc_f32: bool = False  # interpreter: per-step B, C staged in fp32 by the launchers
 
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -105,6 +106,7 @@ CASES = [
     pytest.param(Case(batch=1, seqlen=38), id="segments5-tail"),
     pytest.param(Case(batch=1, seqlen=38, deterministic=True, bwd_rs=False), id="segments5-sum"),
     pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
+    pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
 ]
 
 
@@ -157,9 +159,13 @@ def test_scan_forward_backward(case: Case, request):
     from mamba_compiled.lowering import common, scan_bwd, scan_fwd
     from mamba_compiled.lowering.common import checkpoint_interval
 
-    if DEVICE == "cpu" and not case.bwd_rs:
-        cfg = common.bwd_config(case.dim, case.dstate, (1, 1))
-        common.set_override(bwd=dataclasses.replace(cfg, rs=False))
+    if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32):
+        fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
+        bwd = common.bwd_config(case.dim, case.dstate, (1, 1))
+        common.set_override(
+            fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32),
+            bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32),
+        )
         request.addfinalizer(common.set_override)
     kw = case.inputs()
     b, d, n, L = case.batch, case.dim, case.dstate, case.seqlen

@@ -212,6 +212,7 @@ class ScanConfig:
     target: int = 0
     min_seg: int = 1024
     rs: bool = False  # backward: per-step dB/dC summed over channels by a reduce-scatter
+    bc_f32: bool = False  # per-step B, C copied to fp32 by the launcher (see stage_bc)
 
 
 def segments(programs, seqlen, cfg: ScanConfig):
@@ -252,6 +253,16 @@ def checkpoint_interval() -> int:
     return CK_INTERPRET if interpreting() else CK
 
 
+def stage_bc(M, cfg: ScanConfig):
+    """B or C as the kernel reads it: per-step bf16/fp16 copied to fp32 when cfg.bc_f32. These
+    tensors are small (batch, groups, dstate, L), and fp32 spares the kernel Triton's choice of
+    moving their tiles across lanes in 16 bits, which leaves every thread unpacking all T x N_A
+    values of both tiles (about 2 instructions per state element). perf/NOTES.md, run 3."""
+    if cfg.bc_f32 and M.dim() == 4 and M.dtype != torch.float32:
+        return M.float()
+    return M
+
+
 def state_pad(dstate: int) -> int:
     """dstate padded to a power of two (dstate is a model constant; this does not touch L)."""
     return triton.next_power_of_2(dstate)
@@ -269,10 +280,11 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     if interpreting():  # tiny blocks; segments of 2 chunks once there are under 16 programs
         return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
                           target=16, min_seg=2 * ck)  # fmt: skip
-    # 2 warps x 8 channel lanes, 4 state lanes x 4 states in registers, 8 steps: 32 elements
-    # of the (T, N, BD) block per thread, 110 registers (sm_90, triton 3.9): 9 programs per SM.
-    # Segments once batch x blocks is under about one wave. perf/NOTES.md has the measurements.
-    return ScanConfig(BD=_block_d(16, dim, groups), T=ck, N_B=min(n, 4), num_warps=2,
+    # One warp: 16 channel lanes x 2 state lanes, 8 states x 8 steps in registers (160
+    # registers with triton 3.6). Third GPU run, 8x4096x2048 bf16: 0.656 ms against 0.746-0.913
+    # for 4 state lanes (8-32 channels, 1-4 warps, 8 or 16 steps); 4.77 ms at 1x4096x65536 with
+    # 4 segments. Segments once batch x blocks is under about one wave.
+    return ScanConfig(BD=_block_d(16, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
                       target=1024, min_seg=1024)  # fmt: skip
 
 
@@ -287,11 +299,12 @@ def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
                           target=16, min_seg=2 * ck, rs=True)  # fmt: skip
     # Sums over channels (dB, dC per step) cross lanes: one warp (no cross-warp round), 8
     # channel lanes x 4 state lanes, 8 steps (first GPU run: 3.5 ms against 7.9 for 16 steps,
-    # 2 warps, 8 state lanes; perf/NOTES.md), summed by a reduce-scatter (needs BD x N_B = 32
-    # lanes). Segments once batch x blocks is under 2 waves of 8 one-warp programs per SM.
+    # 2 warps, 8 state lanes), summed by a reduce-scatter (needs BD x N_B = 32 lanes; third run:
+    # fwd+bwd 2.94 ms against 3.72 with tl.sum). Segments once batch x blocks is under 4096
+    # (third run, 1x4096x65536: 16.9 ms against 17.2 / 17.6 under 2048 / 1024). perf/NOTES.md.
     bd = _block_d(8, dim, groups)
     n_b = min(n, 4)
-    return ScanConfig(BD=bd, T=ck, N_B=n_b, num_warps=1, target=2048, min_seg=512,
+    return ScanConfig(BD=bd, T=ck, N_B=n_b, num_warps=1, target=4096, min_seg=1024,
                       rs=bd * n_b == 32)  # fmt: skip
 
 

@@ -42,6 +42,7 @@ from .common import (
     shifted_combine,
     sigmoid,
     softplus,
+    stage_bc,
     sum_channels_scattered,
     take_ticket,
     wait_for,
@@ -532,6 +533,8 @@ def scan_bwd(
         return torch.empty((n_dblk, batch, dstate, seqlen), dtype=f32, device=dev)
 
     dB_part, dC_part = bc_partial(B), bc_partial(C)
+    B_in, C_in = B, C  # (the gradients take these dtypes)
+    B, C = stage_bc(B, cfg), stage_bc(C, cfg)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -559,8 +562,8 @@ def scan_bwd(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     dA = dA_part.sum((0, 1))
-    dB = _bc_grad(dB_part, B, batch, atomic)
-    dC = _bc_grad(dC_part, C, batch, atomic)
+    dB = _bc_grad(dB_part, B_in, batch, atomic)
+    dC = _bc_grad(dC_part, C_in, batch, atomic)
     dD = dD_part.sum((0, 1))  # the gradient at D (or at D = 0 when D is None)
     ddelta_bias = dbias_part.sum((0, 1))
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

@@ -42,6 +42,7 @@ from .common import (
     segments,
     sigmoid,
     softplus,
+    stage_bc,
     take_ticket,
     wait_for,
 )
@@ -349,6 +350,7 @@ def scan_fwd(
     assert cfg.T % ck == 0, "the forward chunk must be a multiple of the checkpoint interval"
     n_dblk = triton.cdiv(dim, cfg.BD)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
+    B, C = stage_bc(B, cfg), stage_bc(C, cfg)
     out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     checkpoints = torch.empty((batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device)
