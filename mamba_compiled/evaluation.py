@@ -45,16 +45,19 @@ def answer_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ).double()
 
 
-def eval_batches(task, sequences: int, batch_size: int, seed: int, env: DistEnv) -> Iterator[Batch]:
+def eval_batches(
+    task, sequences: int, batch_size: int, seed: int, env: DistEnv, stream: str = "eval"
+) -> Iterator[Batch]:
     """This process's share of the fixed evaluation set: `sequences` in all, `batch_size` per
-    process and batch. The same set on every call and for any number of processes."""
+    process and batch. The same set on every call and for any number of processes; another
+    `stream` ("test") draws another set (synthetic tasks; bytes have one held-out split)."""
     per_step = batch_size * env.world_size
     if isinstance(task, ByteLM):
         source: Iterable[Batch] = task.eval_batches(per_step, max_tokens=sequences * task.seq_len)
     else:
         steps = math.ceil(sequences / per_step)
         source = (
-            task.sample(min(per_step, sequences - i * per_step), generator(seed, "eval", i))
+            task.sample(min(per_step, sequences - i * per_step), generator(seed, stream, i))
             for i in range(steps)
         )
     for batch in source:

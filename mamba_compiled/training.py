@@ -105,9 +105,10 @@ PRESETS: dict[str, dict[str, dict]] = {
                       batch_size=64, lr=1e-4, schedule="constant", warmup_steps=0,
                       steps=400_000, eval_every=2000, ckpt_every=2000, log_every=100,
                       eval_sequences=1024),
-        "cpu": dict(seq_len=64, vocab_size=16, num_tokens=4, d_model=64, n_layer=2,
-                    batch_size=64, lr=1e-2, schedule="cosine", warmup_steps=20, steps=400,
-                    eval_every=100, ckpt_every=100, log_every=10, eval_sequences=512),
+        "cpu": dict(seq_len=32, vocab_size=16, num_tokens=4, d_model=64, n_layer=2,
+                    batch_size=128, lr=1e-2, schedule="cosine", warmup_steps=20, steps=1000,
+                    eval_every=50, ckpt_every=200, log_every=10, eval_sequences=512,
+                    target_accuracy=0.99),
         "tiny": dict(seq_len=32, vocab_size=8, num_tokens=4, d_model=16, n_layer=1,
                      batch_size=8, lr=3e-3, steps=20, eval_sequences=16, log_every=1),
     },
@@ -293,7 +294,8 @@ def lr_factor(step: int, c: TrainConfig) -> float:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -301,7 +303,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
@@ -376,8 +379,10 @@ class Trainer:
                     f"--out {self.out} already holds checkpoints (up to step {existing[-1][0]}); "
                     "pass --resume to continue that run, --overwrite to replace it, or a new --out"
                 )
-            if self.env.is_main and overwrite and self.out.exists():
+            if self.env.is_main and overwrite:  # the files a run writes, nothing else
                 shutil.rmtree(self.ckpt_root, ignore_errors=True)
+                for name in ("metrics.jsonl", "summary.json", "curves.png", "config.json"):
+                    (self.out / name).unlink(missing_ok=True)
             distributed.barrier(self.env)
             torch.manual_seed(c.seed)  # the same initial weights on every process
             model = MambaLMHeadModel(model_config(c, self.task.vocab_size), device=self.env.device)
@@ -645,6 +650,7 @@ class Trainer:
             "elapsed_s": time.perf_counter() - t_start,
         }
         self.log.write(record)
+        self.last_train = record
         if progress is not None:
             progress.set_postfix(
                 loss=f"{record['loss']:.4f}",
@@ -663,6 +669,9 @@ class Trainer:
             line += (
                 f", {result['bits_per_byte']:.3f} bits/byte, perplexity {result['perplexity']:.2f}"
             )
+        last = getattr(self, "last_train", None)
+        if last is not None and last["tokens_per_s"]:
+            line += f"; train loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s"
         for r in result.get("lengths", []):
             line += f"\n  length {r['length']:>8}: accuracy {100 * r['accuracy']:.2f}%"
         (progress.write if progress is not None else print)(line)

@@ -141,3 +141,15 @@ def test_eval_length_sweep(capsys, tmp_path):
 def test_bench_lists_the_scripts(capsys):
     status, out, _ = run_cli(capsys, "bench")
     assert status == 0 and "train" in out and "scan" in out
+
+
+def test_demo_runs_every_stage(capsys, tmp_path):
+    """The main job's flow on a few steps (its accuracy is measured in docs/training.md); three
+    steps do not reach --min-accuracy 1.0, so the job reports the failure with status 1."""
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--min-accuracy", "1.0"]
+    status, out, _ = run_cli(capsys, *argv, "--no-progress", "--samples", "2")
+    for stage in ("[1/4] training", "[2/4] checkpoint", "[3/4] exported", "[4/4] generated"):
+        assert stage in out
+    assert "differ from the model's by at most 0.0e+00" in out
+    assert (tmp_path / "demo" / "model.pt2").is_file()
+    assert status == 1 and "main job FAILED (below 100%)" in out

@@ -229,3 +229,9 @@ def test_checkpoint_writes_are_atomic(run_with_checkpoints):
     names = sorted(p.name for p in root.iterdir())
     assert names == ["step_00000004", "step_00000006"]
     assert checkpointing.verify(root / "step_00000006")["step"] == 6
+
+
+def test_target_accuracy_finishes_early(tmp_path):
+    summary = train(tiny(tmp_path, steps=8, eval_every=2, target_accuracy=1e-6))
+    assert summary["finished"] and summary["reached_target"] and summary["steps"] == 2
+    assert [s for s, _ in checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")] == [2]
