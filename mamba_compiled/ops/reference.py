@@ -89,11 +89,14 @@ def selective_scan_ref(
         else initial_state
     )
     ys = []
-    for t in range(seqlen):
-        dA = torch.exp(delta[:, :, t, None] * A)  # Ā_t: (b, d, n)
-        dBu = delta[:, :, t, None] * B[..., t] * u[:, :, t, None]  # B̄_t·u_t: (b, d, n)
+    # One view per step (unbind: its backward is one stack, where indexing [..., t] in the loop
+    # would make every step's backward write a whole (…, seqlen) tensor).
+    steps = zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True)
+    for delta_t, u_t, B_t, C_t in steps:
+        dA = torch.exp(delta_t[..., None] * A)  # Ā_t: (b, d, n)
+        dBu = delta_t[..., None] * B_t * u_t[..., None]  # B̄_t·u_t: (b, d, n)
         h = dA * h + dBu  # h_t = Ā_t h_{t-1} + B̄_t u_t
-        ys.append((h * C[..., t]).sum(-1))  # y_t = C_t h_t: (b, d)
+        ys.append((h * C_t).sum(-1))  # y_t = C_t h_t: (b, d)
     y = torch.stack(ys, dim=-1)  # (b, d, l)
     if D is not None:
         y = y + D[:, None] * u
