@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         # Raised for bad argument values and combinations before any work starts.
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ImportError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -330,6 +330,17 @@ def resume_config(checkpoint: Path, overrides: dict) -> TrainConfig:
     return config
 
 
+def _require(module: str, why: str) -> None:
+    """Fail before training, not after it, when an optional package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"training needs {module} for {why}: pip install {module} "
+            "(or pip install 'mamba-compiled[train]')"
+        )
+
+
 class Trainer:
     """One training run. `Trainer(config).run()`; see the module docstring for the step."""
 
@@ -342,6 +353,10 @@ class Trainer:
     ):
         validate(config)
         self.config = c = config
+        _require("matplotlib", "the plot of its curves")
+        _require("safetensors", "its checkpoints")
+        if c.progress:
+            _require("tqdm", "the progress bar (or pass --no-progress)")
         self.env = env if env is not None else distributed.init(c.device)
         self.out = Path(c.out_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -534,7 +549,14 @@ class Trainer:
         if c.progress and env.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=c.steps, initial=self.start_step, unit="step", dynamic_ncols=True)
+            # disable=None: a bar on a terminal; in a log file the evaluation lines only
+            progress = tqdm(
+                total=c.steps,
+                initial=self.start_step,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+            )
 
         t_start = time.perf_counter()
         # Interval accumulators, flushed into a "train" record every log_every steps (and at every
