@@ -24,6 +24,12 @@ class Batch:
         return Batch(self.inputs[start:stop], self.targets[start:stop])
 
     def to(self, device) -> Batch:
+        device = torch.device(device)
+        if device.type == "cuda":  # pinned and asynchronous: the copy does not wait for the GPU
+            return Batch(
+                self.inputs.pin_memory().to(device, non_blocking=True),
+                self.targets.pin_memory().to(device, non_blocking=True),
+            )
         return Batch(self.inputs.to(device), self.targets.to(device))
 
     @property
