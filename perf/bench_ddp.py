@@ -1,6 +1,6 @@
 """Data-parallel training throughput: tokens/s of the trainer's step on 1 GPU against N GPUs.
 
-    python perf/bench_ddp.py                       # 130M, 8 x 2048 per GPU, 1 and 2 GPUs (DDP)
+    python perf/bench_ddp.py                       # 130M, 8 x 2048 per GPU: 1, 2 and all GPUs
     python perf/bench_ddp.py --gpus 1 2 4 --fsdp   # FSDP2 instead of DDP
     python perf/bench_ddp.py --device cpu --model-size 130m --n-layer 2 --batch 1 --seqlen 64 \
         --gpus 1 2 --steps 2                       # a smoke run on CPU (gloo)
@@ -96,7 +96,7 @@ def worker(args: argparse.Namespace) -> None:
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9
             if env.device.type == "cuda"
             else None,
-            "loss": float(loss) / (args.batch * args.seqlen),
+            "loss": float(loss.detach()) / (args.batch * args.seqlen),
             "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
             "torch": torch.__version__,
         }
@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="process counts to run")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=None,
+        help="process counts to run (default: 1, 2 and every visible GPU)",
+    )
     p.add_argument("--model-size", default="130m")
     p.add_argument("--n-layer", type=int, default=None, help="override the depth (smoke runs)")
     p.add_argument("--batch", type=int, default=8, help="sequences per process and step")
@@ -138,16 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_ddp.{md,json}")
+    p.add_argument(
+        "--timeout", type=float, default=540, help="seconds per configuration before it is killed"
+    )
     p.add_argument("--result", help=argparse.SUPPRESS)  # set on the workers
     args = p.parse_args(argv)
 
     if args.result is not None:
         worker(args)
         return 0
-    if args.device == "cuda":
-        available = torch.cuda.device_count()
-        if max(args.gpus) > available:
-            p.error(f"--gpus {max(args.gpus)} but {available} CUDA device(s) are visible")
+    available = torch.cuda.device_count() if args.device == "cuda" else 2
+    if args.device == "cuda" and available == 0:
+        p.error("no CUDA device is visible; pass --device cpu for a smoke run")
+    if args.gpus is None:
+        args.gpus = sorted({1, min(2, available), available})
+    if max(args.gpus) > available:
+        p.error(f"--gpus {max(args.gpus)} but {available} CUDA device(s) are visible")
     results = []
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             print(f"running {n} process(es): {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, env=env)
+            subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
             results.append(json.loads(result.read_text()))
             print(table(results), file=sys.stderr, flush=True)
     text = (

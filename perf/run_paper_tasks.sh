@@ -1,98 +1,129 @@
 #!/usr/bin/env bash
-# The paper's synthetic tasks and the data-parallel throughput, on the GPU machine, in pieces
-# that each fit a 10-minute job. Run from the repository root, with the package installed.
+# The paper's synthetic tasks on the GPU machine, in segments that each fit a 10-minute job.
 #
-#   perf/run_paper_tasks.sh sc      # Selective Copying, `paper` preset: one training segment of
-#                                   # at most SEGMENT_MIN minutes, resumed from the newest
-#                                   # checkpoint; rerun until it prints "done"
-#   perf/run_paper_tasks.sh ih      # Induction Heads, `paper` preset: one training segment;
-#                                   # when training is done, the accuracy at 2^6 .. 2^20
-#   perf/run_paper_tasks.sh ih-eval # Induction Heads: the length sweep alone, on the newest
-#                                   # checkpoint (batch 1 at 2^20, chunked prefill beyond the budget)
-#   perf/run_paper_tasks.sh ddp     # 130M training tokens/s, 1 GPU against 2 GPUs (DDP)
-#   perf/run_paper_tasks.sh status  # where the runs stand
+#   perf/run_paper_tasks.sh [RUNS] [PIECE...]      (from the repository root)
 #
-# Run directories: $RUNS/sc-paper and $RUNS/ih-paper (RUNS=runs). When $OUT is set (the device
-# tool's output folder), each piece copies its run directory (checkpoints, metrics.jsonl,
-# curves.png, summary.json) there, to carry into the next job on a fresh machine.
+# RUNS (default: runs) holds the run directories sc-paper/ and ih-paper/. Pieces:
 #
-# Knobs: SEGMENT_MIN (default 8: training stops with a checkpoint after 8 minutes; compile,
-# evaluation and saving fit in the rest of a 10-minute job), SC_TARGET (default 0.99: Selective
-# Copying finishes early once an evaluation on 1024 sequences reaches it; 0 runs all 400K steps),
-# IH_TARGET (default 0: Induction Heads runs the paper's 25 x 8192 steps), PYTHON, and
-# TRAIN_ARGS (appended to the train command, e.g. for a CPU smoke run:
-# TRAIN_ARGS="--device cpu --steps 6 --seq-len 64 --eval-every 3 --ckpt-every 3").
+#   sc       Selective Copying, `paper` preset (length 4096, 16 tokens, 2 x 64, batch 64, lr 1e-4
+#            constant): one training segment of at most SEGMENT_MIN minutes, resumed from the
+#            newest checkpoint when there is one; finishes when an evaluation (1024 sequences)
+#            reaches SC_TARGET, or after the paper's 400K steps
+#   ih       Induction Heads, `paper` preset (length 256, 2 x 64, batch 8, Adam lr 1e-3 constant,
+#            25 x 8192 steps): one training segment; the segment that finishes also measures the
+#            accuracy at every length 2^6 .. 2^20 (512 sequences each)
+#   ih-eval  the length sweep alone on ih-paper's newest checkpoint (256 sequences per length;
+#            batch 1 at 2^20; sequences beyond 2^20 tokens would be prefilled in chunks)
+#   status   where the runs stand
+#
+# Default pieces: sc and ih, at the same time on two GPUs when two are visible, else one after
+# the other with SEGMENT_MIN halved. Rerun until both print "done"; every call moves them on.
+# When $OUT is set (the device tool's output folder), each run directory, checkpoints included,
+# is packed into $OUT/runs-<name>.tar.gz (about 2 MB): unpack it into RUNS and carry RUNS to the
+# next call to continue on a fresh machine.
+#
+# Knobs: SEGMENT_MIN (default 8 for one piece at a time, 4 each when sharing one GPU: training
+# stops with a checkpoint after that long; start-up, compile, evaluation and saving fit in the
+# rest of a 10-minute job), SC_TARGET (default 0.99; 0 runs all 400K steps), IH_TARGET (default
+# 0: the paper's 25 x 8192 steps), PYTHON (default python3), TRAIN_ARGS (appended to the train
+# command, e.g. for a CPU smoke run: TRAIN_ARGS="--device cpu --steps 6 --seq-len 64
+# --eval-every 3 --ckpt-every 3").
+# The 2-GPU DDP throughput is perf/bench_ddp.py (gpu_check.sh's ddp section).
 set -euo pipefail
 
-PYTHON=${PYTHON:-python}
-RUNS=${RUNS:-runs}
-SEGMENT_MIN=${SEGMENT_MIN:-8}
+PYTHON=${PYTHON:-python3}
 SC_TARGET=${SC_TARGET:-0.99}
 IH_TARGET=${IH_TARGET:-0}
-MC=("$PYTHON" -m mamba_compiled)
+RUNS=runs
+case "${1:-}" in
+    sc | ih | ih-eval | status | "") ;;
+    *) RUNS=$1; shift ;;
+esac
+pieces=("$@")
+[[ ${#pieces[@]} -eq 0 ]] && pieces=(sc ih)
+mkdir -p "$RUNS"
 
-save() {  # copy a run directory to $OUT, if set
-    if [[ -n "${OUT:-}" && -d "$1" ]]; then
-        mkdir -p "$OUT/$(dirname "$1")"
-        cp -r "$1" "$OUT/$(dirname "$1")/"
+pack() {  # pack NAME: RUNS/NAME into $OUT/runs-NAME.tar.gz, if $OUT is set
+    if [[ -n "${OUT:-}" && -d "$RUNS/$1" ]]; then
+        mkdir -p "$OUT"
+        tar czf "$OUT/runs-$1.tar.gz" -C "$RUNS" "$1"
     fi
 }
 
-segment() {  # task run-dir target: one training segment, resumed when a checkpoint exists
-    local task=$1 dir=$2 target=$3 resume=()
+segment() {  # segment TASK NAME TARGET MINUTES: one training segment, resumed if possible
+    local task=$1 name=$2 target=$3 minutes=$4 dir="$RUNS/$2" resume=()
     if [[ -f "$dir/summary.json" ]]; then
         echo "$task: done already ($dir/summary.json)"
         return 0
     fi
-    if compgen -G "$dir/checkpoints/step_*" > /dev/null; then
+    if compgen -G "$dir/checkpoints/step_*" >/dev/null; then
         resume=(--resume)
     fi
-    "${MC[@]}" train --task "$task" --preset paper --out "$dir" --device cuda \
-        --time-limit "$SEGMENT_MIN" --target-accuracy "$target" --no-progress "${resume[@]}" \
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
+    "$PYTHON" -m mamba_compiled train --task "$task" --preset paper --out "$dir" --device cuda \
+        --time-limit "$minutes" --target-accuracy "$target" --no-progress "${resume[@]}" \
         ${TRAIN_ARGS:-}
-    save "$dir"
+    pack "$name"
     if [[ -f "$dir/summary.json" ]]; then
-        echo "$task: done; $dir/summary.json, $dir/curves.png"
+        echo "$task: done; $dir/summary.json, $dir/metrics.jsonl, $dir/curves.png"
     else
-        echo "$task: segment over; run this piece again to continue"
+        echo "$task: segment over; call again to continue"
     fi
 }
 
 status() {
     "$PYTHON" - "$RUNS" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
+
 from mamba_compiled import checkpointing, metrics
+
 for name in ("sc-paper", "ih-paper"):
     run = Path(sys.argv[1]) / name
     found = checkpointing.list_checkpoints(run / "checkpoints")
-    evals = [r for r in metrics.read(run / "metrics.jsonl") if r["kind"] == "eval"]
-    last = f", last eval at step {evals[-1]['step']}: {100 * evals[-1]['accuracy']:.2f} %" if evals else ""
-    state = "done" if (run / "summary.json").exists() else "in progress" if found else "not started"
-    print(f"{name}: {state}, newest checkpoint {found[-1][0] if found else '-'}{last}")
-    for r in metrics.read(run / "metrics.jsonl"):
+    records = metrics.read(run / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    state = "done" if (run / "summary.json").exists() else "running" if found else "not started"
+    line = f"{name}: {state}, newest checkpoint {found[-1][0] if found else '-'}"
+    if evals:
+        line += f", eval at step {evals[-1]['step']}: {100 * evals[-1]['accuracy']:.2f} %"
+    print(line)
+    for r in records:
         if r["kind"] == "length":
-            print(f"  length {r['length']:>8}: {100 * r['accuracy']:.2f} % ({r['sequences']} sequences)")
+            print(f"  length {r['length']:>8}: {100 * r['accuracy']:6.2f} % ({r['sequences']} seqs)")
 PY
 }
 
-case "${1:-}" in
-    sc) segment selective-copying "$RUNS/sc-paper" "$SC_TARGET" ;;
-    ih) segment induction-heads "$RUNS/ih-paper" "$IH_TARGET" ;;
-    ih-eval)
-        "${MC[@]}" eval "$RUNS/ih-paper" --device cuda --lengths '2^6..2^20' --sequences 256 \
-            --token-budget $((1 << 20)) --json "$RUNS/ih-paper/lengths.json"
-        save "$RUNS/ih-paper"
-        ;;
-    ddp)
-        mkdir -p "$RUNS/bench"
-        "$PYTHON" perf/bench_ddp.py --gpus 1 2 --out "$RUNS/bench"
-        save "$RUNS/bench"
-        ;;
-    status) status ;;
-    *)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d'
+run_piece() {  # run_piece PIECE MINUTES
+    case $1 in
+        sc) segment selective-copying sc-paper "$SC_TARGET" "$2" ;;
+        ih) segment induction-heads ih-paper "$IH_TARGET" "$2" ;;
+        ih-eval)
+            "$PYTHON" -m mamba_compiled eval "$RUNS/ih-paper" --device cuda --lengths '2^6..2^20' \
+                --sequences 256 --token-budget $((1 << 20)) --json "$RUNS/ih-paper/lengths.json"
+            pack ih-paper ;;
+        status) status ;;
+        *) echo "unknown piece $1 (sc, ih, ih-eval, status)" >&2; return 2 ;;
+    esac
+}
 
-        exit 2
-        ;;
-esac
+training=()
+for p in "${pieces[@]}"; do
+    if [[ $p == sc || $p == ih ]]; then training+=("$p"); fi
+done
+n_gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+if [[ ${#training[@]} -eq 2 && $n_gpus -ge 2 ]]; then  # one GPU each, at the same time
+    CUDA_VISIBLE_DEVICES=0 run_piece "${training[0]}" "${SEGMENT_MIN:-8}" &
+    CUDA_VISIBLE_DEVICES=1 run_piece "${training[1]}" "${SEGMENT_MIN:-8}" &
+    rc=0
+    wait %1 || rc=$?
+    wait %2 || rc=$?
+    for p in "${pieces[@]}"; do
+        if [[ $p != sc && $p != ih ]]; then run_piece "$p" 0 || rc=$?; fi
+    done
+    exit $rc
+fi
+minutes=${SEGMENT_MIN:-$((${#training[@]} > 1 ? 4 : 8))}
+rc=0
+for p in "${pieces[@]}"; do run_piece "$p" "$minutes" || rc=$?; done  # a failure stops no other
+exit $rc
