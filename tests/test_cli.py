@@ -8,7 +8,7 @@ import pytest
 
 from mamba_compiled import cli, metrics
 
-COMMANDS = ["demo", "train", "eval", "generate", "export", "bench"]
+COMMANDS = ["demo", "train", "eval", "generate", "export", "bench", "profile"]
 
 
 def run_cli(capsys, *argv):
