@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -31,12 +33,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def log2(x, FAST: tl.constexpr):
-    """log2; FAST: the special-function unit's lg2.approx (2^-22 relative error) instead of
-    libdevice's 30-instruction polynomial. The interpreter runs no inline PTX: FAST=False there."""
+    """log2; FAST: libdevice's fast_log2f, the special-function unit's lg2.approx (2^-22 relative
+    error), instead of the 30-instruction polynomial. (Not inline PTX: see `traced`.) The
+    interpreter has no libdevice: FAST=False there."""
     if FAST:
-        return tl.inline_asm_elementwise(
-            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        return libdevice.fast_log2f(x)
     else:
         return tl.log2(x)
 
@@ -100,14 +101,11 @@ def wait_for(flag_ptr):
 
 
 @triton.jit
-def publish(flag_ptr, FENCE: tl.constexpr):
-    """Set the flag after this program's stores: each thread fences its own stores (FENCE; the
-    interpreter runs programs one after another and has no inline PTX), a barrier, then one
-    release store."""
-    if FENCE:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-        )
+def publish(flag_ptr):
+    """Set the flag after this program's stores: a barrier (every thread's stores are ordered
+    before it), then one release exchange at GPU scope, which is cumulative over them: the
+    pattern of CUDA's cooperative grid sync (__syncthreads, then one thread's fence and atomic).
+    No inline PTX fence: see `traced`."""
     tl.debug_barrier()
     tl.atomic_xchg(flag_ptr, 1, sem="release")
 
@@ -195,6 +193,18 @@ def _rs_stage(x, d, t_off, na_off, M: tl.constexpr, FAST: tl.constexpr):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def traced(t: Tensor) -> bool:
+    """Whether a launcher is being traced (torch.compile, torch.export, AOTInductor: fake or
+    functional tensors) rather than run in eager on real tensors.
+
+    Only eager launches may use kernels with inline PTX (the backward's shuffle reduce-scatter):
+    torch 2.11 cannot tell which arguments an inline-assembly kernel writes, assumes all, and
+    Inductor then fails on the clones under dynamic shapes (seen on the H200). The traced variant
+    computes the same sums with tl.sum.
+    """
+    return type(t) is not torch.Tensor
 
 
 @dataclass(frozen=True)

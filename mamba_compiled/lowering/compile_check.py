@@ -7,6 +7,10 @@ TRITON_INTERPRET=1). Compiles each kernel as the JIT specializes it for the firs
 for a one-step sequence at batch 1 (value-1 arguments become constants). Prints each kernel's
 configuration; --res adds registers, stack (spills)
 and shared memory (from the bundled cuobjdump); --sass writes each kernel's SASS to DIR.
+
+Also checks that the variants torch.compile and AOTInductor put into graphs (every kernel but the
+eager-only backward, see common.traced) hold no inline assembly: torch cannot analyze which
+arguments such a kernel writes.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def jobs(dim: int = 4096, dstate: int = 16):
          bwd.num_warps),
         ("scan_bwd_deterministic", _scan_bwd_kernel,
          dict(scan, HAS_DLAST=True, ATOMIC_BC=False, RS=bwd.rs, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
+         bwd.num_warps),
+        ("scan_bwd_traced", _scan_bwd_kernel,
+         dict(scan, HAS_DLAST=True, ATOMIC_BC=True, RS=False, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
          bwd.num_warps),
         ("state_update", _state_update_kernel, dict(flags, BD=max(1, 512 // n)), 4),
     ]  # fmt: skip
@@ -120,11 +127,14 @@ def main() -> int:
     parser.add_argument("--sass", type=pathlib.Path, default=None)
     args = parser.parse_args()
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    failed = []
     for name, kernel, constexprs, num_warps in jobs():
         compile_kernel(kernel, constexprs, num_warps, args.arch, ints=ONE_INTS)
         compiled = compile_kernel(kernel, constexprs, num_warps, args.arch)
         meta = compiled.metadata
         print(f"{name}: {constexprs} warps={num_warps} shared={meta.shared}B")
+        if constexprs.get("RS") is not True and "inline_asm" in compiled.asm["ttir"]:
+            failed.append(name)
         if not (args.res or args.sass):
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +146,9 @@ def main() -> int:
             if args.sass is not None:
                 args.sass.mkdir(parents=True, exist_ok=True)
                 (args.sass / f"{name}.sass").write_text(_cuobjdump(bin_dir, "-sass", cubin))
+    if failed:
+        print(f"inline assembly in kernels that compiled graphs use: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -45,6 +45,7 @@ from .common import (
     stage_bc,
     sum_channels_scattered,
     take_ticket,
+    traced,
     wait_for,
 )
 from .scan_forward import _load_chunk, bc_args, groups_of
@@ -370,7 +371,7 @@ def _scan_bwd_kernel(
         if seg < n_seg - 1:
             c_loc += tl.exp2(A2_3 * dsum[:, :, None]) * carry
         tl.store(seg_state, c_loc, mask=smask3)
-        publish(flag, FAST_MATH)
+        publish(flag)
 
     # 4. the full backward over the segment, chunks in reverse: the partial last chunk (masked),
     # then whole chunks with the loads of the chunk before issued before the math of this one.
@@ -556,7 +557,7 @@ def scan_bwd(
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
-        B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic, RS=cfg.rs,
+        B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic, RS=cfg.rs and not traced(u),
         BD=cfg.BD, T=ck, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

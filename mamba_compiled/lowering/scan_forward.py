@@ -269,7 +269,7 @@ def _scan_fwd_kernel(
         if seg > 0:
             h_loc += tl.exp2(A2_3 * dsum[:, :, None]) * h
         tl.store(ck_base + (t_end // CK).to(tl.int64) * slab, h_loc, mask=smask3)
-        publish(flag, FAST_MATH)
+        publish(flag)
 
     # 4. the full forward over the segment. Software pipelining by hand: the loads of chunk
     # c + 1 are issued before the math of chunk c (few warps fit per SM at these register counts).
