@@ -58,8 +58,10 @@ def test_scan_kernel_runs_inside_its_range(tmp_path, mode, part, kernel):
     name = f"mamba/layers.0/{part}"
     kernels = [e for e in events if e.get("cat") == "kernel" and kernel in e["name"]]
     assert len(kernels) == 2  # one per layer
-    first = min(kernels, key=lambda e: e["ts"])
-    # Host side: the launch of the first layer's kernel happens inside the range.
+    # Layer 0's kernel: the first one launched, or the last one in the backward (which runs the
+    # layers in reverse).
+    first = (max if part == "scan_bwd" else min)(kernels, key=lambda e: e["ts"])
+    # Host side: the launch of layer 0's kernel happens inside the range.
     host = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     launch = next(e for e in host if e["args"].get("correlation") == first["args"]["correlation"])
     cpu_ranges = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == name]
