@@ -9,11 +9,11 @@ Registered ops:
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
 
-Each is a `triton_op`, so torch.compile and AOTInductor see the Triton kernels of the CUDA branch;
-a `triton_op` has no per-device registration, so its body picks the implementation from the
-inputs' device: CUDA -> the Triton launchers in `mamba_compiled.lowering`; CPU -> the torch kernels
-in `ops/cpu.py`, registered as opaque CPU-only ops (`*_cpu`) so the compiler never unrolls their
-time loop. The body is also the fake implementation. `checkpoints` is whatever the device's
+Each is a `triton_op` (where triton is installed), so torch.compile and AOTInductor see the Triton
+kernels of the CUDA branch; a `triton_op` has no per-device registration, so its body picks the
+implementation from the inputs' device: CUDA -> the Triton launchers in `mamba_compiled.lowering`;
+CPU -> the torch kernels in `ops/cpu.py`, registered as opaque CPU-only ops (`*_cpu`) so the
+compiler never unrolls their time loop. The body is also the fake implementation. `checkpoints` is whatever the device's
 backward needs (states at chunk boundaries); its shape depends only on input sizes and no
 dimension of it may be 1 for some seqlens and not others: the compiler guards size-1 dimensions,
 which would specialize a dynamic seqlen.
@@ -35,9 +35,31 @@ from mamba_compiled.ops.checks import check_scan_inputs, check_state_update_inpu
 Opt = Tensor | None
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _public_op(name: str, mutates_args: tuple[str, ...]):
+    """Registers a public op whose body branches on the inputs' device.
+
+    With triton installed: a `triton_op`, so that compiled graphs see the CUDA branch's Triton
+    kernels. Without triton there are no Triton kernels to see, and the same body registered as a
+    `custom_op` with itself as the fake is the same op (torch's `triton_op` would log a warning
+    per op on every import); CUDA tensors then fail in `_lowering` with the install command.
+    """
+
+    def register(fn):
+        if HAS_TRITON:
+            return triton_op(name, mutates_args=mutates_args)(fn)
+        op = custom_op(name, mutates_args=mutates_args)(fn)
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
 def _lowering():
     """The Triton launchers, imported on the first CUDA call."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         raise RuntimeError(
             "CUDA tensors run on Triton kernels, and triton is not installed: "
             "pip install 'mamba-compiled[cuda]'"
@@ -128,7 +150,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 # The public ops: one body for both devices.
 
 
-@triton_op("mamba_compiled::selective_scan_fwd", mutates_args=())
+@_public_op("mamba_compiled::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
     delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
@@ -142,7 +164,7 @@ def selective_scan_fwd(
     )
 
 
-@triton_op("mamba_compiled::selective_scan_bwd", mutates_args=())
+@_public_op("mamba_compiled::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(
     dout: Tensor, dlast_state: Opt, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
@@ -160,7 +182,7 @@ def selective_scan_bwd(
     )
 
 
-@triton_op("mamba_compiled::selective_state_update", mutates_args=("state",))
+@_public_op("mamba_compiled::selective_state_update", mutates_args=("state",))
 def selective_state_update_op(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
     dt_bias: Opt, dt_softplus: bool,
