@@ -9,7 +9,8 @@
 # Sections: tests (pytest -m cuda), scan, scan-sweep (perf/bench_scan.py), train
 # (perf/bench_train.py, 130M and 1.4B), generate (perf/bench_generate.py), profile
 # (mamba-compiled profile), ncu (Nsight Compute on the scan kernel inside its NVTX range),
-# ddp (perf/bench_ddp.py, every GPU), tasks (perf/run_paper_tasks.sh).
+# ddp (perf/bench_ddp.py), tasks (perf/run_paper_tasks.sh: carry runs/ to continue a run).
+# ddp and tasks use every visible GPU: give them a call of their own, or a lane alone.
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
 # used from the working tree (PYTHONPATH), not installed. Sections write under $WORK; console
@@ -82,8 +83,8 @@ run_lane() {  # run_lane LANE SECTION...
                     --no-compile --nvtx --no-torch-profiler --warmup 0 ;;
             ddp)
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;
-            tasks)
-                section "$lane" tasks bash perf/run_paper_tasks.sh "$w/tasks" ;;
+            tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs
+                section "$lane" tasks env OUT="$OUT" bash perf/run_paper_tasks.sh runs ;;
             *)
                 echo "=== [$s] unknown section" | tee -a "$OUT/$lane.log" ;;
         esac
