@@ -208,8 +208,7 @@ def _backward(ctx, dout, dlast_state, _dcheckpoints):
     u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    elif dout.stride(-1) != 1:
-        dout = dout.contiguous()  # e.g. the expanded ones of out.sum().backward()
+    # dout may have any strides (e.g. out_proj's gradient, transposed): both kernels take them.
     if dlast_state is not None:
         dlast_state = dlast_state.contiguous()
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = (
