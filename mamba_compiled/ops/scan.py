@@ -9,14 +9,21 @@ Registered ops:
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
 
-Each is a `triton_op` (where triton is installed), so torch.compile and AOTInductor see the Triton
-kernels of the CUDA branch; a `triton_op` has no per-device registration, so its body picks the
-implementation from the inputs' device: CUDA -> the Triton launchers in `mamba_compiled.lowering`;
-CPU -> the torch kernels in `ops/cpu.py`, registered as opaque CPU-only ops (`*_cpu`) so the
-compiler never unrolls their time loop. The body is also the fake implementation. `checkpoints` is whatever the device's
-backward needs (states at chunk boundaries); its shape depends only on input sizes and no
-dimension of it may be 1 for some seqlens and not others: the compiler guards size-1 dimensions,
-which would specialize a dynamic seqlen.
+The forward and the decode step are `triton_op`s (where triton is installed), so torch.compile and
+AOTInductor see the Triton kernels of their CUDA branch; a `triton_op` has no per-device
+registration, so its body picks the implementation from the inputs' device: CUDA -> the Triton
+launchers in `mamba_compiled.lowering`; CPU -> the torch kernels in `ops/cpu.py`, registered as
+opaque CPU-only ops (`*_cpu`) so the compiler never unrolls their time loop. The body is also the
+fake implementation. `checkpoints` is whatever the device's backward needs (states at chunk
+boundaries); its shape depends only on input sizes and no dimension of it may be 1 for some
+seqlens and not others: the compiler guards size-1 dimensions, which would specialize a dynamic
+seqlen.
+
+The backward is an opaque `custom_op` on both devices, by choice: its fastest CUDA kernel sums
+dB and dC with inline-PTX shuffles, and torch 2.11's Inductor cannot tell which arguments an
+inline-assembly kernel writes (it clones them all, and failed under dynamic shapes). Opaque, the
+compiled training step runs the same kernel as eager (2.8 against 3.6 ms at 8x4096x2048 bf16);
+a backward is never part of an exported or AOTInductor inference graph.
 
 The forward's autograd formula calls the registered backward op, so AOT autograd traces it.
 """
@@ -96,18 +103,6 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     )
 
 
-@custom_op("mamba_compiled::selective_scan_bwd_cpu", mutates_args=(), device_types="cpu")
-def _scan_bwd_cpu(
-    dout: Tensor, dlast_state: Opt, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
-    delta_softplus: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return cpu.scan_bwd(
-        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
-        delta_softplus,
-    )
-
-
 def _bwd_fake(u, delta, A, B, C, z):
     """Gradient shapes: each like its input; dD, ddelta_bias, dinitial_state always present."""
     batch, dim, _ = u.shape
@@ -123,12 +118,6 @@ def _bwd_fake(u, delta, A, B, C, z):
         _empty((dim,), u, acc),
         _empty((batch, dim, A.shape[1]), u, acc),
     )
-
-
-@_scan_bwd_cpu.register_fake
-def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
-      delta_softplus):
-    return _bwd_fake(u, delta, A, B, C, z)
 
 
 @custom_op(
@@ -164,7 +153,7 @@ def selective_scan_fwd(
     )
 
 
-@_public_op("mamba_compiled::selective_scan_bwd", mutates_args=())
+@custom_op("mamba_compiled::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(
     dout: Tensor, dlast_state: Opt, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
@@ -176,10 +165,16 @@ def selective_scan_bwd(
             delta_softplus, deterministic,
         )
     # The CPU kernel has no atomics: it is deterministic either way.
-    return torch.ops.mamba_compiled.selective_scan_bwd_cpu(
+    return cpu.scan_bwd(
         dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
         delta_softplus,
     )
+
+
+@selective_scan_bwd.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+      delta_softplus, deterministic):
+    return _bwd_fake(u, delta, A, B, C, z)
 
 
 @_public_op("mamba_compiled::selective_state_update", mutates_args=("state",))
