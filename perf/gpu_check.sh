@@ -5,12 +5,15 @@
 #   perf/gpu_check.sh tests scan               # the sections named, in order
 #   perf/gpu_check.sh tests,profile scan,train # comma groups are lanes: with several GPUs each
 #                                              # lane runs on its own GPU, at the same time
+#   perf/gpu_check.sh tests 2:ddp sc ih        # "N:" gives a lane N GPUs (4 GPUs here)
 #
 # Sections: tests (pytest -m cuda), scan, scan-sweep (perf/bench_scan.py), train
-# (perf/bench_train.py, 130M and 1.4B), generate (perf/bench_generate.py), profile
-# (mamba-compiled profile), ncu (Nsight Compute on the scan kernel inside its NVTX range),
-# ddp (perf/bench_ddp.py), tasks (perf/run_paper_tasks.sh: carry runs/ to continue a run).
-# ddp and tasks use every visible GPU: give them a call of their own, or a lane alone.
+# (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one), generate
+# (perf/bench_generate.py; generate-130m, generate-1.4b), profile (mamba-compiled profile of the
+# 130M model, decode, prefill and train; profile-<mode> for one), profile-decode-eager, ncu
+# (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
+# (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces).
+# ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
 # used from the working tree (PYTHONPATH), not installed. Sections write under $WORK; console
@@ -63,18 +66,22 @@ run_lane() {  # run_lane LANE SECTION...
                 section "$lane" scan $PY perf/bench_scan.py --out "$w/scan" ;;
             scan-sweep)
                 section "$lane" scan-sweep $PY perf/bench_scan.py --out "$w/scan-sweep" --sweep --skip-refs --skip-plot ;;
-            train)
+            train | train-130m | train-1.4b)
                 for m in 130m 1.4b; do
+                    [[ $s == train || $s == "train-$m" ]] || continue
                     section "$lane" "train-$m" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 --out "$w/train-$m"
                 done ;;
-            generate)
+            generate | generate-130m | generate-1.4b)
                 for m in 130m 1.4b; do
+                    [[ $s == generate || $s == "generate-$m" ]] || continue
                     section "$lane" "generate-$m" $PY perf/bench_generate.py --model "$m" --batch 1 64 --out "$w/generate-$m"
                 done ;;
-            profile)
+            profile | profile-decode | profile-prefill | profile-train)
                 for mode in decode prefill train; do
+                    [[ $s == profile || $s == "profile-$mode" ]] || continue
                     section "$lane" "profile-$mode" $PY -m mamba_compiled.cli profile --model 130m --mode "$mode" --out "$w/profile-130m-$mode"
-                done
+                done ;;
+            profile-decode-eager)
                 section "$lane" profile-decode-eager $PY -m mamba_compiled.cli profile --model 130m --mode decode --no-compile --out "$w/profile-130m-decode-eager" ;;
             ncu)
                 # '/' separates nested ranges in ncu's filter: the slashes inside our names are escaped.
@@ -85,6 +92,8 @@ run_lane() {  # run_lane LANE SECTION...
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;
             tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs
                 section "$lane" tasks env OUT="$OUT" bash perf/run_paper_tasks.sh runs ;;
+            sc | ih | ih-eval)  # one piece of the paper tasks on this lane's GPU
+                section "$lane" "$s" env OUT="$OUT" bash perf/run_paper_tasks.sh runs "$s" ;;
             *)
                 echo "=== [$s] unknown section" | tee -a "$OUT/$lane.log" ;;
         esac
@@ -92,17 +101,28 @@ run_lane() {  # run_lane LANE SECTION...
 }
 
 lanes=("$@")
-[ ${#lanes[@]} -eq 0 ] && lanes=("tests,scan,train,generate,profile,ncu,ddp,tasks")
+[ ${#lanes[@]} -eq 0 ] && lanes=("tests,scan,train,generate,profile,profile-decode-eager,ncu,ddp,tasks")
 n_gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+want=0  # GPUs the lanes ask for: a lane "N:sections" takes N of them, others one
+for lane in "${lanes[@]}"; do
+    [[ $lane =~ ^([0-9]+): ]] && want=$((want + BASH_REMATCH[1])) || want=$((want + 1))
+done
 i=0
+gpu=0
 for lane in "${lanes[@]}"; do
     name="lane$i"
+    k=1
+    if [[ $lane =~ ^([0-9]+):(.*)$ ]]; then
+        k=${BASH_REMATCH[1]}
+        lane=${BASH_REMATCH[2]}
+    fi
     IFS=, read -ra secs <<<"$lane"
-    if [ ${#lanes[@]} -gt 1 ] && [ "$n_gpus" -ge ${#lanes[@]} ]; then
-        CUDA_VISIBLE_DEVICES=$i run_lane "$name" "${secs[@]}" &
+    if [ ${#lanes[@]} -gt 1 ] && [ "$n_gpus" -ge "$want" ]; then
+        CUDA_VISIBLE_DEVICES=$(seq -s, "$gpu" $((gpu + k - 1))) run_lane "$name" "${secs[@]}" &
     else
         run_lane "$name" "${secs[@]}"
     fi
+    gpu=$((gpu + k))
     i=$((i + 1))
 done
 wait
