@@ -19,7 +19,8 @@
 # used from the working tree (PYTHONPATH), not installed. Sections write under $WORK; console
 # output goes to $OUT/<lane>.log, and after every section the tables, plots and logs are packed
 # into $OUT/<lane>.tar.gz (the device tool brings back at most 8 files, also after a timeout).
-# A failing section does not stop the others.
+# A failing section does not stop the others. TEST_WORKERS (default 4): pytest-xdist processes
+# of the tests section, all on the lane's GPU(s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-perf/out}
@@ -30,7 +31,8 @@ PY=python3
 
 pack() {  # pack LANE: the lane's small outputs into one archive
     (cd "$WORK/$1" && find . -type f \( -name '*.md' -o -name '*.png' -o -name '*.jsonl' \
-        -o -name '*.log' -o -name '*.txt' -o \( \( -name '*.json' -o -name '*.ncu-rep' \) -size -3M \) \) \
+        -o -name '*.log' -o -name '*.txt' -o -name 'runs-*.tar.gz' \
+        -o \( \( -name '*.json' -o -name '*.ncu-rep' \) -size -3M \) \) \
         -print0 | tar czf "$OUT/$1.tar.gz" --null -T -)
 }
 
@@ -60,7 +62,7 @@ run_lane() {  # run_lane LANE SECTION...
     for s in "$@"; do
         case $s in
             tests)
-                section "$lane" tests $PY -m pytest -m cuda -q -p no:cacheprovider -rfEs --durations=20 \
+                section "$lane" tests $PY -m pytest -m cuda -q -p no:cacheprovider -rfEs --durations=20 -n "${TEST_WORKERS:-4}" \
                     --junitxml="$w/pytest-cuda.xml" tests ;;
             scan)
                 section "$lane" scan $PY perf/bench_scan.py --out "$w/scan" ;;
@@ -92,8 +94,9 @@ run_lane() {  # run_lane LANE SECTION...
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;
             tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs
                 section "$lane" tasks env OUT="$OUT" bash perf/run_paper_tasks.sh runs ;;
-            sc | ih | ih-eval)  # one piece of the paper tasks on this lane's GPU
-                section "$lane" "$s" env OUT="$OUT" bash perf/run_paper_tasks.sh runs "$s" ;;
+            sc | ih | ih-eval)  # one piece of the paper tasks on this lane's GPU; its run directory
+                # comes back as runs-<name>.tar.gz inside the lane's archive (8 files come back)
+                section "$lane" "$s" env OUT="$w" bash perf/run_paper_tasks.sh runs "$s" ;;
             *)
                 echo "=== [$s] unknown section" | tee -a "$OUT/$lane.log" ;;
         esac
