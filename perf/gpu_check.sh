@@ -20,7 +20,7 @@
 # output goes to $OUT/<lane>.log, and after every section the tables, plots and logs are packed
 # into $OUT/<lane>.tar.gz (the device tool brings back at most 8 files, also after a timeout).
 # A failing section does not stop the others. TEST_WORKERS (default 4): pytest-xdist processes
-# of the tests section, all on the lane's GPU(s).
+# of the tests section, all on the lane's GPU(s); TESTS (default tests): what pytest collects.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-perf/out}
@@ -63,7 +63,7 @@ run_lane() {  # run_lane LANE SECTION...
         case $s in
             tests)
                 section "$lane" tests $PY -m pytest -m cuda -q -p no:cacheprovider -rfEs --durations=20 -n "${TEST_WORKERS:-4}" \
-                    --junitxml="$w/pytest-cuda.xml" tests ;;
+                    --junitxml="$w/pytest-cuda.xml" ${TESTS:-tests} ;;
             scan)
                 section "$lane" scan $PY perf/bench_scan.py --out "$w/scan" ;;
             scan-sweep)
@@ -110,6 +110,11 @@ want=0  # GPUs the lanes ask for: a lane "N:sections" takes N of them, others on
 for lane in "${lanes[@]}"; do
     [[ $lane =~ ^([0-9]+): ]] && want=$((want + BASH_REMATCH[1])) || want=$((want + 1))
 done
+if [ ${#lanes[@]} -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+    # lanes share the host's cores: torch's CPU work (data, Inductor's compile) in every lane
+    # with one thread per core oversubscribes them
+    export OMP_NUM_THREADS=$(($(nproc) / ${#lanes[@]} > 0 ? $(nproc) / ${#lanes[@]} : 1))
+fi
 i=0
 gpu=0
 for lane in "${lanes[@]}"; do

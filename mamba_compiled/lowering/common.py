@@ -293,9 +293,11 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # One warp: 16 channel lanes x 2 state lanes, 8 states x 8 steps in registers (160
     # registers with triton 3.6). Third GPU run, 8x4096x2048 bf16: 0.656 ms against 0.746-0.913
     # for 4 state lanes (8-32 channels, 1-4 warps, 8 or 16 steps); 4.77 ms at 1x4096x65536 with
-    # 4 segments. Segments once batch x blocks is under about one wave.
+    # 4 segments. Segments once batch x blocks is under about one wave, of at least 128 steps:
+    # with 1024 the 130M prefill (1 x 1536 x 2048, 96 blocks) ran 2 segments of 1024 steps in
+    # 311 us per layer (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
     return ScanConfig(BD=_block_d(16, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
-                      target=1024, min_seg=1024)  # fmt: skip
+                      target=1024, min_seg=128)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
