@@ -77,6 +77,9 @@ def init(device: str = "auto") -> DistEnv:
 
 def shutdown(env: DistEnv) -> None:
     if env.initialized and dist.is_initialized():
+        # every rank done with its collectives first: a rank tearing gloo down while another
+        # still talks to it aborted now and then ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -120,12 +123,17 @@ def wrap(objective: nn.Module, env: DistEnv, fsdp: bool, compile: bool) -> nn.Mo
         fully_shard(objective.model)  # the rest: embedding (tied to the LM head), final norm
         return objective
     if compile:
+        # Compiled inside DDP, Dynamo's DDP optimizer would split the graph at the gradient
+        # buckets so that their all-reduces overlap the backward, but DDP's own forward cannot
+        # be traced with fullgraph=True ("Attempt to trace generator", torch 2.13): the objective
+        # is compiled whole and its gradients are reduced after its backward.
         objective.compile(fullgraph=True)
     if env.initialized and env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return DDP(objective, device_ids=device_ids)
+        # gradients live in the communication buckets: no copy into them before each all-reduce
+        return DDP(objective, device_ids=device_ids, gradient_as_bucket_view=True)
     return objective
 
 

@@ -9,7 +9,7 @@
 #
 # Sections: tests (pytest -m cuda), scan, scan-sweep (perf/bench_scan.py), train
 # (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one), generate
-# (perf/bench_generate.py; generate-130m, generate-1.4b), profile (mamba-compiled profile of the
+# (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one), profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces).
@@ -78,6 +78,9 @@ run_lane() {  # run_lane LANE SECTION...
                     [[ $s == generate || $s == "generate-$m" ]] || continue
                     section "$lane" "generate-$m" $PY perf/bench_generate.py --model "$m" --batch 1 64 --out "$w/generate-$m"
                 done ;;
+            generate-*@*)  # generate-<model>@<batch>: one batch size
+                m=${s#generate-}
+                section "$lane" "$s" $PY perf/bench_generate.py --model "${m%@*}" --batch "${m#*@}" --out "$w/generate-${m%@*}-b${m#*@}" ;;
             profile | profile-decode | profile-prefill | profile-train)
                 for mode in decode prefill train; do
                     [[ $s == profile || $s == "profile-$mode" ]] || continue

@@ -53,6 +53,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     strided: bool = False  # u and z as halves of one (batch, 2·dim, L) tensor, like x and z
     dout_t_stride: bool = False  # dout with stride(-1) != 1
+    channel_major: bool = False  # u, delta, z, B, C as (batch, c, L) views of (c, batch, L) memory
     deterministic: bool = False  # per-block dB/dC partial sums instead of atomics
     bwd_rs: bool = True  # interpreter: backward dB/dC by the reduce-scatter (else tl.sum)
     bc_f32: bool = False  # interpreter: per-step B, C staged in fp32 by the launchers
@@ -69,15 +70,23 @@ class Case:
         if self.strided:
             xz = torch.randn(b, 2 * d, L, **act)
             u, z = xz[:, :d], xz[:, d:]
+        elif self.channel_major:  # the model's layout
+            xz = torch.randn(2 * d, b, L, **act)
+            u, z = xz[:d].permute(1, 0, 2), xz[d:].permute(1, 0, 2)
         else:
             u, z = torch.randn(b, d, L, **act), torch.randn(b, d, L, **act)
         f32 = dict(device=DEVICE, dtype=torch.float32)
+        delta = (0.5 * torch.rand(b, d, L, **f32) - 0.1).to(self.dtype)
+        B, C = self.bc(self.B), self.bc(self.C)
+        if self.channel_major:
+            delta = delta.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+            B, C = (M.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3) for M in (B, C))
         return dict(
             u=u,
-            delta=(0.5 * torch.rand(b, d, L, **f32) - 0.1).to(self.dtype),
+            delta=delta,
             A=-0.5 * torch.rand(d, n, **f32) - 0.1,
-            B=self.bc(self.B),
-            C=self.bc(self.C),
+            B=B,
+            C=C,
             D=torch.randn(d, **f32) if self.D else None,
             z=z if self.z else None,
             delta_bias=0.5 * torch.rand(d, **f32) if self.bias else None,
@@ -102,6 +111,7 @@ CASES = [
     pytest.param(Case(dim=6, dstate=3, seqlen=10), id="dim6-dstate3-padding"),
     pytest.param(Case(strided=True, dout_t_stride=True, seqlen=11), id="strided-x-z-dout"),
     pytest.param(Case(dtype=torch.bfloat16, seqlen=10), id="bf16"),
+    pytest.param(Case(channel_major=True, dout_t_stride=True, seqlen=19), id="channel-major"),
     pytest.param(Case(dtype=torch.float16, B="g2", C="shared", seqlen=10), id="fp16"),
     pytest.param(Case(batch=1, seqlen=38), id="segments5-tail"),
     pytest.param(Case(batch=1, seqlen=38, deterministic=True, bwd_rs=False), id="segments5-sum"),
@@ -182,7 +192,9 @@ def test_scan_forward_backward(case: Case, request):
     ref_out, ref_last, ref_grads = _reference(case, kw, dout, dlast)
     tol = TOL[case.dtype]
 
-    assert out.dtype == case.dtype and out.is_contiguous()
+    assert out.dtype == case.dtype
+    # out takes u's layout when u is dense (the model's channel-major memory), else contiguous
+    assert out.stride() == (kw["u"].stride() if case.channel_major else out.contiguous().stride())
     _close("out", out, ref_out, tol)
     _close("last_state", last, ref_last, tol)
     # checkpoints: the state before steps 0, CK, 2·CK, ... then the last state

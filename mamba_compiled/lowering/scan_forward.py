@@ -180,7 +180,7 @@ def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, ck_ptr, sync_ptr,
     batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
-    s_ub, s_ud, s_db, s_dd, s_zb, s_zd,
+    s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
@@ -215,7 +215,7 @@ def _scan_fwd_kernel(
     delta_ptrs = delta_ptr + pid_b * s_db + d0.to(tl.int64) * s_dd + dl2.to(tl.int64) * s_dd
     u_ptrs = u_ptr + pid_b * s_ub + d0.to(tl.int64) * s_ud + dl2.to(tl.int64) * s_ud
     z_ptrs = z_ptr + pid_b * s_zb + d0.to(tl.int64) * s_zd + dl2.to(tl.int64) * s_zd
-    out_ptrs = out_ptr + (pid_b * dim + d0) * seqlen + dl2.to(tl.int64) * seqlen
+    out_ptrs = out_ptr + pid_b * s_ob + d0.to(tl.int64) * s_od + dl2.to(tl.int64) * s_od
     B_ptrs = B_ptr + pid_b * s_Bb + (d0 // B_per_group).to(tl.int64) * s_Bg + nt3 * s_Bn
     C_ptrs = C_ptr + pid_b * s_Cb + (d0 // C_per_group).to(tl.int64) * s_Cg + nt3 * s_Cn
 
@@ -337,7 +337,7 @@ def scan_fwd(
 
     u, delta, z (batch, dim, L) with stride(-1) == 1; A (dim, dstate) fp32; B, C (dim, dstate) or
     (batch, groups, dstate, L); D, delta_bias (dim,); initial_state (batch, dim, dstate).
-    Returns out (batch, dim, L) in u.dtype, last_state (batch, dim, dstate) fp32, and the
+    Returns out (batch, dim, L) in u.dtype (in u's memory layout when u is dense), last_state (batch, dim, dstate) fp32, and the
     checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) fp32: the state before steps 0, CK, 2·CK,
     ..., then the last state. (The extra slot keeps that dimension from being 1 for short
     sequences: the compiler would guard on a size-1 dimension and specialize a dynamic seqlen.)
@@ -351,7 +351,9 @@ def scan_fwd(
     n_dblk = triton.cdiv(dim, cfg.BD)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
     B, C = stage_bc(B, cfg), stage_bc(C, cfg)
-    out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
+    # out in u's layout when u is dense (a model that keeps (channels, batch, L) in memory gets
+    # its output that way too, ready for the next GEMM), else contiguous; unit stride along L.
+    out = torch.empty_like(u, memory_format=torch.preserve_format)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     checkpoints = torch.empty((batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device)
     # ticket counter, then one flag per (segment, batch, channel block)
@@ -373,6 +375,7 @@ def scan_fwd(
         out, last_state, checkpoints, sync,
         batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
+        out.stride(0), out.stride(1),
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),

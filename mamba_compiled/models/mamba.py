@@ -109,19 +109,19 @@ class Mamba(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def _conv(self, xp: Tensor) -> Tensor:
-        """Causal depthwise conv of a left-extended input (b, d_inner, W-1+l) -> (b, d_inner, l).
+        """Causal depthwise conv of a left-extended input (d_inner, b, W-1+l) -> (d_inner, b, l).
 
         Written as W shifted multiply-adds rather than F.conv1d: the compiler fuses them with the
-        SiLU and the transposes around them, and no convolution backend is chosen by shape.
+        SiLU around them, and no convolution backend is chosen by shape.
         """
         W = self.d_conv
         l = xp.shape[-1] - (W - 1)
-        w = self.conv1d.weight[:, 0, :].to(xp.dtype)  # (d_inner, W)
+        w = self.conv1d.weight[:, 0, :, None].to(xp.dtype)  # (d_inner, W, 1)
         out = xp[:, :, 0:l] * w[:, 0:1]
         for k in range(1, W):
             out = out + xp[:, :, k : k + l] * w[:, k : k + 1]
         if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(xp.dtype)[:, None]
+            out = out + self.conv1d.bias.to(xp.dtype)[:, None, None]
         return out
 
     def forward(
@@ -139,45 +139,54 @@ class Mamba(nn.Module):
         scan inputs at padded positions, so that padding leaves a zero state behind it.
         """
         b, l, _ = hidden_states.shape
-        W = self.d_conv
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
-        x = x.transpose(1, 2)  # (b, d_inner, l)
-        z = z.transpose(1, 2)  # (b, d_inner, l)
+        W, E = self.d_conv, self.d_inner
+        R, N = self.dt_rank, self.d_state
+        # Memory layout (channels, b, l), time contiguous, from in_proj to out_proj: every
+        # projection is one plain GEMM over b*l columns (mamba_ssm's mamba_inner_fn does the same),
+        # the conv and the elementwise kernels read along time, and the scan takes its inputs and
+        # writes its output as (b, channels, l) views of that memory, without a transpose.
+        xz = self.in_proj.weight @ hidden_states.reshape(b * l, -1).t()  # (2E, b*l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        x, z = xz[:E].view(E, b, l), xz[E:].view(E, b, l)
         if mask is not None:
-            mask = mask[:, None, :].to(x.dtype)  # (b, 1, l)
+            mask = mask[None, :, :].to(x.dtype)  # (1, b, l)
             x = x * mask
         # Causal conv: the W-1 inputs before this sequence (zeros, or the cache) on the left.
         if conv_state is None:
-            xp = F.pad(x, (W - 1, 0))  # (b, d_inner, W-1+l)
+            xp = F.pad(x, (W - 1, 0))  # (E, b, W-1+l)
         else:
-            xp = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=-1)
-            conv_state.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
-        u = F.silu(self._conv(xp))  # (b, d_inner, l)
+            window = conv_state.permute(1, 0, 2)  # (E, b, W)
+            xp = torch.cat([window[:, :, 1:].to(x.dtype), x], dim=-1)
+            window.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
+        u = F.silu(self._conv(xp))  # (E, b, l)
         if mask is not None:
             u = u * mask
 
-        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l); bias in the scan
+        u = u.view(E, b * l)
+        x_dbl = self.x_proj.weight @ u  # (R + 2N, b*l)
+        dt = self.dt_proj.weight @ x_dbl[:R]  # (E, b*l); its bias is added in the scan
+
+        def per_batch(t: Tensor) -> Tensor:  # (c, b*l) -> the view (b, c, l)
+            return t.view(t.shape[0], b, l).permute(1, 0, 2)
+
         acc = _acc_dtype(u.dtype)
-        A = -torch.exp(self.A_log.to(acc))  # (d_inner, N)
-        scan_args = (
-            u,
-            dt,
-            A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            self.D.to(acc),
-        )  # B, C: (b, N, l)
-        scan_kwargs = dict(z=z, delta_bias=self.dt_proj.bias.to(acc), delta_softplus=True)
+        A = -torch.exp(self.A_log.to(acc))  # (E, N)
+        B, C = per_batch(x_dbl[R : R + N]), per_batch(x_dbl[R + N :])  # (b, N, l)
+        scan_args = (per_batch(u), per_batch(dt), A, B, C, self.D.to(acc))
+        scan_kwargs = dict(
+            z=z.permute(1, 0, 2), delta_bias=self.dt_proj.bias.to(acc), delta_softplus=True
+        )
         if ssm_state is None:
-            y = selective_scan_fn(*scan_args, **scan_kwargs)  # (b, d_inner, l)
+            y = selective_scan_fn(*scan_args, **scan_kwargs)  # (b, E, l)
         else:
             y, last_state = selective_scan_fn(
                 *scan_args, **scan_kwargs, return_last_state=True, initial_state=ssm_state
             )
             ssm_state.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+        # y comes back in u's layout on CUDA, so this reshape is a view there
+        y = y.permute(1, 0, 2).reshape(E, b * l)
+        return F.linear(y.t(), self.out_proj.weight, self.out_proj.bias).view(b, l, -1)
 
     def scan_constants(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """(A, D, dt_bias) as the scan takes them: A = -exp(A_log), all in the accumulation dtype.

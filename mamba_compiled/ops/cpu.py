@@ -97,10 +97,10 @@ class _BC:
             torch.matmul(self.grouped(x)[..., None, :], self.grouped(g), out=grad[t0:t1, ..., None, :])
 
     def grad_like(self, grad: Tensor, M: Tensor) -> Tensor:
-        """The gradient in M's own layout and dtype."""
+        """The gradient in M's shape and dtype, contiguous (as the op's fake says)."""
         if not self.shared:
             grad = grad.permute(1, 2, 3, 0)  # (L, b, G, n) -> (b, G, n, L)
-        return grad.to(M.dtype, memory_format=torch.contiguous_format)
+        return grad.to(M.dtype).contiguous()
 
 
 class _Scan:
