@@ -55,6 +55,24 @@ def test_export_dynamic_save_and_load_in_fresh_process(tmp_path):
     """)
 
 
+def test_aoti_package_on_cpu_runs_in_fresh_process(tmp_path):
+    """An AOTInductor package (C++ wrapper, the scan as the opaque CPU op) at dynamic sizes."""
+    model = tiny()
+    package = export.aoti_package(export.export_model(model), tmp_path / "model_aoti.pt2")
+    inputs = [torch.randint(0, 20, size) for size in SIZES[1:]]
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in inputs]
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
+    run_fresh(f"""
+        import torch
+        import mamba_compiled
+        run = torch._inductor.aoti_load_package({str(package)!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        for ids, ref in zip(io["inputs"], io["expected"]):
+            torch.testing.assert_close(run(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    """)
+
+
 def test_export_command_writes_pt2(tmp_path, capsys):
     model = tiny()
     model.save_pretrained(tmp_path / "ckpt")
