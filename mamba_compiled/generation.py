@@ -6,8 +6,9 @@ Mamba decodes with constant time and memory per token: each layer keeps a conv w
     MambaCache        the per-layer states as module buffers, allocated once for a maximum batch
                       and updated in place (CUDA graphs may mutate buffers, not plain arguments)
     prefill           the full-sequence forward from the cache's states; writes the last states back
-    decode_step       one token through every layer (selective_state_update + conv shift), compiled
-                      with fullgraph and, on CUDA, mode="reduce-overhead" (CUDA graphs)
+    decode_step       one token through every layer (ssm_decode_step: dt_proj, the state update and
+                      the conv shift in one kernel on CUDA), compiled with fullgraph and, on CUDA,
+                      mode="reduce-overhead" (CUDA graphs)
     sample            repetition penalty, temperature, top-k, top-p, min-p, all on device
     MambaGenerator    owns a cache and the compiled functions; `generate` and `stream`
     generate          `model.generate(...)`: keeps a MambaGenerator on the model between calls

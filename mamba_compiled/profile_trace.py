@@ -10,8 +10,8 @@ The trace is the JSON that `torch.profiler.profile.export_chrome_trace` writes: 
           Inductor's C++ kernels included, view and allocation ops left out) by time; the
           scan ops count as one leaf each; shares are of the step's wall time.
 
-The scan is its ops (`mamba_compiled::selective_scan_fwd`/`_bwd`/`selective_state_update` and
-their `_cpu` kernels) on CPU, its Triton kernels on CUDA.
+The scan is its ops (`mamba_compiled::selective_scan_fwd`/`_bwd`/`selective_state_update`/
+`ssm_decode_step` and their `_cpu` kernels) on CPU, its Triton kernels on CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 SCAN_OP = re.compile(
-    r"^mamba_compiled::(selective_scan_fwd|selective_scan_bwd|selective_state_update)"
+    r"^mamba_compiled::(selective_scan_fwd|selective_scan_bwd|selective_state_update|ssm_decode_step)"
 )
 SCAN_KERNEL = re.compile(r"_scan_fwd_kernel|_scan_bwd_kernel|_state_update_kernel")
 _GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")

@@ -139,7 +139,7 @@ def nvtx_range(name: str, color: str = "orange", domain: str | None = None) -> I
 
 def _scan_ops() -> tuple:
     ops = torch.ops.mamba_compiled
-    packets = (ops.selective_scan_fwd, ops.selective_state_update)
+    packets = (ops.selective_scan_fwd, ops.selective_state_update, ops.ssm_decode_step)
     return packets + tuple(p.default for p in packets)
 
 

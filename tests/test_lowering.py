@@ -385,3 +385,35 @@ def test_kernels_compile_for_hopper():
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rank,width", [(3, 4), (5, 2)])
+def test_decode_step_fused(dtype, rank, width):
+    """dt_proj, the state update and the conv-window shift in one kernel: equal to dt computed
+    in float64 and fed to the oracle's state update, and to the window shifted by torch."""
+    from mamba_compiled.lowering import state_update
+
+    b, d, n = 3, 12, 4
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    act = dict(device=DEVICE, dtype=dtype)
+    state = torch.randn(b, d, n, **f32)
+    conv_state = torch.randn(b, d, width, **act)
+    u, conv_x, z = torch.randn(b, d, **act), torch.randn(b, d, **act), torch.randn(b, d, **act)
+    dt_low = (0.3 * torch.randn(b, rank, **f32)).to(dtype)
+    dt_weight = (0.3 * torch.randn(d, rank, **f32)).to(dtype)
+    A, D, bias = -0.5 * torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32)
+    B, C = torch.randn(b, 1, n, **act), torch.randn(b, 1, n, **act)
+    f = lambda t: t.double()  # noqa: E731
+    dt = f(dt_low) @ f(dt_weight).t()
+    ref_out, ref_state = selective_state_update_ref(
+        f(state), f(u), dt, f(A), f(B), f(C), f(D), f(z), f(bias), True
+    )
+    ref_conv = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
+    out = state_update(
+        state, u, dt_low, A, B, C, D, z, bias, True, dt_weight, conv_state, conv_x
+    )
+    tol = TOL[dtype]
+    _close("out", out, ref_out, tol)
+    _close("state (in place)", state, ref_state, 1e-5 if dtype == torch.float32 else tol)
+    assert torch.equal(conv_state, ref_conv), "conv window not shifted exactly"

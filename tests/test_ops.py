@@ -21,7 +21,7 @@ from scan_inputs import (
     tensors,
 )
 
-from mamba_compiled.ops import selective_scan_fn, selective_state_update
+from mamba_compiled.ops import selective_scan_fn, selective_state_update, ssm_decode_step
 from mamba_compiled.ops.reference import selective_scan_ref, selective_state_update_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -245,8 +245,14 @@ def test_opcheck(device):
         torch.randn(dim, device=device), torch.randn(batch, dim, device=device),
         torch.rand(dim, device=device), True,
     )
+    dec_args = (
+        torch.randn(batch, dim, dstate, device=device), torch.randn(batch, dim, 4, device=device),
+        torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device),
+        torch.randn(batch, 3, device=device), torch.randn(dim, 3, device=device),
+        *upd_args[3:6], *upd_args[6:9], True,
+    )
     cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
-             (ops.selective_state_update, upd_args)]
+             (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args)]
     if device == "cpu":
         cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
     for op, args in cases:
@@ -431,6 +437,49 @@ def test_bad_state_update_input(change, exc, message):
     assert message in str(info.value)
     if before is not None and before.dtype == kw["state"].dtype and before.shape == kw["state"].shape:
         assert torch.equal(before, kw["state"]), "a refused call must leave the state untouched"
+
+
+def _good_decode_step():
+    batch, dim, dstate, rank, width = 2, 8, 4, 3, 4
+    return dict(state=torch.randn(batch, dim, dstate), conv_state=torch.randn(batch, dim, width),
+                u=torch.randn(batch, dim), conv_x=torch.randn(batch, dim),
+                dt_low=torch.randn(batch, rank), dt_weight=torch.randn(dim, rank),
+                A=-torch.rand(dim, dstate), B=torch.randn(batch, dstate),
+                C=torch.randn(batch, dstate), D=torch.randn(dim), z=torch.randn(batch, dim),
+                dt_bias=torch.rand(dim), dt_softplus=True)
+
+
+def test_decode_step_equals_its_parts():
+    """ssm_decode_step = dt_proj, then selective_state_update, then the conv-window shift."""
+    kw = _good_decode_step()
+    state, conv = kw["state"].clone(), kw["conv_state"].clone()
+    dt = kw["dt_low"] @ kw["dt_weight"].t()
+    want = selective_state_update(
+        state, kw["u"], dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"], True
+    )
+    out = ssm_decode_step(**kw)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(kw["state"], state)
+    torch.testing.assert_close(kw["conv_state"], torch.cat([conv[:, :, 1:], kw["conv_x"][..., None]], -1))
+
+
+BAD_DECODE_STEP = [
+    pytest.param(dict(conv_state=torch.randn(2, 7, 4)), ValueError, "conv_state must have shape (batch, dim, d_conv)", id="conv-size"),
+    pytest.param(dict(conv_x=torch.randn(2, 8, dtype=torch.float16)), TypeError, "conv_x must have u's dtype", id="conv_x-dtype"),
+    pytest.param(dict(dt_weight=torch.randn(8, 5)), ValueError, "dt_weight must have shape (dim, dt_rank)", id="rank"),
+    pytest.param(dict(dt_low=None), TypeError, "dt_low must be a torch.Tensor", id="dt_low-missing"),
+]
+
+
+@pytest.mark.parametrize("change,exc,message", BAD_DECODE_STEP)
+def test_bad_decode_step_input(change, exc, message):
+    kw = _good_decode_step()
+    kw.update(change)
+    before = kw["state"].clone(), kw["conv_state"].clone()
+    with pytest.raises(exc) as info:
+        ssm_decode_step(**kw)
+    assert message in str(info.value)
+    assert torch.equal(before[0], kw["state"]) and torch.equal(before[1], kw["conv_state"])
 
 
 def test_non_contiguous_inputs_are_read_correctly():

@@ -175,7 +175,7 @@ SCAN_FWD = "mamba_compiled::selective_scan_fwd"
         pytest.param("train", {"scan": SCAN_FWD, "scan_bwd": "mamba_compiled::selective_scan_bwd"},
                      id="train"),
         pytest.param("prefill", {"scan": SCAN_FWD}, id="prefill"),
-        pytest.param("decode", {"scan": "mamba_compiled::selective_state_update"}, id="decode"),
+        pytest.param("decode", {"scan": "mamba_compiled::ssm_decode_step"}, id="decode"),
     ],
 )  # fmt: skip
 def test_profile_command_eager(tmp_path, capsys, mode, ops_in_ranges):

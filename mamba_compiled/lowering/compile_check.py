@@ -58,7 +58,10 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("scan_bwd_traced", _scan_bwd_kernel,
          dict(scan, HAS_DLAST=True, ATOMIC_BC=True, RS=False, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
          bwd.num_warps),
-        ("state_update", _state_update_kernel, dict(flags, BD=max(1, 512 // n)), 4),
+        ("state_update", _state_update_kernel,
+         dict(flags, BD=max(1, 512 // n), DT_PROJ=False, R=1, CONV=False, W=1), 4),
+        ("decode_step", _state_update_kernel,
+         dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=256, CONV=True, W=4), 4),
     ]  # fmt: skip
 
 

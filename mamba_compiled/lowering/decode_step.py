@@ -22,10 +22,12 @@ from .common import LOG2E, interpreting, sigmoid, softplus
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    dim, dstate, B_per_group, C_per_group,
+    dtw_ptr, conv_ptr, cx_ptr,
+    dim, dstate, B_per_group, C_per_group, rank, width,
     s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd,
-    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_wd, s_cb, s_cd, s_ck, s_cxb, s_cxd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    DT_PROJ: tl.constexpr, R: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr,
     BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -36,7 +38,26 @@ def _state_update_kernel(
     mask = dmask[:, None] & (n < dstate)[None, :]  # (BD, N)
 
     x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=dmask, other=0.0).to(tl.float32)
+    if DT_PROJ:  # dt = dt_weight @ dt_low: a (rank,) dot per channel, in fp32
+        r = tl.arange(0, R)
+        rmask = r < rank
+        dt_low = tl.load(dt_ptr + pid_b * s_tb + r * s_td, mask=rmask, other=0.0).to(tl.float32)
+        w = tl.load(
+            dtw_ptr + d[:, None].to(tl.int64) * s_wd + r[None, :],
+            mask=dmask[:, None] & rmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        dt = tl.sum(w * dt_low[None, :], 1)  # (BD,)
+    else:
+        dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=dmask, other=0.0).to(tl.float32)
+    if CONV:  # the conv window of these channels shifts left by one and takes the new input
+        k = tl.arange(0, W)
+        conv_ptrs = conv_ptr + pid_b * s_cb + d[:, None].to(tl.int64) * s_cd + k[None, :] * s_ck
+        nxt = tl.load(conv_ptrs + s_ck, mask=dmask[:, None] & (k + 1 < width)[None, :], other=0.0)
+        cx = tl.load(cx_ptr + pid_b * s_cxb + d * s_cxd, mask=dmask, other=0.0)
+        window = tl.where((k == width - 1)[None, :], cx[:, None].to(nxt.dtype), nxt)
+        tl.debug_barrier()  # every thread has read the old window before any writes it
+        tl.store(conv_ptrs, window, mask=dmask[:, None] & (k < width)[None, :])
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=dmask, other=0.0)
     if SOFTPLUS:
@@ -79,11 +100,18 @@ def state_update(
     z: Tensor | None,
     dt_bias: Tensor | None,
     dt_softplus: bool,
+    dt_weight: Tensor | None = None,
+    conv_state: Tensor | None = None,
+    conv_x: Tensor | None = None,
 ) -> Tensor:
     """Decode step on CUDA (or under TRITON_INTERPRET=1 on CPU); updates `state` in place.
 
     state (batch, dim, dstate) fp32; x, dt, z (batch, dim); A (dim, dstate) fp32; B, C (batch,
     groups, dstate); D, dt_bias (dim,) fp32. Returns out (batch, dim) in x.dtype.
+    With dt_weight (dim, rank), dt is the low-rank (batch, rank) input of dt_proj and the kernel
+    computes dt = dt @ dt_weight.T in fp32. With conv_state (batch, dim, width) and conv_x
+    (batch, dim), the kernel also shifts the conv window left by one and writes conv_x last
+    (the model's decode step, one kernel instead of three).
     """
     batch, dim = x.shape
     dstate = A.shape[1]
@@ -95,16 +123,24 @@ def state_update(
     D = D.contiguous() if D is not None else None
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     z_ = z if z is not None else x
+    rank = dt_weight.shape[1] if dt_weight is not None else 1
+    dtw = dt_weight.contiguous() if dt_weight is not None else A
+    width = conv_state.shape[2] if conv_state is not None else 1
+    conv = conv_state if conv_state is not None else state
+    cx = conv_x if conv_x is not None else x
     grid = (triton.cdiv(dim, BD), batch)
     wrap_triton(_state_update_kernel)[grid](
         state, x, dt, A, B, C, D if D is not None else A, z_,
-        dt_bias if dt_bias is not None else A, out,
-        dim, dstate, dim // B.shape[1], dim // C.shape[1],
+        dt_bias if dt_bias is not None else A, out, dtw, conv, cx,
+        dim, dstate, dim // B.shape[1], dim // C.shape[1], rank, width,
         state.stride(0), state.stride(1), state.stride(2),
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), z_.stride(0), z_.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        dtw.stride(0), conv.stride(0), conv.stride(1), conv.stride(2), cx.stride(0), cx.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus), BD=BD, N=N, FAST_MATH=not interpreting(),
+        SOFTPLUS=bool(dt_softplus), DT_PROJ=dt_weight is not None,
+        R=triton.next_power_of_2(rank), CONV=conv_state is not None,
+        W=triton.next_power_of_2(width), BD=BD, N=N, FAST_MATH=not interpreting(),
         num_warps=4 if BD * N >= 512 else 1,
     )  # fmt: skip
     return out

@@ -6,7 +6,8 @@
     out_proj(y)
 
 Everything but the scan is ordinary PyTorch for the compiler to fuse; the scan is the registered
-op `selective_scan_fn` (one decode step: `selective_state_update`), whichever kernel serves it.
+op `selective_scan_fn` (one decode step: `ssm_decode_step`, the state update with dt_proj and the
+conv-window shift), whichever kernel serves it.
 
 Glossary (code -> paper): b batch, l sequence length, d_model D, d_inner E·D, d_state N,
 dt / delta Δ, A_log log(-A), D the skip connection, z the gate.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.ops import selective_scan_fn, selective_state_update
+from mamba_compiled.ops import selective_scan_fn, ssm_decode_step
 
 # Decoding batches up to this size project with reductions under the compiler (see `_gemv`).
 GEMV_MAX_BATCH = 8
@@ -210,22 +211,32 @@ class Mamba(nn.Module):
         """
         xz = _gemv(hidden_states, self.in_proj.weight, self.in_proj.bias)
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
-        # conv_state holds the last W inputs; this step's window is its last W-1 and x. The output
-        # is computed from the state and x directly (no window tensor: one kernel less per step),
-        # then the state shifts left by one and takes x.
+        # conv_state holds the last W inputs; this step's window is its last W-1 and x. The conv
+        # output is computed from the state and x directly; the state shifts in the scan's kernel.
         w = self.conv1d.weight[:, 0, :].to(conv_state.dtype)  # (d_inner, W)
         x = x.to(conv_state.dtype)
         u = (conv_state[:, :, 1:] * w[:, :-1]).sum(-1) + x * w[:, -1]  # (b, d_inner)
         if self.conv1d.bias is not None:
             u = u + self.conv1d.bias.to(u.dtype)
         u = F.silu(u).to(xz.dtype)
-        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
 
         x_dbl = _gemv(u, self.x_proj.weight)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = _gemv(dt, self.dt_proj.weight)  # (b, d_inner); the bias is added in the scan
+        dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         A, D, dt_bias = self.scan_constants(u.dtype) if constants is None else constants
-        y = selective_state_update(
-            ssm_state, u, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True
+        # dt_proj (its weight; the bias in the softplus), the state update and the conv shift
+        y = ssm_decode_step(
+            ssm_state,
+            conv_state,
+            u,
+            x,
+            dt_low,
+            self.dt_proj.weight,
+            A,
+            B,
+            C,
+            D,
+            z=z,
+            dt_bias=dt_bias,
+            dt_softplus=True,
         )  # (b, d_inner)
         return _gemv(y, self.out_proj.weight, self.out_proj.bias)

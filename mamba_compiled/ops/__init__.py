@@ -4,6 +4,6 @@ Importing this package registers `torch.ops.mamba_compiled.*`. The oracle lives 
 `mamba_compiled.ops.reference` and is never registered.
 """
 
-from mamba_compiled.ops.scan import selective_scan_fn, selective_state_update
+from mamba_compiled.ops.scan import selective_scan_fn, selective_state_update, ssm_decode_step
 
-__all__ = ["selective_scan_fn", "selective_state_update"]
+__all__ = ["selective_scan_fn", "selective_state_update", "ssm_decode_step"]

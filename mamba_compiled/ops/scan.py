@@ -8,8 +8,11 @@ Registered ops:
                        checkpoints, delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
+    ssm_decode_step(state!, conv_state!, u, conv_x, dt_low, dt_weight, A, B, C, D?, z?, dt_bias?,
+                    dt_softplus) -> out     (the model's decode step: dt_proj, the state update
+                                            and the conv-window shift, one kernel on CUDA)
 
-The forward and the decode step are `triton_op`s (where triton is installed), so torch.compile and
+The forward and the decode steps are `triton_op`s (where triton is installed), so torch.compile and
 AOTInductor see the Triton kernels of their CUDA branch; a `triton_op` has no per-device
 registration, so its body picks the implementation from the inputs' device: CUDA -> the Triton
 launchers in `mamba_compiled.lowering`; CPU -> the torch kernels in `ops/cpu.py`, registered as
@@ -37,7 +40,11 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from mamba_compiled.ops import cpu
-from mamba_compiled.ops.checks import check_scan_inputs, check_state_update_inputs
+from mamba_compiled.ops.checks import (
+    check_decode_step_inputs,
+    check_scan_inputs,
+    check_state_update_inputs,
+)
 
 Opt = Tensor | None
 
@@ -189,6 +196,24 @@ def selective_state_update_op(
     )
 
 
+@_public_op("mamba_compiled::ssm_decode_step", mutates_args=("state", "conv_state"))
+def ssm_decode_step_op(
+    state: Tensor, conv_state: Tensor, u: Tensor, conv_x: Tensor, dt_low: Tensor,
+    dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt, dt_bias: Opt,
+    dt_softplus: bool,
+) -> Tensor:
+    if u.device.type == "cuda":
+        return _lowering().state_update(
+            state, u, dt_low, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x
+        )
+    dt = dt_low.to(state.dtype) @ dt_weight.to(state.dtype).t()  # in fp32, as the kernel
+    out = torch.ops.mamba_compiled.selective_state_update_cpu(
+        state, u, dt, A, B, C, D, z, dt_bias, dt_softplus
+    )
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd: the backward is the registered backward op.
 
@@ -279,3 +304,36 @@ def selective_state_update(
     """
     args = check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias)
     return torch.ops.mamba_compiled.selective_state_update(state, *args, bool(dt_softplus))
+
+
+def ssm_decode_step(
+    state: Tensor,
+    conv_state: Tensor,
+    u: Tensor,
+    conv_x: Tensor,
+    dt_low: Tensor,
+    dt_weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """The SSM half of the Mamba mixer's decode step, one kernel on CUDA.
+
+    Computes dt = dt_low @ dt_weight.T (dt_proj without its bias, in float32), then
+    `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias, dt_softplus)`, and shifts the
+    conv window: conv_state (batch, dim, d_conv) <- its last d_conv - 1 columns, then conv_x.
+    u: the conv's output for this step (it was computed from conv_state before the shift);
+    conv_x: this step's conv input; dt_low (batch, dt_rank), dt_weight (dim, dt_rank).
+    Updates `state` and `conv_state` in place; returns out (batch, dim) in u's dtype.
+    """
+    args = check_decode_step_inputs(
+        state, conv_state, u, conv_x, dt_low, dt_weight, A, B, C, D, z, dt_bias
+    )
+    u, conv_x, dt_low, A, B, C, D, z, dt_bias = args
+    return torch.ops.mamba_compiled.ssm_decode_step(
+        state, conv_state, u, conv_x, dt_low, dt_weight, A, B, C, D, z, dt_bias, bool(dt_softplus)
+    )
