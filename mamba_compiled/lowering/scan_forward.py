@@ -338,8 +338,8 @@ def scan_fwd(
     u, delta, z (batch, dim, L) with stride(-1) == 1; A (dim, dstate) fp32; B, C (dim, dstate) or
     (batch, groups, dstate, L); D, delta_bias (dim,); initial_state (batch, dim, dstate).
     Returns out (batch, dim, L) in u.dtype (in u's memory layout when u is dense), last_state
-    (batch, dim, dstate) fp32, and the checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) fp32: the state before steps 0, CK, 2·CK,
-    ..., then the last state. (The extra slot keeps that dimension from being 1 for short
+    (batch, dim, dstate) fp32, and the checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) fp32:
+    the state before steps 0, CK, 2·CK, ..., then the last state. (The extra slot keeps that dimension from being 1 for short
     sequences: the compiler would guard on a size-1 dimension and specialize a dynamic seqlen.)
     """
     batch, dim, seqlen = u.shape
