@@ -16,8 +16,9 @@ work) where triton is not installed.
         in the same kernel (the model's decode step)
 
 Shapes and dtypes are the op contract's (mamba_compiled/ops/scan.py). The launchers allocate
-with torch.empty and launch through torch.library.wrap_triton, computing grids with integer
-arithmetic on sizes only, so they trace under FakeTensorMode with a dynamic seqlen.
+with torch.empty and launch through torch.library.wrap_triton when traced (the JIT function
+itself in eager: `common.launcher`), computing grids with integer arithmetic on sizes only, so
+they trace under FakeTensorMode with a dynamic seqlen.
 """
 
 from __future__ import annotations
@@ -52,6 +53,4 @@ def state_update(
 ):  # fmt: skip
     from .decode_step import state_update as launch
 
-    return launch(
-        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x
-    )
+    return launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x)

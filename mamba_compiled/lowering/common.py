@@ -207,6 +207,15 @@ def traced(t: Tensor) -> bool:
     return type(t) is not torch.Tensor
 
 
+def launcher(kernel, like: Tensor):
+    """`kernel` to index with a grid and call: through `wrap_triton` when traced (so that
+    torch.compile, export and AOTInductor see the kernel), the JIT function itself in eager
+    (the HOP and its wrapper added about 100 us of host time per call on the H200)."""
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel) if traced(like) else kernel
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Launch configuration of one scan kernel. BD = channels per program, T = time steps per

@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .common import LOG2E, interpreting, sigmoid, softplus
+from .common import LOG2E, interpreting, launcher, sigmoid, softplus
 
 
 @triton.jit
@@ -129,7 +128,7 @@ def state_update(
     conv = conv_state if conv_state is not None else state
     cx = conv_x if conv_x is not None else x
     grid = (triton.cdiv(dim, BD), batch)
-    wrap_triton(_state_update_kernel)[grid](
+    launcher(_state_update_kernel, x)[grid](
         state, x, dt, A, B, C, D if D is not None else A, z_,
         dt_bias if dt_bias is not None else A, out, dtw, conv, cx,
         dim, dstate, dim // B.shape[1], dim // C.shape[1], rank, width,

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .common import (
     LOG2E,
@@ -36,6 +35,7 @@ from .common import (
     bwd_config,
     checkpoint_interval,
     interpreting,
+    launcher,
     linear_combine,
     publish,
     segments,
@@ -545,7 +545,7 @@ def scan_bwd(
     z_ = z if z is not None else u
     N = triton.next_power_of_2(dstate)
     grid = (n_seg * batch * n_dblk,)
-    wrap_triton(_scan_bwd_kernel)[grid](
+    launcher(_scan_bwd_kernel, u)[grid](
         dout, dlast_state if dlast_state is not None else A,
         u, delta, A, B, C, D if D is not None else A, z_,
         delta_bias if delta_bias is not None else A, checkpoints,

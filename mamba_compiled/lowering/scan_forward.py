@@ -30,13 +30,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .common import (
     LOG2E,
     checkpoint_interval,
     fwd_config,
     interpreting,
+    launcher,
     linear_combine,
     publish,
     segments,
@@ -339,8 +339,9 @@ def scan_fwd(
     (batch, groups, dstate, L); D, delta_bias (dim,); initial_state (batch, dim, dstate).
     Returns out (batch, dim, L) in u.dtype (in u's memory layout when u is dense), last_state
     (batch, dim, dstate) fp32, and the checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) fp32:
-    the state before steps 0, CK, 2·CK, ..., then the last state. (The extra slot keeps that dimension from being 1 for short
-    sequences: the compiler would guard on a size-1 dimension and specialize a dynamic seqlen.)
+    the state before steps 0, CK, 2·CK, ..., then the last state. (The extra slot keeps that
+    dimension from being 1 for short sequences: the compiler would guard on a size-1 dimension
+    and specialize a dynamic seqlen.)
     """
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -367,7 +368,7 @@ def scan_fwd(
     z_ = z if z is not None else u
     N = triton.next_power_of_2(dstate)
     grid = (n_seg * batch * n_dblk,)
-    wrap_triton(_scan_fwd_kernel)[grid](
+    launcher(_scan_fwd_kernel, u)[grid](
         u, delta, A, B, C,
         D if D is not None else A, z_,
         delta_bias if delta_bias is not None else A,
