@@ -80,9 +80,28 @@ def test_compiled_bf16_train_step_matches_eager():
 def _run_fresh(code: str) -> None:
     result = subprocess.run(
         [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_aoti_package_of_a_plain_module_on_cuda(tmp_path):
+    """Control for the test below: AOTInductor on this machine without our ops or kernels (the
+    model's package segfaulted at load on torch 2.11; this tells the environment from our op)."""
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU()).cuda().eval()
+    x = torch.randn(4, 16, device="cuda")
+    program = torch.export.export(net, (x,))
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "plain.pt2")
+    )
+    _run_fresh(f"""
+        import torch
+        run = torch._inductor.aoti_load_package({str(package)!r})
+        x = torch.randn(4, 16, device="cuda")
+        assert run(x).shape == (4, 32)
+    """)
 
 
 def test_export_and_aoti_package_on_cuda(tmp_path):
