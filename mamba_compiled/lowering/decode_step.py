@@ -125,7 +125,8 @@ def state_update(
     rank = dt_weight.shape[1] if dt_weight is not None else 1
     dtw = dt_weight.contiguous() if dt_weight is not None else A
     width = conv_state.shape[2] if conv_state is not None else 1
-    conv = conv_state if conv_state is not None else state
+    conv = conv_state if conv_state is not None else x  # placeholders are never read (or written)
+    conv_strides = conv_state.stride() if conv_state is not None else (0, 0, 0)
     cx = conv_x if conv_x is not None else x
     grid = (triton.cdiv(dim, BD), batch)
     launcher(_state_update_kernel, x)[grid](
@@ -135,7 +136,7 @@ def state_update(
         state.stride(0), state.stride(1), state.stride(2),
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), z_.stride(0), z_.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        dtw.stride(0), conv.stride(0), conv.stride(1), conv.stride(2), cx.stride(0), cx.stride(1),
+        dtw.stride(0), *conv_strides, cx.stride(0), cx.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), DT_PROJ=dt_weight is not None,
         R=triton.next_power_of_2(rank), CONV=conv_state is not None,
