@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -211,8 +212,6 @@ def launcher(kernel, like: Tensor):
     """`kernel` to index with a grid and call: through `wrap_triton` when traced (so that
     torch.compile, export and AOTInductor see the kernel), the JIT function itself in eager
     (the HOP and its wrapper added about 100 us of host time per call on the H200)."""
-    from torch.library import wrap_triton
-
     return wrap_triton(kernel) if traced(like) else kernel
 
 
