@@ -289,6 +289,12 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=_count, default=None, help="default: the run's seed, else 0")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="bf16 autocast on CUDA as in training (default), or fp32 throughout",
+    )
     p.add_argument("--json", type=Path, help="also write the results to this file")
 
 
@@ -337,7 +343,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = config.seed if args.seed is None else args.seed
     batches = eval_batches(task, sequences, args.batch_size, seed, env)
     result = {"checkpoint": str(path), "task": config.task, "seq_len": config.seq_len}
-    result.update(evaluate(model, batches, env, per_byte=isinstance(task, ByteLM)))
+    result["precision"] = args.precision if env.device.type == "cuda" else "fp32"
+    result.update(
+        evaluate(model, batches, env, isinstance(task, ByteLM), precision=args.precision)
+    )
     line = f"{config.task}, length {config.seq_len}: accuracy {100 * result['accuracy']:.2f}%"
     line += f", loss {result['loss']:.4f} ({result['sequences']} sequences)"
     if "bits_per_byte" in result:
@@ -347,7 +356,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not hasattr(task, "split_for_generation") or config.task != "induction-heads":
             raise UsageError("--lengths is for the induction-heads task")
         result["lengths"] = []
-        for r in length_sweep(model, task, args.lengths, sequences, seed, env, args.token_budget):
+        sweep = length_sweep(
+            model, task, args.lengths, sequences, seed, env, args.token_budget, args.precision
+        )
+        for r in sweep:
             result["lengths"].append(r)
             print(
                 f"  length {r['length']:>8}: accuracy {100 * r['accuracy']:6.2f}% "

@@ -20,9 +20,11 @@ from mamba_compiled.distributed import DistEnv, all_reduce_sum
 from mamba_compiled.tasks import IGNORE, Batch, ByteLM, generator
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; CPU runs in float32."""
-    if device.type == "cuda":
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA (precision "bf16"); CPU, and precision "fp32", run in float32."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -62,7 +64,11 @@ def eval_batches(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[Batch], env: DistEnv, per_byte: bool = False
+    model: nn.Module,
+    batches: Iterable[Batch],
+    env: DistEnv,
+    per_byte: bool = False,
+    precision: str = "bf16",
 ) -> dict:
     """Loss (nats per answer), accuracy and sequence accuracy over `batches`, on every process.
 
@@ -75,7 +81,7 @@ def evaluate(
         if len(batch) == 0:  # an uneven split can leave a process without rows
             continue
         batch = batch.to(env.device)
-        with autocast(env.device):
+        with autocast(env.device, precision):
             logits = model(batch.inputs).logits
         logits = logits.float()
         sums[0] += F.cross_entropy(
@@ -133,6 +139,7 @@ def length_sweep(
     seed: int,
     env: DistEnv,
     token_budget: int = 1 << 20,
+    precision: str = "bf16",
 ) -> list[dict]:
     """Accuracy of the last-position answer at each length (induction heads' generalization test).
 
@@ -154,7 +161,7 @@ def length_sweep(
                 n, generator(seed, f"length-{length}-{env.rank}", i), seq_len=length
             )
             batch = batch.to(env.device)
-            with autocast(env.device):
+            with autocast(env.device, precision):
                 logits = last_token_logits(model, batch.inputs, chunk=token_budget)
             correct += (logits.float().argmax(-1) == batch.targets[:, -1]).sum()
             done += n

@@ -12,7 +12,8 @@
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one), profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
-# (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces).
+# (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
+# task-step (perf/profile_task_step.py: the paper tasks' step time and its profile).
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
@@ -93,6 +94,10 @@ run_lane() {  # run_lane LANE SECTION...
                 section "$lane" ncu-scan ncu --nvtx --nvtx-include 'mamba\/layers.0\/scan/' --clock-control none --set full -f \
                     -o "$w/ncu-scan-layer0" $PY -m mamba_compiled.cli profile --model 130m --mode prefill --seqlen 2048 \
                     --no-compile --nvtx --no-torch-profiler --warmup 0 ;;
+            task-step)  # where a paper task's training step spends its time
+                for t in induction-heads selective-copying; do
+                    section "$lane" "task-step-$t" $PY perf/profile_task_step.py --task "$t" --out "$w/task-step"
+                done ;;
             ddp)
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;
             tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs

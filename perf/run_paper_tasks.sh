@@ -13,7 +13,8 @@
 #            25 x 8192 steps): one training segment; the segment that finishes also measures the
 #            accuracy at every length 2^6 .. 2^20 (512 sequences each)
 #   ih-eval  the length sweep alone on ih-paper's newest checkpoint (256 sequences per length;
-#            batch 1 at 2^20; sequences beyond 2^20 tokens would be prefilled in chunks)
+#            batch 1 at 2^20; sequences beyond 2^20 tokens would be prefilled in chunks), in bf16
+#            autocast as in training and in fp32 (lengths-bf16.json, lengths-fp32.json)
 #   status   where the runs stand
 #
 # Default pieces: sc and ih, at the same time on two GPUs when two are visible, else one after
@@ -99,8 +100,11 @@ run_piece() {  # run_piece PIECE MINUTES
         sc) segment selective-copying sc-paper "$SC_TARGET" "$2" ;;
         ih) segment induction-heads ih-paper "$IH_TARGET" "$2" ;;
         ih-eval)
-            "$PYTHON" -m mamba_compiled eval "$RUNS/ih-paper" --device cuda --lengths '2^6..2^20' \
-                --sequences 256 --token-budget $((1 << 20)) --json "$RUNS/ih-paper/lengths.json"
+            for precision in bf16 fp32; do
+                "$PYTHON" -m mamba_compiled eval "$RUNS/ih-paper" --device cuda --lengths '2^6..2^20' \
+                    --sequences 256 --token-budget $((1 << 20)) --precision "$precision" \
+                    --json "$RUNS/ih-paper/lengths-$precision.json"
+            done
             pack ih-paper ;;
         status) status ;;
         *) echo "unknown piece $1 (sc, ih, ih-eval, status)" >&2; return 2 ;;
