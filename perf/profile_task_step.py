@@ -26,24 +26,34 @@ def main() -> None:
     p.add_argument("--preset", default="paper")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--cuda-graphs", action="store_true", help="the training step as CUDA graphs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     c = make_config(args.task, preset=args.preset)
-    c = dataclasses.replace(c, device=args.device, out_dir=tempfile.mkdtemp(), progress=False)
+    c = dataclasses.replace(
+        c,
+        device=args.device,
+        out_dir=tempfile.mkdtemp(),
+        progress=False,
+        cuda_graphs=args.cuda_graphs,
+    )
     trainer = Trainer(c)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     for s in range(3):
         trainer.train_step(s)
     sync()
-    print(f"{args.task} ({args.preset}), batch {c.batch_size} x {c.seq_len}: "
-          f"warm-up (compile) {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{args.task} ({args.preset}), batch {c.batch_size} x {c.seq_len}: "
+        f"warm-up (compile) {time.perf_counter() - t0:.1f} s"
+    )
     t0 = time.perf_counter()
     for s in range(3, 3 + args.steps):
         trainer.train_step(s)
     sync()
     ms = (time.perf_counter() - t0) / args.steps * 1e3
-    print(f"{ms:.2f} ms per step over {args.steps} steps")
+    graphs = ", CUDA graphs" if args.cuda_graphs else ""
+    print(f"{ms:.2f} ms per step over {args.steps} steps{graphs}")
     acts = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -57,13 +67,15 @@ def main() -> None:
         ka.table(sort_by="self_cpu_time_total", row_limit=30),
     ]
     if args.device == "cuda":
-        tables += ["\n## by GPU time (5 steps)\n", ka.table(sort_by="self_device_time_total", row_limit=25)]
+        by_gpu = ka.table(sort_by="self_device_time_total", row_limit=25)
+        tables += ["\n## by GPU time (5 steps)\n", by_gpu]
     text = f"{ms:.2f} ms per step\n\n" + "\n".join(tables)
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"profile_step_{args.task}.txt").write_text(text)
-        prof.export_chrome_trace(str(args.out / f"trace_{args.task}.json"))
+        name = args.task + ("-graphs" if args.cuda_graphs else "")
+        (args.out / f"profile_step_{name}.txt").write_text(text)
+        prof.export_chrome_trace(str(args.out / f"trace_{name}.json"))
 
 
 if __name__ == "__main__":

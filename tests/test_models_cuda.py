@@ -3,9 +3,12 @@
 Run with `pytest -m cuda` (perf/gpu_check.sh); skipped without a GPU.
 """
 
+import functools
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,31 +80,50 @@ def test_compiled_bf16_train_step_matches_eager():
                 assert err < 5e-2, (name, float(err))
 
 
-def _run_fresh(code: str) -> None:
-    result = subprocess.run(
+def _run_fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_aoti_package_of_a_plain_module_on_cuda(tmp_path):
-    """Control for the test below: AOTInductor on this machine without our ops or kernels (the
-    model's package segfaulted at load on torch 2.11; this tells the environment from our op)."""
+@functools.cache
+def _aoti_broken_here() -> str | None:
+    """Why AOTInductor cannot load a package on this machine at all, or None when it can.
+
+    The control is a plain nn.Linear + SiLU, without our ops or kernels, loaded in a fresh
+    process. On the device's torch 2.11.0+cu130 it segfaults inside `_load_aoti` (call of
+    2026-11-28): an environment bug, which the model's AOTI test then reports as an expected
+    failure instead of crashing its pytest worker.
+    """
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU()).cuda().eval()
     x = torch.randn(4, 16, device="cuda")
-    program = torch.export.export(net, (x,))
-    package = torch._inductor.aoti_compile_and_package(
-        program, package_path=str(tmp_path / "plain.pt2")
+    with tempfile.TemporaryDirectory() as d:
+        package = torch._inductor.aoti_compile_and_package(
+            torch.export.export(net, (x,)), package_path=str(Path(d) / "plain.pt2")
+        )
+        result = _run_fresh(f"""
+            import torch
+            run = torch._inductor.aoti_load_package({str(package)!r})
+            x = torch.randn(4, 16, device="cuda")
+            assert run(x).shape == (4, 32)
+        """)
+    if result.returncode == 0:
+        return None
+    tail = (result.stdout + result.stderr).strip().splitlines()[-6:]
+    return (
+        f"AOTInductor cannot load even a plain Linear's package with torch {torch.__version__} "
+        f"here (exit {result.returncode}): " + " | ".join(tail)
     )
-    _run_fresh(f"""
-        import torch
-        run = torch._inductor.aoti_load_package({str(package)!r})
-        x = torch.randn(4, 16, device="cuda")
-        assert run(x).shape == (4, 32)
-    """)
+
+
+def test_aoti_package_of_a_plain_module_on_cuda():
+    """Control for the test below: AOTInductor on this machine without our ops or kernels."""
+    reason = _aoti_broken_here()
+    if reason is not None:
+        pytest.xfail(reason)
 
 
 def test_export_and_aoti_package_on_cuda(tmp_path):
@@ -111,13 +133,26 @@ def test_export_and_aoti_package_on_cuda(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     torch.export.save(program, tmp_path / "model.pt2")
+    reason = _aoti_broken_here()
+    if reason is not None:  # the exported program still round-trips through a fresh process
+        torch.save({"ids": ids.cpu(), "expected": expected.cpu()}, tmp_path / "io.pt")
+        result = _run_fresh(f"""
+            import torch
+            import mamba_compiled
+            io = torch.load({str(tmp_path / "io.pt")!r})
+            ids, expected = io["ids"].cuda(), io["expected"].cuda()
+            program = torch.export.load({str(tmp_path / "model.pt2")!r})
+            torch.testing.assert_close(program.module()(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        """)
+        assert result.returncode == 0, result.stdout + result.stderr
+        pytest.xfail(reason)
     package = export.aoti_package(program, tmp_path / "model_aoti.pt2")
     # In this process first (the kernels are compiled and loaded here), then in a fresh one;
     # the fresh one prints where it is, so that a crash names its step (faulthandler).
     run = torch._inductor.aoti_load_package(str(package))
     torch.testing.assert_close(run(ids).logits, expected, atol=1e-4, rtol=1e-4)
     torch.save({"ids": ids.cpu(), "expected": expected.cpu()}, tmp_path / "io.pt")
-    _run_fresh(f"""
+    result = _run_fresh(f"""
         import torch
         import mamba_compiled
         io = torch.load({str(tmp_path / "io.pt")!r})
@@ -132,3 +167,4 @@ def test_export_and_aoti_package_on_cuda(tmp_path):
         short = ids[:1, :5]
         assert run(short).logits.shape == (1, 5, expected.shape[-1])
     """)
+    assert result.returncode == 0, result.stdout + result.stderr
