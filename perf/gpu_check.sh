@@ -13,7 +13,10 @@
 # 130M model, decode, prefill and train; profile-<mode> for one), profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
-# task-step (perf/profile_task_step.py: the paper tasks' step time and its profile).
+# task-step (perf/profile_task_step.py: the paper tasks' step time and its profile),
+# task-step-graphs (the same with --cuda-graphs). LANE_PREFIX (default lane) names the lanes'
+# logs and archives: a second gpu_check.sh in the same call (say a "2:ddp" after two 1-GPU
+# lanes) keeps its own.
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
@@ -98,6 +101,10 @@ run_lane() {  # run_lane LANE SECTION...
                 for t in induction-heads selective-copying; do
                     section "$lane" "task-step-$t" $PY perf/profile_task_step.py --task "$t" --out "$w/task-step"
                 done ;;
+            task-step-graphs)  # the same with the step replayed as CUDA graphs (--cuda-graphs)
+                for t in induction-heads selective-copying; do
+                    section "$lane" "task-step-graphs-$t" $PY perf/profile_task_step.py --task "$t" --cuda-graphs --out "$w/task-step"
+                done ;;
             ddp)
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;
             tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs
@@ -126,7 +133,7 @@ fi
 i=0
 gpu=0
 for lane in "${lanes[@]}"; do
-    name="lane$i"
+    name="${LANE_PREFIX:-lane}$i"
     k=1
     if [[ $lane =~ ^([0-9]+):(.*)$ ]]; then
         k=${BASH_REMATCH[1]}
