@@ -114,7 +114,7 @@ _TRAIN_FIELDS = (
     "expand", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps",
     "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "eval_sequences", "eval_lengths",
     "eval_token_budget", "target_accuracy", "seed", "log_every", "ckpt_every",
-    "keep_checkpoints", "device", "fsdp", "time_limit", "compile", "cuda_graphs", "progress",
+    "keep_checkpoints", "device", "fsdp", "time_limit", "compile", "progress",
 )
 # fmt: on
 
@@ -202,13 +202,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="run eagerly (default: torch.compile, fullgraph)",
-    )
-    g.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        default=None,
-        help="replay the compiled step as CUDA graphs (one process on CUDA): for small "
-        "models, whose step is bound by kernel launches",
     )
     g.add_argument("--seed", type=_count)
     g.add_argument("--log-every", type=_positive_int)
@@ -351,7 +344,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = eval_batches(task, sequences, args.batch_size, seed, env)
     result = {"checkpoint": str(path), "task": config.task, "seq_len": config.seq_len}
     result["precision"] = args.precision if env.device.type == "cuda" else "fp32"
-    result.update(evaluate(model, batches, env, isinstance(task, ByteLM), precision=args.precision))
+    result.update(
+        evaluate(model, batches, env, isinstance(task, ByteLM), precision=args.precision)
+    )
     line = f"{config.task}, length {config.seq_len}: accuracy {100 * result['accuracy']:.2f}%"
     line += f", loss {result['loss']:.4f} ({result['sequences']} sequences)"
     if "bits_per_byte" in result:

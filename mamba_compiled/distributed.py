@@ -105,16 +105,11 @@ def any_process(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
-def wrap(
-    objective: nn.Module, env: DistEnv, fsdp: bool, compile: bool, cuda_graphs: bool = False
-) -> nn.Module:
+def wrap(objective: nn.Module, env: DistEnv, fsdp: bool, compile: bool) -> nn.Module:
     """Compile and parallelize `objective`, whose language model is `objective.model`.
 
     Returns the module to call for training; its parameters are the ones to optimize.
-    cuda_graphs (one process only): the compiled forward and backward replay as CUDA graphs.
     """
-    if cuda_graphs and (fsdp or env.world_size > 1 or not compile):
-        raise ValueError("cuda_graphs needs compile and one process (no DDP or FSDP)")
     if fsdp:
         if not env.initialized:
             raise ValueError("--fsdp needs a process group: launch with torchrun")
@@ -144,7 +139,7 @@ def wrap(
             ddp.compile()
         return ddp
     if compile:
-        objective.compile(fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+        objective.compile(fullgraph=True)
     return objective
 
 

@@ -82,9 +82,6 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = True
-    # CUDA graphs for the compiled forward and backward (mode="reduce-overhead"): one process on
-    # CUDA; for small models, whose step is bound by the host's kernel launches
-    cuda_graphs: bool = False
     fsdp: bool = False
     time_limit: float = 0.0  # minutes; stop (with a checkpoint) once exceeded; 0: no limit
     target_accuracy: float = 0.0  # finish early once an evaluation reaches it; 0: never
@@ -94,9 +91,9 @@ class TrainConfig:
 # Fields a resumed run may change: where and how it runs, not what it computes.
 # fmt: off
 RUN_CONTROL = frozenset({
-    "out_dir", "device", "compile", "cuda_graphs", "fsdp", "time_limit", "target_accuracy",
-    "progress", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_sequences",
-    "eval_lengths", "eval_token_budget",
+    "out_dir", "device", "compile", "fsdp", "time_limit", "target_accuracy", "progress",
+    "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_sequences", "eval_lengths",
+    "eval_token_budget",
 })
 
 # Named starting points per task. "paper" is the paper's setting (Appendix E.1: 2 layers of
@@ -220,8 +217,6 @@ def validate(c: TrainConfig) -> None:
         raise ValueError("eval_lengths is for the induction-heads task")
     if c.model_size is not None:
         MambaConfig.from_name(c.model_size)  # raises on an unknown name
-    if c.cuda_graphs and (not c.compile or c.fsdp or c.device == "cpu"):
-        raise ValueError("cuda_graphs needs compile, one process without fsdp, and a CUDA device")
 
 
 def build_task(c: TrainConfig):
@@ -409,13 +404,8 @@ class Trainer:
             self.resumed_from = None
         self.model = model
         self.objective = Objective(model)
-        if c.cuda_graphs and (self.env.device.type != "cuda" or self.env.world_size > 1):
-            raise ValueError(
-                f"cuda_graphs needs one process on a CUDA device, not {self.env.world_size} "
-                f"on {self.env.device.type}"
-            )
         self.train_module = distributed.wrap(
-            self.objective, self.env, fsdp=c.fsdp, compile=c.compile, cuda_graphs=c.cuda_graphs
+            self.objective, self.env, fsdp=c.fsdp, compile=c.compile
         )
         self.optimizer = build_optimizer(self.train_module, c, self.env.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -525,8 +515,6 @@ class Trainer:
         for i in range(c.grad_accum):
             micro = share.slice(i * self.micro_batch, (i + 1) * self.micro_batch).to(env.device)
             sync = i == c.grad_accum - 1
-            if c.cuda_graphs:  # a new replay may overwrite the last one's outputs (all consumed)
-                torch.compiler.cudagraph_mark_step_begin()
             with distributed.gradient_sync(self.train_module, sync), autocast(env.device):
                 micro_loss, micro_stats = self.train_module(micro.inputs, micro.targets)
             (micro_loss * scale).backward()

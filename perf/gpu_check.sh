@@ -14,7 +14,7 @@
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile),
-# task-step-graphs (the same with --cuda-graphs). LANE_PREFIX (default lane) names the lanes'
+# LANE_PREFIX (default lane) names the lanes'
 # logs and archives: a second gpu_check.sh in the same call (say a "2:ddp" after two 1-GPU
 # lanes) keeps its own.
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
@@ -100,10 +100,6 @@ run_lane() {  # run_lane LANE SECTION...
             task-step)  # where a paper task's training step spends its time
                 for t in induction-heads selective-copying; do
                     section "$lane" "task-step-$t" $PY perf/profile_task_step.py --task "$t" --out "$w/task-step"
-                done ;;
-            task-step-graphs)  # the same with the step replayed as CUDA graphs (--cuda-graphs)
-                for t in induction-heads selective-copying; do
-                    section "$lane" "task-step-graphs-$t" $PY perf/profile_task_step.py --task "$t" --cuda-graphs --out "$w/task-step"
                 done ;;
             ddp)
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;

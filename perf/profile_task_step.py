@@ -26,17 +26,10 @@ def main() -> None:
     p.add_argument("--preset", default="paper")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--cuda-graphs", action="store_true", help="the training step as CUDA graphs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     c = make_config(args.task, preset=args.preset)
-    c = dataclasses.replace(
-        c,
-        device=args.device,
-        out_dir=tempfile.mkdtemp(),
-        progress=False,
-        cuda_graphs=args.cuda_graphs,
-    )
+    c = dataclasses.replace(c, device=args.device, out_dir=tempfile.mkdtemp(), progress=False)
     trainer = Trainer(c)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -52,8 +45,7 @@ def main() -> None:
         trainer.train_step(s)
     sync()
     ms = (time.perf_counter() - t0) / args.steps * 1e3
-    graphs = ", CUDA graphs" if args.cuda_graphs else ""
-    print(f"{ms:.2f} ms per step over {args.steps} steps{graphs}")
+    print(f"{ms:.2f} ms per step over {args.steps} steps")
     acts = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -73,9 +65,8 @@ def main() -> None:
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = args.task + ("-graphs" if args.cuda_graphs else "")
-        (args.out / f"profile_step_{name}.txt").write_text(text)
-        prof.export_chrome_trace(str(args.out / f"trace_{name}.json"))
+        (args.out / f"profile_step_{args.task}.txt").write_text(text)
+        prof.export_chrome_trace(str(args.out / f"trace_{args.task}.json"))
 
 
 if __name__ == "__main__":

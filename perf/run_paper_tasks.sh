@@ -61,7 +61,7 @@ segment() {  # segment TASK NAME TARGET MINUTES: one training segment, resumed i
         resume=(--resume)
     fi
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
-    "$PYTHON" -m mamba_compiled train --task "$task" --preset paper --out "$dir" --device cuda --cuda-graphs \
+    "$PYTHON" -m mamba_compiled train --task "$task" --preset paper --out "$dir" --device cuda \
         --time-limit "$minutes" --target-accuracy "$target" --no-progress "${resume[@]}" \
         ${TRAIN_ARGS:-}
     pack "$name"

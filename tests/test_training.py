@@ -83,8 +83,6 @@ def test_weight_decay_groups_follow_the_recipe():
         pytest.param({"model_size": "7b"}, "7b", id="size"),
         pytest.param({"eval_lengths": [64]}, "eval_lengths", id="lengths"),
         pytest.param({"colour": "red"}, "colour", id="unknown"),
-        pytest.param({"cuda_graphs": True, "device": "cpu"}, "cuda_graphs", id="graphs-cpu"),
-        pytest.param({"cuda_graphs": True, "compile": False}, "cuda_graphs", id="graphs-eager"),
     ],
 )
 def test_bad_config(overrides, match):
@@ -114,18 +112,6 @@ def test_compiled_training_equals_eager(tmp_path):
     ):
         assert x == pytest.approx(y, rel=1e-4)
     assert compiled["eval"]["loss"] == pytest.approx(eager["eval"]["loss"], rel=1e-4)
-
-
-@pytest.mark.cuda
-def test_cuda_graph_training_equals_compiled(tmp_path):
-    """The step replayed as CUDA graphs (with gradient accumulation: two replays per step) takes
-    the steps of the plain compiled one."""
-    kw = dict(device="cuda", compile=True, steps=4, grad_accum=2, eval_sequences=32)
-    plain = train(tiny(tmp_path, "plain", **kw))
-    graphs = train(tiny(tmp_path, "graphs", cuda_graphs=True, **kw))
-    for (_, x), (_, y) in zip(losses(tmp_path / "plain"), losses(tmp_path / "graphs"), strict=True):
-        assert x == pytest.approx(y, rel=1e-4)
-    assert graphs["eval"]["loss"] == pytest.approx(plain["eval"]["loss"], rel=1e-4)
 
 
 def test_run_outputs(tmp_path):
