@@ -284,29 +284,3 @@ def test_compile_fullgraph_dynamic_train_step_matches_eager():
                 torch.testing.assert_close(
                     grads_c[name], grads_e[name], atol=1e-5, rtol=1e-4, msg=name
                 )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_folded_into_the_decode_projection(dtype):
-    """The decode step's in_proj with the norm folded in (`rms_norm_gemv`, used compiled on CUDA)
-    equals RMSNorm then the linear layer, in eager and compiled."""
-    from mamba_compiled.models.lm import RMSNorm
-    from mamba_compiled.models.mamba import rms_norm_gemv
-
-    d, rows = 48, 80
-    x = torch.randn(3, d) * 3  # the fp32 residual stream
-    norm = RMSNorm(d, eps=1e-5, dtype=dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.rand(d) + 0.5)
-    weight = (torch.randn(rows, d) / math.sqrt(d)).to(dtype)
-    bias = torch.randn(rows).to(dtype)
-    with torch.no_grad():
-        expected = F.linear(norm(x.to(dtype)).float(), weight.float(), bias.float())
-        eager = rms_norm_gemv(x, norm.weight, norm.eps, weight, bias)
-        compiled = torch.compile(rms_norm_gemv, fullgraph=True)(
-            x, norm.weight, norm.eps, weight, bias
-        )
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for out in (eager, compiled):
-        assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mamba_compiled.models import checkpoints
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.models.mamba import Mamba, rms_norm_gemv, use_gemv
+from mamba_compiled.models.mamba import Mamba
 
 # What mamba_ssm's MambaLMHeadModel.forward returns. Defined once and registered under a stable
 # name so that a torch.export'ed model (whose output is this tuple) can be saved and loaded.
@@ -73,12 +73,6 @@ class Block(nn.Module):
         return x + self.mixer(h, conv_state, ssm_state, mask)
 
     def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, constants=None) -> Tensor:
-        # On CUDA the norm folds into in_proj's reduction (one kernel fewer per layer and token;
-        # on CPU there is no launch to save, and the folded form sums mean(x²) once per row)
-        if isinstance(self.norm, RMSNorm) and x.is_cuda and use_gemv(x):
-            in_proj = self.mixer.in_proj
-            xz = rms_norm_gemv(x, self.norm.weight, self.norm.eps, in_proj.weight, in_proj.bias)
-            return x + self.mixer.step_from_xz(xz, conv_state, ssm_state, constants)
         h = self.norm(x.to(self.norm.weight.dtype))
         return x + self.mixer.step(h, conv_state, ssm_state, constants)
 

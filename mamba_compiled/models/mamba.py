@@ -31,10 +31,6 @@ from mamba_compiled.ops import selective_scan_fn, ssm_decode_step
 GEMV_MAX_BATCH = 8
 
 
-def use_gemv(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() and x.shape[0] <= GEMV_MAX_BATCH
-
-
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` for one decoding step, x (b, in).
 
@@ -44,31 +40,17 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     a few MB of weights (profile of the 130M decode step in perf/RESULTS.md). In eager, and for
     larger batches, it is the plain linear layer.
 
-    The reduction stores in x's dtype (Inductor still multiplies and accumulates in fp32): an
-    fp32 result cast afterwards is a separate node, which Inductor recomputed and stored once per
-    view that a kernel reads (dt, B, C of x_proj; x, z of in_proj): 4 extra kernels per layer
-    and token in the 130M decode step (profile of 2026-11-28, third session).
+    The reduction stores in x's dtype (Inductor still multiplies and accumulates in fp32): a
+    float32 result cast afterwards is a separate node, which Inductor recomputed and stored once
+    per view that our kernel reads (dt, B, C of x_proj; z of in_proj): 4 kernels more per layer
+    and token in the 130M decode step (243 against 153 kernels, 114 against 97 ms for 100 + 200
+    tokens; perf/RESULTS.md, third session). Don't put a pointwise epilogue between such a
+    reduction and the views either (an RMSNorm folded in as rsqrt(mean(x²)) · (x·g) @ W.T did
+    that: Inductor kept the epilogue out of the reduction kernel and stored z separately again).
     """
-    if not use_gemv(x):
+    if not torch.compiler.is_compiling() or x.shape[0] > GEMV_MAX_BATCH:
         return F.linear(x, weight, bias)
     out = (x[:, None, :] * weight).sum(-1)
-    return out if bias is None else out + bias
-
-
-def rms_norm_gemv(
-    x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None
-) -> Tensor:
-    """`F.linear(RMSNorm(x), weight, bias)` for one decoding step under torch.compile (x (b, d),
-    the residual stream; the norm reads it in its weight's dtype, as the forward does), as one
-    reduction: rms_norm(x) @ W.T = rsqrt(mean(x²) + eps) · ((x · g) @ W.T), with mean(x²) summed
-    again beside every output row, so that both sums share the output's iteration space and
-    fuse into one kernel with the projection (the norm took a kernel of its own per layer and
-    token). Only where `_gemv` reduces (see `use_gemv`)."""
-    xf = x.to(norm_weight.dtype).float()
-    rows = weight.shape[0]
-    num = (xf[:, None, :] * norm_weight.float() * weight).sum(-1)  # (b, rows), fp32
-    mean_sq = (xf[:, None, :] * xf[:, None, :]).expand(-1, rows, -1).mean(-1)  # (b, rows)
-    out = (num * torch.rsqrt(mean_sq + eps)).to(weight.dtype)
     return out if bias is None else out + bias
 
 
@@ -234,16 +216,6 @@ class Mamba(nn.Module):
         `constants`: `scan_constants()` computed ahead (must be current with the parameters).
         """
         xz = _gemv(hidden_states, self.in_proj.weight, self.in_proj.bias)
-        return self.step_from_xz(xz, conv_state, ssm_state, constants)
-
-    def step_from_xz(
-        self,
-        xz: Tensor,
-        conv_state: Tensor,
-        ssm_state: Tensor,
-        constants: tuple[Tensor, Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        """`step` from the in_proj output xz (b, 2 · d_inner) (a block folds its norm into it)."""
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
         # conv_state holds the last W inputs; this step's window is its last W-1 and x. The conv
         # output is computed from the state and x directly; the state shifts in the scan's kernel.
