@@ -388,10 +388,11 @@ def test_kernels_compile_for_hopper():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("rank,width", [(3, 4), (5, 2)])
-def test_decode_step_fused(dtype, rank, width):
-    """dt_proj, the state update and the conv-window shift in one kernel: equal to dt computed
-    in float64 and fed to the oracle's state update, and to the window shifted by torch."""
+@pytest.mark.parametrize("rank,width,conv_bias", [(3, 4, True), (5, 2, False)])
+def test_decode_step_fused(dtype, rank, width, conv_bias):
+    """The conv's step, dt_proj, the state update and the conv-window shift in one kernel: equal
+    to the oracle's state update fed with the conv output and dt computed in float64, and to the
+    window shifted by torch."""
     from mamba_compiled.lowering import state_update
 
     b, d, n = 3, 12, 4
@@ -399,20 +400,25 @@ def test_decode_step_fused(dtype, rank, width):
     act = dict(device=DEVICE, dtype=dtype)
     state = torch.randn(b, d, n, **f32)
     conv_state = torch.randn(b, d, width, **act)
-    u, conv_x, z = torch.randn(b, d, **act), torch.randn(b, d, **act), torch.randn(b, d, **act)
+    conv_x, z = torch.randn(b, d, **act), torch.randn(b, d, **act)
+    conv_w = (0.5 * torch.randn(d, width, **f32)).to(dtype)
+    conv_b = torch.randn(d, **f32).to(dtype) if conv_bias else None
     dt_low = (0.3 * torch.randn(b, rank, **f32)).to(dtype)
     dt_weight = (0.3 * torch.randn(d, rank, **f32)).to(dtype)
     A, D, bias = -0.5 * torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32)
     B, C = torch.randn(b, 1, n, **act), torch.randn(b, 1, n, **act)
     f = lambda t: t.double()  # noqa: E731
+    ref_conv = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
+    u = (f(ref_conv) * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)
+    u = torch.nn.functional.silu(u).to(dtype)  # the kernel rounds u as the model does
     dt = f(dt_low) @ f(dt_weight).t()
     ref_out, ref_state = selective_state_update_ref(
         f(state), f(u), dt, f(A), f(B), f(C), f(D), f(z), f(bias), True
     )
-    ref_conv = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
     out = state_update(
-        state, u, dt_low, A, B, C, D, z, bias, True, dt_weight, conv_state, conv_x
-    )
+        state, None, dt_low, A, B, C, D, z, bias, True, dt_weight, conv_state, conv_x,
+        conv_w, conv_b,
+    )  # fmt: skip
     tol = TOL[dtype]
     _close("out", out, ref_out, tol)
     _close("state (in place)", state, ref_state, 1e-5 if dtype == torch.float32 else tol)

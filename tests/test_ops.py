@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scan_inputs import (
@@ -247,7 +248,8 @@ def test_opcheck(device):
     )
     dec_args = (
         torch.randn(batch, dim, dstate, device=device), torch.randn(batch, dim, 4, device=device),
-        torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device),
+        torch.randn(batch, dim, device=device), torch.randn(dim, 4, device=device),
+        torch.randn(dim, device=device),
         torch.randn(batch, 3, device=device), torch.randn(dim, 3, device=device),
         *upd_args[3:6], *upd_args[6:9], True,
     )
@@ -442,30 +444,37 @@ def test_bad_state_update_input(change, exc, message):
 def _good_decode_step():
     batch, dim, dstate, rank, width = 2, 8, 4, 3, 4
     return dict(state=torch.randn(batch, dim, dstate), conv_state=torch.randn(batch, dim, width),
-                u=torch.randn(batch, dim), conv_x=torch.randn(batch, dim),
+                conv_x=torch.randn(batch, dim), conv_weight=torch.randn(dim, width),
                 dt_low=torch.randn(batch, rank), dt_weight=torch.randn(dim, rank),
                 A=-torch.rand(dim, dstate), B=torch.randn(batch, dstate),
                 C=torch.randn(batch, dstate), D=torch.randn(dim), z=torch.randn(batch, dim),
-                dt_bias=torch.rand(dim), dt_softplus=True)
+                dt_bias=torch.rand(dim), dt_softplus=True, conv_bias=torch.randn(dim))
 
 
 def test_decode_step_equals_its_parts():
-    """ssm_decode_step = dt_proj, then selective_state_update, then the conv-window shift."""
+    """ssm_decode_step = the conv's step (the window shifted, then silu(conv)), dt_proj, then
+    selective_state_update; the conv state holds the shifted window."""
     kw = _good_decode_step()
     state, conv = kw["state"].clone(), kw["conv_state"].clone()
+    window = torch.cat([conv[:, :, 1:], kw["conv_x"][..., None]], -1)
+    u = F.silu((window * kw["conv_weight"]).sum(-1) + kw["conv_bias"])
     dt = kw["dt_low"] @ kw["dt_weight"].t()
     want = selective_state_update(
-        state, kw["u"], dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"], True
+        state, u, dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"], True
     )
     out = ssm_decode_step(**kw)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(kw["state"], state)
-    torch.testing.assert_close(kw["conv_state"], torch.cat([conv[:, :, 1:], kw["conv_x"][..., None]], -1))
+    torch.testing.assert_close(kw["conv_state"], window)
 
 
 BAD_DECODE_STEP = [
     pytest.param(dict(conv_state=torch.randn(2, 7, 4)), ValueError, "conv_state must have shape (batch, dim, d_conv)", id="conv-size"),
-    pytest.param(dict(conv_x=torch.randn(2, 8, dtype=torch.float16)), TypeError, "conv_x must have u's dtype", id="conv_x-dtype"),
+    pytest.param(dict(conv_state=torch.randn(2, 8, 4, dtype=torch.float16)), TypeError, "conv_state must have conv_x's dtype", id="conv-dtype"),
+    pytest.param(dict(conv_x=torch.randn(2, 8, 1)), ValueError, "conv_x must have shape (batch, dim)", id="conv_x-3d"),
+    pytest.param(dict(conv_weight=torch.randn(8, 3)), ValueError, "conv_weight must have shape (dim, d_conv)", id="conv-weight"),
+    pytest.param(dict(conv_bias=torch.randn(7)), ValueError, "conv_bias must have shape (dim,)", id="conv-bias"),
+    pytest.param(dict(conv_weight=None), TypeError, "conv_weight must be a torch.Tensor", id="conv-weight-missing"),
     pytest.param(dict(dt_weight=torch.randn(8, 5)), ValueError, "dt_weight must have shape (dim, dt_rank)", id="rank"),
     pytest.param(dict(dt_low=None), TypeError, "dt_low must be a torch.Tensor", id="dt_low-missing"),
 ]

@@ -10,10 +10,11 @@ work) where triton is not installed.
     scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
              delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
-    state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                 dt_weight=None, conv_state=None, conv_x=None) -> out   (state in place)
-        with dt_weight, dt is dt_proj's low-rank input; with conv_state, the conv window shifts
-        in the same kernel (the model's decode step)
+    state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight=None,
+                 conv_state=None, conv_x=None, conv_weight=None, conv_bias=None) -> out
+        (state in place) with dt_weight, dt is dt_proj's low-rank input; with conv_state, the
+        conv window shifts in the same kernel; with conv_weight (x=None), x is the conv's
+        output, computed there too (the model's decode step)
 
 Shapes and dtypes are the op contract's (mamba_compiled/ops/scan.py). The launchers allocate
 with torch.empty and launch through torch.library.wrap_triton when traced (the JIT function
@@ -49,8 +50,11 @@ def scan_bwd(
 
 def state_update(
     state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight=None, conv_state=None,
-    conv_x=None,
+    conv_x=None, conv_weight=None, conv_bias=None,
 ):  # fmt: skip
     from .decode_step import state_update as launch
 
-    return launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x)
+    return launch(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x,
+        conv_weight, conv_bias,
+    )  # fmt: skip

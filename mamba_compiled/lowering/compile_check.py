@@ -59,9 +59,11 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(scan, HAS_DLAST=True, ATOMIC_BC=True, RS=False, BD=bwd.BD, T=bwd.T, N_B=bwd.N_B),
          bwd.num_warps),
         ("state_update", _state_update_kernel,
-         dict(flags, BD=max(1, 512 // n), DT_PROJ=False, R=1, CONV=False, W=1), 4),
+         dict(flags, BD=max(1, 512 // n), DT_PROJ=False, R=1, CONV=False, W=1, CONV_U=False,
+              HAS_CB=False), 4),
         ("decode_step", _state_update_kernel,
-         dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=256, CONV=True, W=4), 4),
+         dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=256, CONV=True, W=4, CONV_U=True,
+              HAS_CB=True), 4),
     ]  # fmt: skip
 
 

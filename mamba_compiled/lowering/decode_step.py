@@ -4,6 +4,10 @@ One program per (block of BD channels, batch element) holds a (BD, N) tile of th
 
     Δ = softplus(dt + dt_bias);  h = exp(Δ·A)·h + Δ·B·x;  out = (Σ_n C·h + D·x)·silu(z)
 
+The model's decode step (CONV_U) computes x itself, as the causal conv's output for this step:
+x = silu(Σ_k window[k]·w[k] + b), with window = the conv state shifted left by one and the new
+input last (also written back), rounded to the output dtype as the model rounds it.
+
 The launch configuration is fixed by a heuristic and never autotuned: autotuning would run the
 kernel several times and apply the update several times.
 """
@@ -21,12 +25,13 @@ from .common import LOG2E, interpreting, launcher, sigmoid, softplus
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    dtw_ptr, conv_ptr, cx_ptr,
+    dtw_ptr, conv_ptr, cx_ptr, cw_ptr, cb_ptr,
     dim, dstate, B_per_group, C_per_group, rank, width,
     s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd,
-    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_wd, s_cb, s_cd, s_ck, s_cxb, s_cxd,
+    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_wd, s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DT_PROJ: tl.constexpr, R: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr,
+    CONV_U: tl.constexpr, HAS_CB: tl.constexpr,
     BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -36,7 +41,6 @@ def _state_update_kernel(
     dmask = d < dim
     mask = dmask[:, None] & (n < dstate)[None, :]  # (BD, N)
 
-    x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
     if DT_PROJ:  # dt = dt_weight @ dt_low: a (rank,) dot per channel, in fp32
         r = tl.arange(0, R)
         rmask = r < rank
@@ -57,6 +61,19 @@ def _state_update_kernel(
         window = tl.where((k == width - 1)[None, :], cx[:, None].to(nxt.dtype), nxt)
         tl.debug_barrier()  # every thread has read the old window before any writes it
         tl.store(conv_ptrs, window, mask=dmask[:, None] & (k < width)[None, :])
+    if CONV_U:  # x = silu(conv output), from the new window
+        cw = tl.load(
+            cw_ptr + d[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+            mask=dmask[:, None] & (k < width)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        x = tl.sum(window.to(tl.float32) * cw, 1)  # (BD,)
+        if HAS_CB:
+            x += tl.load(cb_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        x = x * sigmoid(x)
+        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
+    else:
+        x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=dmask, other=0.0)
     if SOFTPLUS:
@@ -90,7 +107,7 @@ def _state_update_kernel(
 
 def state_update(
     state: Tensor,
-    x: Tensor,
+    x: Tensor | None,
     dt: Tensor,
     A: Tensor,
     B: Tensor,
@@ -102,6 +119,8 @@ def state_update(
     dt_weight: Tensor | None = None,
     conv_state: Tensor | None = None,
     conv_x: Tensor | None = None,
+    conv_weight: Tensor | None = None,
+    conv_bias: Tensor | None = None,
 ) -> Tensor:
     """Decode step on CUDA (or under TRITON_INTERPRET=1 on CPU); updates `state` in place.
 
@@ -109,38 +128,49 @@ def state_update(
     groups, dstate); D, dt_bias (dim,) fp32. Returns out (batch, dim) in x.dtype.
     With dt_weight (dim, rank), dt is the low-rank (batch, rank) input of dt_proj and the kernel
     computes dt = dt @ dt_weight.T in fp32. With conv_state (batch, dim, width) and conv_x
-    (batch, dim), the kernel also shifts the conv window left by one and writes conv_x last
-    (the model's decode step, one kernel instead of three).
+    (batch, dim), the kernel also shifts the conv window left by one and writes conv_x last.
+    With conv_weight (dim, width) too (and conv_bias (dim,) or None), x is None: the kernel
+    computes it as silu(conv output) from the new window, and out takes conv_x's dtype (the
+    model's decode step: one kernel for dt_proj, the conv, the state update and the gate).
     """
-    batch, dim = x.shape
+    if conv_weight is not None:
+        if conv_state is None or conv_x is None or x is not None:
+            raise ValueError("conv_weight needs conv_state and conv_x, and x=None")
+    like = conv_x if x is None else x
+    batch, dim = like.shape
     dstate = A.shape[1]
     N = triton.next_power_of_2(dstate)
     # fixed config: about 512 state elements per program, 4 warps (never autotuned, see above)
     BD = max(1, min(triton.next_power_of_2(dim), 512 // N))
-    out = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
+    out = torch.empty((batch, dim), dtype=like.dtype, device=like.device)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
-    z_ = z if z is not None else x
+    x_ = x if x is not None else like  # placeholders are never read (or written)
+    z_ = z if z is not None else like
     rank = dt_weight.shape[1] if dt_weight is not None else 1
     dtw = dt_weight.contiguous() if dt_weight is not None else A
     width = conv_state.shape[2] if conv_state is not None else 1
-    conv = conv_state if conv_state is not None else x  # placeholders are never read (or written)
+    conv = conv_state if conv_state is not None else like
     conv_strides = conv_state.stride() if conv_state is not None else (0, 0, 0)
-    cx = conv_x if conv_x is not None else x
+    cx = conv_x if conv_x is not None else like
+    cw = conv_weight if conv_weight is not None else A
+    cw_strides = conv_weight.stride() if conv_weight is not None else (0, 0)
+    cb = conv_bias if conv_bias is not None else A
     grid = (triton.cdiv(dim, BD), batch)
-    launcher(_state_update_kernel, x)[grid](
-        state, x, dt, A, B, C, D if D is not None else A, z_,
-        dt_bias if dt_bias is not None else A, out, dtw, conv, cx,
+    launcher(_state_update_kernel, like)[grid](
+        state, x_, dt, A, B, C, D if D is not None else A, z_,
+        dt_bias if dt_bias is not None else A, out, dtw, conv, cx, cw, cb,
         dim, dstate, dim // B.shape[1], dim // C.shape[1], rank, width,
         state.stride(0), state.stride(1), state.stride(2),
-        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), z_.stride(0), z_.stride(1),
+        x_.stride(0), x_.stride(1), dt.stride(0), dt.stride(1), z_.stride(0), z_.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        dtw.stride(0), *conv_strides, cx.stride(0), cx.stride(1),
+        dtw.stride(0), *conv_strides, cx.stride(0), cx.stride(1), *cw_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), DT_PROJ=dt_weight is not None,
         R=triton.next_power_of_2(rank), CONV=conv_state is not None,
-        W=triton.next_power_of_2(width), BD=BD, N=N, FAST_MATH=not interpreting(),
+        W=triton.next_power_of_2(width), CONV_U=conv_weight is not None,
+        HAS_CB=conv_bias is not None, BD=BD, N=N, FAST_MATH=not interpreting(),
         num_warps=4 if BD * N >= 512 else 1,
     )  # fmt: skip
     return out

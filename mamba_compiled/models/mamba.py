@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import selective_scan_fn, ssm_decode_step
+from mamba_compiled.ops.scan import conv_step
 
 # Decoding batches up to this size project with reductions under the compiler (see `_gemv`).
 GEMV_MAX_BATCH = 8
@@ -217,24 +218,24 @@ class Mamba(nn.Module):
         """
         xz = _gemv(hidden_states, self.in_proj.weight, self.in_proj.bias)
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
-        # conv_state holds the last W inputs; this step's window is its last W-1 and x. The conv
-        # output is computed from the state and x directly; the state shifts in the scan's kernel.
-        w = self.conv1d.weight[:, 0, :].to(conv_state.dtype)  # (d_inner, W)
         x = x.to(conv_state.dtype)
-        u = (conv_state[:, :, 1:] * w[:, :-1]).sum(-1) + x * w[:, -1]  # (b, d_inner)
-        if self.conv1d.bias is not None:
-            u = u + self.conv1d.bias.to(u.dtype)
-        u = F.silu(u).to(xz.dtype)
+        # conv_state holds the last W inputs; this step's window is its last W-1 and x. x_proj
+        # reads the conv output computed here (the compiler folds it into x_proj's reduction);
+        # the decode kernel computes it again from the window, then shifts the window in place.
+        w = self.conv1d.weight[:, 0, :]  # (d_inner, W)
+        window = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)
+        u = conv_step(window, w, self.conv1d.bias).to(xz.dtype)  # (b, d_inner)
 
         x_dbl = _gemv(u, self.x_proj.weight)
         dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         A, D, dt_bias = self.scan_constants(u.dtype) if constants is None else constants
-        # dt_proj (its weight; the bias in the softplus), the state update and the conv shift
+        # the conv, dt_proj (its weight; the bias in the softplus), the state update, the gate
+        # and the conv shift
         y = ssm_decode_step(
             ssm_state,
             conv_state,
-            u,
             x,
+            w,
             dt_low,
             self.dt_proj.weight,
             A,
@@ -244,5 +245,6 @@ class Mamba(nn.Module):
             z=z,
             dt_bias=dt_bias,
             dt_softplus=True,
+            conv_bias=self.conv1d.bias,
         )  # (b, d_inner)
         return _gemv(y, self.out_proj.weight, self.out_proj.bias)

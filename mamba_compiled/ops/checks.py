@@ -192,28 +192,43 @@ def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
     )
 
 
-def check_decode_step_inputs(state, conv_state, u, conv_x, dt_low, dt_weight, A, B, C, D, z,
-                             dt_bias):  # fmt: skip
+def check_decode_step_inputs(state, conv_state, conv_x, conv_weight, conv_bias, dt_low,
+                             dt_weight, A, B, C, D, z, dt_bias):  # fmt: skip
     """Validates the model's fused decode step (see `ssm_decode_step`); returns them normalized."""
-    for name, t in (("conv_state", conv_state), ("conv_x", conv_x), ("dt_low", dt_low),
-                    ("dt_weight", dt_weight)):  # fmt: skip
+    for name, t in (("conv_state", conv_state), ("conv_x", conv_x), ("conv_weight", conv_weight),
+                    ("dt_low", dt_low), ("dt_weight", dt_weight)):  # fmt: skip
         _is_tensor(name, t)
-    # u stands in for dt in the state update's checks: dt_low and dt_weight are checked here
-    u, _, A, B, C, D, z, dt_bias = check_state_update_inputs(state, u, u, A, B, C, D, z, dt_bias)
-    batch, dim = u.shape
-    _same_device(
-        {"conv_state": conv_state, "conv_x": conv_x, "dt_low": dt_low, "dt_weight": dt_weight},
-        "u", u.device,
+    _is_tensor("conv_bias", conv_bias, True)
+    if conv_x.dim() != 2:
+        raise ValueError(f"conv_x must have shape (batch, dim), got {tuple(conv_x.shape)}")
+    # conv_x stands in for x and dt in the state update's checks (same shape and dtype)
+    conv_x, _, A, B, C, D, z, dt_bias = check_state_update_inputs(
+        state, conv_x, conv_x, A, B, C, D, z, dt_bias
     )
+    batch, dim = conv_x.shape
+    _same_device(
+        {"conv_state": conv_state, "conv_weight": conv_weight, "conv_bias": conv_bias,
+         "dt_low": dt_low, "dt_weight": dt_weight},
+        "conv_x", conv_x.device,
+    )  # fmt: skip
     _shape("conv_state", conv_state, (batch, dim, None), "(batch, dim, d_conv)")
-    if conv_state.shape[2] == 0:
+    width = conv_state.shape[2]
+    if width == 0:
         raise ValueError("conv_state must have shape (batch, dim, d_conv) with d_conv > 0")
-    _shape("conv_x", conv_x, (batch, dim), "(batch, dim) like u")
+    _shape("conv_weight", conv_weight, (dim, width), "(dim, d_conv) like conv_state")
+    if conv_bias is not None:
+        _shape("conv_bias", conv_bias, (dim,), "(dim,)")
     _shape("dt_low", dt_low, (batch, None), "(batch, dt_rank)")
     _shape("dt_weight", dt_weight, (dim, dt_low.shape[1]), "(dim, dt_rank)")
-    for name, t in (("conv_state", conv_state), ("conv_x", conv_x), ("dt_low", dt_low)):
-        if t.dtype != u.dtype:
-            raise TypeError(f"{name} must have u's dtype {u.dtype}, got {t.dtype}")
-    if not dt_weight.is_floating_point():
-        raise TypeError(f"dt_weight must be a floating-point tensor, got {dt_weight.dtype}")
-    return u, _unit_stride(conv_x), _unit_stride(dt_low), A, B, C, D, z, dt_bias
+    for name, t in (("conv_state", conv_state), ("dt_low", dt_low)):
+        if t.dtype != conv_x.dtype:
+            raise TypeError(f"{name} must have conv_x's dtype {conv_x.dtype}, got {t.dtype}")
+    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias),
+                    ("dt_weight", dt_weight)):  # fmt: skip
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return (
+        conv_x, _unit_stride(conv_weight),
+        None if conv_bias is None else conv_bias.contiguous(), _unit_stride(dt_low),
+        A, B, C, D, z, dt_bias,
+    )  # fmt: skip

@@ -8,9 +8,10 @@ Registered ops:
                        checkpoints, delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
-    ssm_decode_step(state!, conv_state!, u, conv_x, dt_low, dt_weight, A, B, C, D?, z?, dt_bias?,
-                    dt_softplus) -> out     (the model's decode step: dt_proj, the state update
-                                            and the conv-window shift, one kernel on CUDA)
+    ssm_decode_step(state!, conv_state!, conv_x, conv_weight, conv_bias?, dt_low, dt_weight, A,
+                    B, C, D?, z?, dt_bias?, dt_softplus) -> out
+                    (the model's decode step after x_proj: the conv, dt_proj, the state update,
+                    the gate and the conv-window shift, one kernel on CUDA)
 
 The forward and the decode steps are `triton_op`s (where triton is installed), so torch.compile and
 AOTInductor see the Triton kernels of their CUDA branch; a `triton_op` has no per-device
@@ -36,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
@@ -198,20 +200,35 @@ def selective_state_update_op(
 
 @_public_op("mamba_compiled::ssm_decode_step", mutates_args=("state", "conv_state"))
 def ssm_decode_step_op(
-    state: Tensor, conv_state: Tensor, u: Tensor, conv_x: Tensor, dt_low: Tensor,
-    dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt, dt_bias: Opt,
-    dt_softplus: bool,
+    state: Tensor, conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt,
+    dt_low: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    dt_bias: Opt, dt_softplus: bool,
 ) -> Tensor:
-    if u.device.type == "cuda":
+    if conv_x.device.type == "cuda":
         return _lowering().state_update(
-            state, u, dt_low, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x
-        )
+            state, None, dt_low, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
+            conv_x, conv_weight, conv_bias,
+        )  # fmt: skip
+    window = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
+    u = conv_step(window, conv_weight, conv_bias)
     dt = dt_low.to(state.dtype) @ dt_weight.to(state.dtype).t()  # in fp32, as the kernel
     out = torch.ops.mamba_compiled.selective_state_update_cpu(
         state, u, dt, A, B, C, D, z, dt_bias, dt_softplus
     )
-    conv_state.copy_(torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1))
+    conv_state.copy_(window)
     return out
+
+
+def conv_step(window: Tensor, conv_weight: Tensor, conv_bias: Tensor | None) -> Tensor:
+    """One step of the causal depthwise conv and its SiLU: silu(Σ_k window[..., k] · w[:, k] +
+    b), in float32 (float64 for float64), rounded to the window's dtype; window (batch, dim,
+    width), the last `width` inputs. What `ssm_decode_step` computes; a model's decode step
+    uses it for x_proj's input, so that both agree."""
+    acc = torch.float64 if window.dtype == torch.float64 else torch.float32
+    u = (window.to(acc) * conv_weight.to(acc)).sum(-1)
+    if conv_bias is not None:
+        u = u + conv_bias.to(acc)
+    return F.silu(u).to(window.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,8 +326,8 @@ def selective_state_update(
 def ssm_decode_step(
     state: Tensor,
     conv_state: Tensor,
-    u: Tensor,
     conv_x: Tensor,
+    conv_weight: Tensor,
     dt_low: Tensor,
     dt_weight: Tensor,
     A: Tensor,
@@ -320,20 +337,23 @@ def ssm_decode_step(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    conv_bias: Tensor | None = None,
 ) -> Tensor:
-    """The SSM half of the Mamba mixer's decode step, one kernel on CUDA.
+    """The Mamba mixer's decode step after x_proj, one kernel on CUDA.
 
-    Computes dt = dt_low @ dt_weight.T (dt_proj without its bias, in float32), then
-    `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias, dt_softplus)`, and shifts the
-    conv window: conv_state (batch, dim, d_conv) <- its last d_conv - 1 columns, then conv_x.
-    u: the conv's output for this step (it was computed from conv_state before the shift);
-    conv_x: this step's conv input; dt_low (batch, dt_rank), dt_weight (dim, dt_rank).
-    Updates `state` and `conv_state` in place; returns out (batch, dim) in u's dtype.
+    Shifts the conv window, conv_state (batch, dim, d_conv) <- its last d_conv - 1 columns, then
+    conv_x (batch, dim), this step's conv input; computes u = `conv_step(window, conv_weight,
+    conv_bias)` (conv_weight (dim, d_conv), conv_bias (dim,)) and dt = dt_low @ dt_weight.T
+    (dt_proj without its bias, in float32; dt_low (batch, dt_rank), dt_weight (dim, dt_rank)),
+    then `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias, dt_softplus)`.
+    Updates `state` and `conv_state` in place; returns out (batch, dim) in conv_x's dtype.
     """
     args = check_decode_step_inputs(
-        state, conv_state, u, conv_x, dt_low, dt_weight, A, B, C, D, z, dt_bias
-    )
-    u, conv_x, dt_low, A, B, C, D, z, dt_bias = args
+        state, conv_state, conv_x, conv_weight, conv_bias, dt_low, dt_weight, A, B, C, D, z,
+        dt_bias,
+    )  # fmt: skip
+    conv_x, conv_weight, conv_bias, dt_low, A, B, C, D, z, dt_bias = args
     return torch.ops.mamba_compiled.ssm_decode_step(
-        state, conv_state, u, conv_x, dt_low, dt_weight, A, B, C, D, z, dt_bias, bool(dt_softplus)
-    )
+        state, conv_state, conv_x, conv_weight, conv_bias, dt_low, dt_weight, A, B, C, D, z,
+        dt_bias, bool(dt_softplus),
+    )  # fmt: skip
