@@ -6,9 +6,10 @@ Mamba decodes with constant time and memory per token: each layer keeps a conv w
     MambaCache        the per-layer states as module buffers, allocated once for a maximum batch
                       and updated in place (CUDA graphs may mutate buffers, not plain arguments)
     prefill           the full-sequence forward from the cache's states; writes the last states back
-    decode_step       one token through every layer (ssm_decode_step: dt_proj, the state update and
-                      the conv shift in one kernel on CUDA), compiled with fullgraph and, on CUDA,
-                      mode="reduce-overhead" (CUDA graphs)
+    decode_step       one token through every layer (ssm_decode_step: the conv, dt_proj, the state
+                      update and the conv shift in one kernel on CUDA), compiled with fullgraph
+                      and, on CUDA, CUDA graphs (as mode="reduce-overhead") and coordinate-descent
+                      tuning of Inductor's kernels
     sample            repetition penalty, temperature, top-k, top-p, min-p, all on device
     MambaGenerator    owns a cache and the compiled functions; `generate` and `stream`
     generate          `model.generate(...)`: keeps a MambaGenerator on the model between calls
@@ -216,9 +217,11 @@ class MambaGenerator:
     """A cache for up to `max_batch_size` rows and the (compiled) prefill and decode functions.
 
     compile=None compiles on CUDA (decode step with CUDA graphs) and runs eagerly on CPU;
-    compile=True on CPU compiles without graphs. `decode_mode` overrides the decode step's
-    torch.compile mode (default: "reduce-overhead" on CUDA, the default mode on CPU); for
-    example "max-autotune", which also uses CUDA graphs and autotunes the matmuls.
+    compile=True on CPU compiles without graphs. On CUDA the decode step is compiled with CUDA
+    graphs and Inductor's coordinate-descent tuning of its kernels' block sizes (as gpt-fast
+    does: the decode projections are reductions Inductor generates, whose default blocks read
+    one weight row per one-warp program). `decode_mode` replaces both with a torch.compile mode,
+    e.g. "reduce-overhead" (graphs only) or "max-autotune".
     """
 
     def __init__(
@@ -239,10 +242,13 @@ class MambaGenerator:
         if decode_mode is not None and not self.compiled:
             raise ValueError(f"decode_mode={decode_mode!r} needs compile=True")
         if self.compiled:
-            if decode_mode is None and self.device.type == "cuda":
-                decode_mode = "reduce-overhead"
             self._prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
-            self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=decode_mode)
+            step = dict(fullgraph=True, dynamic=False)
+            if decode_mode is not None:
+                step["mode"] = decode_mode
+            elif self.device.type == "cuda":  # graphs ("reduce-overhead") and tuned blocks
+                step["options"] = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+            self._step = torch.compile(decode_step, **step)
         else:
             self._prefill, self._step = prefill, decode_step
 

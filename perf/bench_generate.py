@@ -97,13 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decode-mode",
         default=None,
-        help="torch.compile mode of the decode step (default reduce-overhead on CUDA), "
-        "e.g. max-autotune",
-    )
-    p.add_argument(
-        "--coordinate-descent",
-        action="store_true",
-        help="set torch._inductor.config.coordinate_descent_tuning (as gpt-fast does)",
+        help="torch.compile mode of the decode step (default on CUDA: CUDA graphs and "
+        "coordinate-descent tuning), e.g. reduce-overhead or max-autotune",
     )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
@@ -179,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{str(dtype)[6:]}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new, greedy, "
         f"{'compiled' if args.compile else 'eager'}"
-        f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}"
-        f"{', coordinate descent tuning' if args.coordinate_descent else ''}; "
+        f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}; "
         f"{name}; torch {torch.__version__}"
     )
     table = (

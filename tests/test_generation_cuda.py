@@ -1,5 +1,6 @@
 """Generation on the GPU: the CPU equivalences again, and the decode step under CUDA graphs
-(mode="reduce-overhead") with zero cudagraph skips.
+(the generator's default on CUDA: as mode="reduce-overhead", with coordinate-descent tuning) with
+zero cudagraph skips.
 
 Run with `pytest -m cuda` (perf/gpu_check.sh); skipped without a GPU.
 """
