@@ -223,8 +223,7 @@ class Mamba(nn.Module):
         # reads the conv output computed here (the compiler folds it into x_proj's reduction);
         # the decode kernel computes it again from the window, then shifts the window in place.
         w = self.conv1d.weight[:, 0, :]  # (d_inner, W)
-        window = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)
-        u = conv_step(window, w, self.conv1d.bias).to(xz.dtype)  # (b, d_inner)
+        u = conv_step(conv_state, x, w, self.conv1d.bias).to(xz.dtype)  # (b, d_inner)
 
         x_dbl = _gemv(u, self.x_proj.weight)
         dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)

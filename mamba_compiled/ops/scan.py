@@ -209,26 +209,30 @@ def ssm_decode_step_op(
             state, None, dt_low, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
             conv_x, conv_weight, conv_bias,
         )  # fmt: skip
-    window = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
-    u = conv_step(window, conv_weight, conv_bias)
+    u = conv_step(conv_state, conv_x, conv_weight, conv_bias)
     dt = dt_low.to(state.dtype) @ dt_weight.to(state.dtype).t()  # in fp32, as the kernel
     out = torch.ops.mamba_compiled.selective_state_update_cpu(
         state, u, dt, A, B, C, D, z, dt_bias, dt_softplus
     )
-    conv_state.copy_(window)
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1))
     return out
 
 
-def conv_step(window: Tensor, conv_weight: Tensor, conv_bias: Tensor | None) -> Tensor:
-    """One step of the causal depthwise conv and its SiLU: silu(Σ_k window[..., k] · w[:, k] +
-    b), in float32 (float64 for float64), rounded to the window's dtype; window (batch, dim,
-    width), the last `width` inputs. What `ssm_decode_step` computes; a model's decode step
-    uses it for x_proj's input, so that both agree."""
-    acc = torch.float64 if window.dtype == torch.float64 else torch.float32
-    u = (window.to(acc) * conv_weight.to(acc)).sum(-1)
+def conv_step(
+    conv_state: Tensor, x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None
+) -> Tensor:
+    """One step of the causal depthwise conv and its SiLU, in float32 (float64 for float64),
+    rounded to x's dtype: the window is conv_state's (batch, dim, width) last width - 1 columns,
+    then x (batch, dim); conv_weight (dim, width), conv_bias (dim,). What `ssm_decode_step`
+    computes; a model's decode step uses it for x_proj's input, so that both agree. Written
+    without a cat: under torch.compile it then folds into the prologue of x_proj's reduction
+    (a cat is stored: one kernel more per layer and token, seen on the H200)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = conv_weight.to(acc)
+    u = (conv_state[:, :, 1:].to(acc) * w[:, :-1]).sum(-1) + x.to(acc) * w[:, -1]
     if conv_bias is not None:
         u = u + conv_bias.to(acc)
-    return F.silu(u).to(window.dtype)
+    return F.silu(u).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,11 +345,12 @@ def ssm_decode_step(
 ) -> Tensor:
     """The Mamba mixer's decode step after x_proj, one kernel on CUDA.
 
-    Shifts the conv window, conv_state (batch, dim, d_conv) <- its last d_conv - 1 columns, then
-    conv_x (batch, dim), this step's conv input; computes u = `conv_step(window, conv_weight,
-    conv_bias)` (conv_weight (dim, d_conv), conv_bias (dim,)) and dt = dt_low @ dt_weight.T
-    (dt_proj without its bias, in float32; dt_low (batch, dt_rank), dt_weight (dim, dt_rank)),
-    then `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias, dt_softplus)`.
+    Computes u = `conv_step(conv_state, conv_x, conv_weight, conv_bias)` (conv_x (batch, dim),
+    this step's conv input; conv_weight (dim, d_conv), conv_bias (dim,)) and dt = dt_low @
+    dt_weight.T (dt_proj without its bias, in float32; dt_low (batch, dt_rank), dt_weight
+    (dim, dt_rank)), then `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias,
+    dt_softplus)`, and shifts the conv window: conv_state (batch, dim, d_conv) <- its last
+    d_conv - 1 columns, then conv_x.
     Updates `state` and `conv_state` in place; returns out (batch, dim) in conv_x's dtype.
     """
     args = check_decode_step_inputs(
