@@ -14,8 +14,6 @@
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile).
-# LANE_PREFIX (default lane) names the lanes' logs and archives: a second gpu_check.sh in the
-# same call (say a "2:ddp" after two 1-GPU lanes) keeps its own.
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
@@ -132,7 +130,7 @@ fi
 i=0
 gpu=0
 for lane in "${lanes[@]}"; do
-    name="${LANE_PREFIX:-lane}$i"
+    name="lane$i"
     k=1
     if [[ $lane =~ ^([0-9]+):(.*)$ ]]; then
         k=${BASH_REMATCH[1]}
