@@ -105,10 +105,17 @@ def any_process(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
-def wrap(objective: nn.Module, env: DistEnv, fsdp: bool, compile: bool) -> nn.Module:
+def wrap(
+    objective: nn.Module,
+    env: DistEnv,
+    fsdp: bool,
+    compile: bool,
+    bucket_cap_mb: float | None = None,
+) -> nn.Module:
     """Compile and parallelize `objective`, whose language model is `objective.model`.
 
     Returns the module to call for training; its parameters are the ones to optimize.
+    `bucket_cap_mb`: DDP's gradient bucket size (None: DDP's default, 25 MB).
     """
     if fsdp:
         if not env.initialized:
@@ -128,7 +135,8 @@ def wrap(objective: nn.Module, env: DistEnv, fsdp: bool, compile: bool) -> nn.Mo
 
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         # gradients live in the communication buckets: no copy into them before each all-reduce
-        ddp = DDP(objective, device_ids=device_ids, gradient_as_bucket_view=True)
+        buckets = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+        ddp = DDP(objective, device_ids=device_ids, gradient_as_bucket_view=True, **buckets)
         if compile:
             # Compiled inside DDP: Dynamo's DDP optimizer splits the objective's graph at the
             # gradient buckets, so that each bucket's all-reduce overlaps the rest of the

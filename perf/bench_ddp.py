@@ -42,7 +42,9 @@ def worker(args: argparse.Namespace) -> None:
     config = MambaConfig.from_name(args.model_size, **overrides)
     model = MambaLMHeadModel(config, device=env.device)
     objective = Objective(model)
-    module = distributed.wrap(objective, env, fsdp=args.fsdp, compile=not args.no_compile)
+    module = distributed.wrap(
+        objective, env, fsdp=args.fsdp, compile=not args.no_compile, bucket_cap_mb=args.bucket_mb
+    )
     optimizer = build_optimizer(module, TrainConfig(lr=1e-4), env.device)
     gen = torch.Generator(device=env.device).manual_seed(1000 + env.rank)
     shape = (args.batch, args.seqlen + 1)
@@ -85,7 +87,13 @@ def worker(args: argparse.Namespace) -> None:
         median = statistics.median(per_step.tolist())
         result = {
             "processes": env.world_size,
-            "mode": "FSDP2" if args.fsdp else ("DDP" if env.world_size > 1 else "single"),
+            "mode": "FSDP2"
+            if args.fsdp
+            else (
+                ("DDP" + ("" if args.bucket_mb is None else f", buckets {args.bucket_mb:g} MB"))
+                if env.world_size > 1
+                else "single"
+            ),
             "model": args.model_size + (f" ({args.n_layer} layers)" if args.n_layer else ""),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "batch_per_process": args.batch,
@@ -139,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="sequences per process and step")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP")
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        nargs="+",
+        default=None,
+        help="DDP gradient bucket sizes to compare (MB; default: DDP's 25); each multi-GPU "
+        "count runs once per size",
+    )
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--warmup", type=int, default=3, help="steps after the compiling one")
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.result is not None:
+        args.bucket_mb = None if args.bucket_mb is None else args.bucket_mb[0]
         worker(args)
         return 0
     available = torch.cuda.device_count() if args.device == "cuda" else 2
@@ -161,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.gpus) > available:
         p.error(f"--gpus {max(args.gpus)} but {available} CUDA device(s) are visible")
     results = []
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    runs = [
+        (n, mb)
+        for n in args.gpus
+        for mb in ([None] if n == 1 or args.bucket_mb is None else args.bucket_mb)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.gpus:
-            result = Path(tmp) / f"{n}.json"
+        for n, mb in runs:
+            result = Path(tmp) / f"{n}-{mb}.json"
+            bucket = [] if mb is None else ["--bucket-mb", str(mb)]  # the last one given wins
             cmd = [
                 sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", str(n), __file__, *forwarded, "--result", str(result),
+                "--nproc-per-node", str(n), __file__, *forwarded, *bucket, "--result", str(result),
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             print(f"running {n} process(es): {' '.join(cmd[3:])}", file=sys.stderr, flush=True)

@@ -10,7 +10,8 @@
 # Sections: tests (pytest -m cuda), scan, scan-sweep (perf/bench_scan.py), train
 # (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
-# 130M model, decode, prefill and train; profile-<mode> for one), profile-decode-eager, ncu
+# 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
+# at that shape, e.g. profile-prefill@1x100), profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile).
@@ -91,6 +92,12 @@ run_lane() {  # run_lane LANE SECTION...
                         logs=(env TORCH_LOGS=output_code TORCH_LOGS_OUT="$w/profile-130m-$mode/output_code.txt")
                     section "$lane" "profile-$mode" "${logs[@]}" $PY -m mamba_compiled.cli profile --model 130m --mode "$mode" --out "$w/profile-130m-$mode"
                 done ;;
+            profile-*@*)  # profile-<mode>@<batch>[x<seqlen>]: the 130M model at that shape
+                m=${s#profile-}
+                mode=${m%@*} shape=${m#*@}
+                extra=(--batch "${shape%x*}")
+                [[ $shape == *x* ]] && extra+=(--seqlen "${shape#*x}")
+                section "$lane" "$s" $PY -m mamba_compiled.cli profile --model 130m --mode "$mode" "${extra[@]}" --out "$w/profile-130m-$mode-$shape" ;;
             profile-decode-eager)
                 section "$lane" profile-decode-eager $PY -m mamba_compiled.cli profile --model 130m --mode decode --no-compile --out "$w/profile-130m-decode-eager" ;;
             ncu)
@@ -103,7 +110,8 @@ run_lane() {  # run_lane LANE SECTION...
                     section "$lane" "task-step-$t" $PY perf/profile_task_step.py --task "$t" --out "$w/task-step"
                 done ;;
             ddp)
-                section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ;;
+                # DDP_BUCKETS: gradient bucket sizes (MB) to compare on the multi-GPU runs
+                section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ${DDP_BUCKETS:+--bucket-mb $DDP_BUCKETS} ;;
             tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs
                 section "$lane" tasks env OUT="$OUT" bash perf/run_paper_tasks.sh runs ;;
             sc | ih | ih-eval)  # one piece of the paper tasks on this lane's GPU; its run directory
