@@ -6,6 +6,8 @@ Mamba decodes with constant time and memory per token: each layer keeps a conv w
     MambaCache        the per-layer states as module buffers, allocated once for a maximum batch
                       and updated in place (CUDA graphs may mutate buffers, not plain arguments)
     prefill           the full-sequence forward from the cache's states; writes the last states back
+                      (compiled with a dynamic length; on CUDA, prompts of up to
+                      PREFILL_GRAPH_TOKENS tokens also run as CUDA graphs, one per length)
     decode_step       one token through every layer (ssm_decode_step: the conv, dt_proj, the state
                       update and the conv shift in one kernel on CUDA), compiled with fullgraph
                       and, on CUDA, CUDA graphs (as mode="reduce-overhead") and coordinate-descent
@@ -213,6 +215,13 @@ def _check_ids(input_ids, attention_mask, vocab_rows: int) -> None:
         )
 
 
+# Prompts of up to this many tokens (batch x length) prefill as CUDA graphs on CUDA: there the
+# compiled prefill is host-bound (130M, 1 x 100 tokens: 506 kernels, 1.6 ms of GPU work in a
+# 13 ms call on the H200). Each distinct shape records a graph of its own; longer prompts run
+# the compiled prefill without graphs.
+PREFILL_GRAPH_TOKENS = 8192
+
+
 class MambaGenerator:
     """A cache for up to `max_batch_size` rows and the (compiled) prefill and decode functions.
 
@@ -220,8 +229,10 @@ class MambaGenerator:
     compile=True on CPU compiles without graphs. On CUDA the decode step is compiled with CUDA
     graphs and Inductor's coordinate-descent tuning of its kernels' block sizes (as gpt-fast
     does: the decode projections are reductions Inductor generates, whose default blocks read
-    one weight row per one-warp program). `decode_mode` replaces both with a torch.compile mode,
-    e.g. "reduce-overhead" (graphs only) or "max-autotune".
+    one weight row per one-warp program), and prompts of up to PREFILL_GRAPH_TOKENS tokens
+    prefill as CUDA graphs. `decode_mode` replaces the decode step's settings with a
+    torch.compile mode, e.g. "reduce-overhead" (graphs only) or "max-autotune", and turns the
+    prefill's graphs off.
     """
 
     def __init__(
@@ -241,8 +252,13 @@ class MambaGenerator:
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         if decode_mode is not None and not self.compiled:
             raise ValueError(f"decode_mode={decode_mode!r} needs compile=True")
+        self._prefill_graphs = None
         if self.compiled:
             self._prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+            if decode_mode is None and self.device.type == "cuda":
+                self._prefill_graphs = torch.compile(
+                    prefill, fullgraph=True, dynamic=True, options={"triton.cudagraphs": True}
+                )
             step = dict(fullgraph=True, dynamic=False)
             if decode_mode is not None:
                 step["mode"] = decode_mode
@@ -283,7 +299,10 @@ class MambaGenerator:
         for start in range(0, seqlen, chunk):
             ids = input_ids[:, start : start + chunk]
             mask = None if attention_mask is None else attention_mask[:, start : start + chunk]
-            logits = self._prefill(self.model, self.cache, ids, mask)
+            run = self._prefill
+            if self._prefill_graphs is not None and ids.numel() <= PREFILL_GRAPH_TOKENS:
+                run = self._prefill_graphs
+            logits = run(self.model, self.cache, ids, mask)
         return logits
 
     @torch.no_grad()

@@ -11,7 +11,8 @@
 # (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
-# at that shape, e.g. profile-prefill@1x100), profile-decode-eager, ncu
+# at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m),
+# profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile).
@@ -92,12 +93,12 @@ run_lane() {  # run_lane LANE SECTION...
                         logs=(env TORCH_LOGS=output_code TORCH_LOGS_OUT="$w/profile-130m-$mode/output_code.txt")
                     section "$lane" "profile-$mode" "${logs[@]}" $PY -m mamba_compiled.cli profile --model 130m --mode "$mode" --out "$w/profile-130m-$mode"
                 done ;;
-            profile-*@*)  # profile-<mode>@<batch>[x<seqlen>]: the 130M model at that shape
+            profile-*@*)  # profile-<mode>@<batch>[x<seqlen>]: PROFILE_MODEL (130m) at that shape
                 m=${s#profile-}
-                mode=${m%@*} shape=${m#*@}
+                mode=${m%@*} shape=${m#*@} pm=${PROFILE_MODEL:-130m}
                 extra=(--batch "${shape%x*}")
                 [[ $shape == *x* ]] && extra+=(--seqlen "${shape#*x}")
-                section "$lane" "$s" $PY -m mamba_compiled.cli profile --model 130m --mode "$mode" "${extra[@]}" --out "$w/profile-130m-$mode-$shape" ;;
+                section "$lane" "$s" $PY -m mamba_compiled.cli profile --model "$pm" --mode "$mode" "${extra[@]}" --out "$w/profile-$pm-$mode-$shape" ;;
             profile-decode-eager)
                 section "$lane" profile-decode-eager $PY -m mamba_compiled.cli profile --model 130m --mode decode --no-compile --out "$w/profile-130m-decode-eager" ;;
             ncu)

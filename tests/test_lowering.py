@@ -388,11 +388,12 @@ def test_kernels_compile_for_hopper():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("rank,width,conv_bias", [(3, 4, True), (5, 2, False)])
-def test_decode_step_fused(dtype, rank, width, conv_bias):
-    """The conv's step, dt_proj, the state update and the conv-window shift in one kernel: equal
-    to the oracle's state update fed with the conv output and dt computed in float64, and to the
-    window shifted by torch."""
+@pytest.mark.parametrize("rank,width,conv_bias,parts", [(3, 4, True, 3), (5, 2, False, 1)])
+def test_decode_step_fused(dtype, rank, width, conv_bias, parts):
+    """x_proj's partial sums summed, the conv's step, dt_proj, the state update and the
+    conv-window shift in one kernel: equal to the oracle's state update fed with the conv
+    output, dt, B and C computed in float64 (each rounded where the model rounds it), and to
+    the window shifted by torch."""
     from mamba_compiled.lowering import state_update
 
     b, d, n = 3, 12, 4
@@ -403,23 +404,51 @@ def test_decode_step_fused(dtype, rank, width, conv_bias):
     conv_x, z = torch.randn(b, d, **act), torch.randn(b, d, **act)
     conv_w = (0.5 * torch.randn(d, width, **f32)).to(dtype)
     conv_b = torch.randn(d, **f32).to(dtype) if conv_bias else None
-    dt_low = (0.3 * torch.randn(b, rank, **f32)).to(dtype)
+    x_dbl = 0.3 * torch.randn(parts, b, rank + 2 * n, **f32)
     dt_weight = (0.3 * torch.randn(d, rank, **f32)).to(dtype)
     A, D, bias = -0.5 * torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32)
-    B, C = torch.randn(b, 1, n, **act), torch.randn(b, 1, n, **act)
     f = lambda t: t.double()  # noqa: E731
     ref_conv = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
     u = (f(ref_conv) * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)
     u = torch.nn.functional.silu(u).to(dtype)  # the kernel rounds u as the model does
+    xd = f(x_dbl).sum(0).to(dtype)  # and x_proj's output
+    dt_low, B, C = torch.split(xd, [rank, n, n], dim=-1)
     dt = f(dt_low) @ f(dt_weight).t()
     ref_out, ref_state = selective_state_update_ref(
-        f(state), f(u), dt, f(A), f(B), f(C), f(D), f(z), f(bias), True
+        f(state), f(u), dt, f(A), f(B)[:, None], f(C)[:, None], f(D), f(z), f(bias), True
     )
     out = state_update(
-        state, None, dt_low, A, B, C, D, z, bias, True, dt_weight, conv_state, conv_x,
-        conv_w, conv_b,
+        state, None, None, A, None, None, D, z, bias, True, dt_weight, conv_state, conv_x,
+        conv_w, conv_b, x_dbl,
     )  # fmt: skip
     tol = TOL[dtype]
     _close("out", out, ref_out, tol)
     _close("state (in place)", state, ref_state, 1e-5 if dtype == torch.float32 else tol)
     assert torch.equal(conv_state, ref_conv), "conv window not shifted exactly"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dim,rows,width,conv_bias", [(40, 11, 4, True), (100, 70, 3, False)])
+def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
+    """The conv's step and x_proj as partial sums over slices of channels (a partial slice at
+    the end when 32 does not divide dim, rows beyond one 64-row block): their sum equals
+    silu(conv) rounded to the activation dtype, times x_proj's weight, in float64; the conv
+    state is read, not changed."""
+    from mamba_compiled.lowering import conv_x_proj
+    from mamba_compiled.lowering.decode_step import conv_x_proj_slices
+
+    b = 2
+    act = dict(device=DEVICE, dtype=dtype)
+    conv_state, conv_x = torch.randn(b, dim, width, **act), torch.randn(b, dim, **act)
+    conv_w = 0.5 * torch.randn(dim, width, **act)
+    conv_b = torch.randn(dim, **act) if conv_bias else None
+    x_proj_w = 0.3 * torch.randn(rows, dim, **act)
+    before = conv_state.clone()
+    parts = conv_x_proj(conv_state, conv_x, conv_w, conv_b, x_proj_w)
+    assert parts.shape == (conv_x_proj_slices(dim)[1], b, rows) and parts.dtype == torch.float32
+    f = lambda t: t.double()  # noqa: E731
+    window = torch.cat([f(conv_state[:, :, 1:]), f(conv_x)[:, :, None]], dim=-1)
+    u = (window * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)
+    u = f(torch.nn.functional.silu(u).to(dtype))
+    _close("x_dbl", parts.sum(0), u @ f(x_proj_w).t(), 1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(conv_state, before)

@@ -22,7 +22,7 @@ from scan_inputs import (
     tensors,
 )
 
-from mamba_compiled.ops import selective_scan_fn, selective_state_update, ssm_decode_step
+from mamba_compiled.ops import conv_x_proj, selective_scan_fn, selective_state_update, ssm_decode_step
 from mamba_compiled.ops.reference import selective_scan_ref, selective_state_update_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -246,15 +246,18 @@ def test_opcheck(device):
         torch.randn(dim, device=device), torch.randn(batch, dim, device=device),
         torch.rand(dim, device=device), True,
     )
+    rows = 3 + 2 * dstate
     dec_args = (
         torch.randn(batch, dim, dstate, device=device), torch.randn(batch, dim, 4, device=device),
         torch.randn(batch, dim, device=device), torch.randn(dim, 4, device=device),
         torch.randn(dim, device=device),
-        torch.randn(batch, 3, device=device), torch.randn(dim, 3, device=device),
-        *upd_args[3:6], *upd_args[6:9], True,
+        torch.randn(2, batch, rows, device=device), torch.randn(dim, 3, device=device),
+        upd_args[3], *upd_args[6:9], True,
     )
+    xproj_args = (*dec_args[1:5], torch.randn(rows, dim, device=device))
     cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
-             (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args)]
+             (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
+             (ops.conv_x_proj, xproj_args)]
     if device == "cpu":
         cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
     for op, args in cases:
@@ -445,27 +448,42 @@ def _good_decode_step():
     batch, dim, dstate, rank, width = 2, 8, 4, 3, 4
     return dict(state=torch.randn(batch, dim, dstate), conv_state=torch.randn(batch, dim, width),
                 conv_x=torch.randn(batch, dim), conv_weight=torch.randn(dim, width),
-                dt_low=torch.randn(batch, rank), dt_weight=torch.randn(dim, rank),
-                A=-torch.rand(dim, dstate), B=torch.randn(batch, dstate),
-                C=torch.randn(batch, dstate), D=torch.randn(dim), z=torch.randn(batch, dim),
+                x_dbl=torch.randn(3, batch, rank + 2 * dstate), dt_weight=torch.randn(dim, rank),
+                A=-torch.rand(dim, dstate), D=torch.randn(dim), z=torch.randn(batch, dim),
                 dt_bias=torch.rand(dim), dt_softplus=True, conv_bias=torch.randn(dim))
 
 
 def test_decode_step_equals_its_parts():
-    """ssm_decode_step = the conv's step (the window shifted, then silu(conv)), dt_proj, then
-    selective_state_update; the conv state holds the shifted window."""
+    """ssm_decode_step = x_proj's partial sums summed and split into dt_low, B, C; the conv's
+    step (the window shifted, then silu(conv)), dt_proj, then selective_state_update; the conv
+    state holds the shifted window."""
     kw = _good_decode_step()
     state, conv = kw["state"].clone(), kw["conv_state"].clone()
     window = torch.cat([conv[:, :, 1:], kw["conv_x"][..., None]], -1)
     u = F.silu((window * kw["conv_weight"]).sum(-1) + kw["conv_bias"])
-    dt = kw["dt_low"] @ kw["dt_weight"].t()
+    dt_low, B, C = torch.split(kw["x_dbl"].sum(0), [3, 4, 4], dim=-1)
+    dt = dt_low @ kw["dt_weight"].t()
     want = selective_state_update(
-        state, u, dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"], True
+        state, u, dt, kw["A"], B, C, kw["D"], kw["z"], kw["dt_bias"], True
     )
     out = ssm_decode_step(**kw)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(kw["state"], state)
     torch.testing.assert_close(kw["conv_state"], window)
+
+
+def test_conv_x_proj_equals_its_parts():
+    """conv_x_proj = the conv's step then x_proj, as partial sums whose sum is the product."""
+    kw = _good_decode_step()
+    weight = torch.randn(11, 8)
+    before = kw["conv_state"].clone()
+    parts = conv_x_proj(kw["conv_state"], kw["conv_x"], kw["conv_weight"], weight, kw["conv_bias"])
+    window = torch.cat([before[:, :, 1:], kw["conv_x"][..., None]], -1)
+    u = F.silu((window * kw["conv_weight"]).sum(-1) + kw["conv_bias"])
+    torch.testing.assert_close(parts.sum(0), u @ weight.t())
+    assert torch.equal(kw["conv_state"], before)
+    with pytest.raises(ValueError, match="x_proj_weight must have shape"):
+        conv_x_proj(kw["conv_state"], kw["conv_x"], kw["conv_weight"], torch.randn(11, 7))
 
 
 BAD_DECODE_STEP = [
@@ -475,8 +493,12 @@ BAD_DECODE_STEP = [
     pytest.param(dict(conv_weight=torch.randn(8, 3)), ValueError, "conv_weight must have shape (dim, d_conv)", id="conv-weight"),
     pytest.param(dict(conv_bias=torch.randn(7)), ValueError, "conv_bias must have shape (dim,)", id="conv-bias"),
     pytest.param(dict(conv_weight=None), TypeError, "conv_weight must be a torch.Tensor", id="conv-weight-missing"),
-    pytest.param(dict(dt_weight=torch.randn(8, 5)), ValueError, "dt_weight must have shape (dim, dt_rank)", id="rank"),
-    pytest.param(dict(dt_low=None), TypeError, "dt_low must be a torch.Tensor", id="dt_low-missing"),
+    pytest.param(dict(dt_weight=torch.randn(8, 5)), ValueError, "x_dbl must have shape (P, batch, dt_rank + 2*dstate)", id="rank"),
+    pytest.param(dict(dt_weight=torch.randn(7, 3)), ValueError, "dt_weight must have shape (dim, dt_rank)", id="dt_weight"),
+    pytest.param(dict(x_dbl=torch.randn(2, 11)), ValueError, "x_dbl must have shape (P, batch, dt_rank + 2*dstate)", id="x_dbl-2d"),
+    pytest.param(dict(x_dbl=torch.randn(0, 2, 11)), ValueError, "with P >= 1", id="x_dbl-empty"),
+    pytest.param(dict(x_dbl=None), TypeError, "x_dbl must be a torch.Tensor", id="x_dbl-missing"),
+    pytest.param(dict(A=-torch.rand(8, 5)), ValueError, "state must have shape (batch, dim, dstate)", id="dstate"),
 ]
 
 

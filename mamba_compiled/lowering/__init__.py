@@ -1,6 +1,6 @@
 """Triton kernels for CUDA tensors: the selective scan forward and backward, and the decode step.
 
-The three launchers below are what `mamba_compiled.ops` calls for CUDA tensors (and what CPU
+The launchers below are what `mamba_compiled.ops` calls for CUDA tensors (and what CPU
 tests call directly under TRITON_INTERPRET=1). Importing this package does not import triton:
 each launcher imports its kernel module on first call, so the package imports (and the CPU ops
 work) where triton is not installed.
@@ -11,10 +11,13 @@ work) where triton is not installed.
              delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight=None,
-                 conv_state=None, conv_x=None, conv_weight=None, conv_bias=None) -> out
-        (state in place) with dt_weight, dt is dt_proj's low-rank input; with conv_state, the
-        conv window shifts in the same kernel; with conv_weight (x=None), x is the conv's
-        output, computed there too (the model's decode step)
+                 conv_state=None, conv_x=None, conv_weight=None, conv_bias=None, x_dbl=None)
+        -> out (state in place) with dt_weight, dt is dt_proj's low-rank input; with
+        conv_state, the conv window shifts in the same kernel; with conv_weight (x=None), x is
+        the conv's output, computed there too; with x_dbl (dt=B=C=None), dt, B and C come
+        from x_proj's partial sums (the model's decode step)
+    conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
+        -> (P, batch, rows) float32 partial sums of x_proj applied to the conv's step
 
 Shapes and dtypes are the op contract's (mamba_compiled/ops/scan.py). The launchers allocate
 with torch.empty and launch through torch.library.wrap_triton when traced (the JIT function
@@ -24,7 +27,7 @@ they trace under FakeTensorMode with a dynamic seqlen.
 
 from __future__ import annotations
 
-__all__ = ["scan_fwd", "scan_bwd", "state_update"]
+__all__ = ["scan_fwd", "scan_bwd", "state_update", "conv_x_proj"]
 
 # The kernel modules (scan_forward, scan_backward, decode_step) are named apart from these
 # functions: importing a submodule sets an attribute of the package with the submodule's name.
@@ -50,11 +53,17 @@ def scan_bwd(
 
 def state_update(
     state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight=None, conv_state=None,
-    conv_x=None, conv_weight=None, conv_bias=None,
+    conv_x=None, conv_weight=None, conv_bias=None, x_dbl=None,
 ):  # fmt: skip
     from .decode_step import state_update as launch
 
     return launch(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x,
-        conv_weight, conv_bias,
+        conv_weight, conv_bias, x_dbl,
     )  # fmt: skip
+
+
+def conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
+    from .decode_step import conv_x_proj as launch
+
+    return launch(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)

@@ -27,13 +27,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .decode_step import _state_update_kernel
+from .decode_step import _conv_x_proj_kernel, _state_update_kernel
 from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
 
 F32_PTRS = {
     "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "ck_ptr", "dlast_ptr", "dA_ptr",
     "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
+    "xdbl_ptr", "part_ptr",
 }  # fmt: skip
 I32_PTRS = {"sync_ptr"}
 
@@ -60,10 +61,12 @@ def jobs(dim: int = 4096, dstate: int = 16):
          bwd.num_warps),
         ("state_update", _state_update_kernel,
          dict(flags, BD=max(1, 512 // n), DT_PROJ=False, R=1, CONV=False, W=1, CONV_U=False,
-              HAS_CB=False), 4),
+              HAS_CB=False, XDBL=False, P=1), 4),
         ("decode_step", _state_update_kernel,
          dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=256, CONV=True, W=4, CONV_U=True,
-              HAS_CB=True), 4),
+              HAS_CB=True, XDBL=True, P=64), 4),
+        ("conv_x_proj", _conv_x_proj_kernel,
+         dict(HAS_CB=True, W=4, BE=64, BR=64, ROWS=256), 4),
     ]  # fmt: skip
 
 

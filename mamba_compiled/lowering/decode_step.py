@@ -8,6 +8,14 @@ The model's decode step (CONV_U) computes x itself, as the causal conv's output 
 x = silu(Σ_k window[k]·w[k] + b), with window = the conv state shifted left by one and the new
 input last (also written back), rounded to the output dtype as the model rounds it.
 
+With x_dbl (XDBL), the kernel takes x_proj's output as partial sums over slices of channels,
+(P, batch, dt_rank + 2·dstate), sums them in fp32 and rounds to the output dtype (as the model
+rounds x_proj's output), then splits dt_low (dt_proj's input), B and C. `conv_x_proj` writes
+those partial sums: one program per (slice of BE channels, batch element) computes the conv's
+step for its channels and multiplies them with its columns of x_proj's weight, so the conv and
+x_proj take one kernel without atomics or a second pass (the model's decode step at small
+batch: two kernels from in_proj's output to the gated output).
+
 The launch configuration is fixed by a heuristic and never autotuned: autotuning would run the
 kernel several times and apply the update several times.
 """
@@ -25,13 +33,14 @@ from .common import LOG2E, interpreting, launcher, sigmoid, softplus
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    dtw_ptr, conv_ptr, cx_ptr, cw_ptr, cb_ptr,
-    dim, dstate, B_per_group, C_per_group, rank, width,
+    dtw_ptr, conv_ptr, cx_ptr, cw_ptr, cb_ptr, xdbl_ptr,
+    dim, dstate, B_per_group, C_per_group, rank, width, n_part,
     s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_wd, s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk,
+    s_xdp, s_xdb,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DT_PROJ: tl.constexpr, R: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr,
-    CONV_U: tl.constexpr, HAS_CB: tl.constexpr,
+    CONV_U: tl.constexpr, HAS_CB: tl.constexpr, XDBL: tl.constexpr, P: tl.constexpr,
     BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -41,10 +50,27 @@ def _state_update_kernel(
     dmask = d < dim
     mask = dmask[:, None] & (n < dstate)[None, :]  # (BD, N)
 
+    if XDBL:  # x_proj's output: the sum of its partial sums, rounded as the model rounds it
+        p = tl.arange(0, P)[:, None]
+        part_ptrs = xdbl_ptr + pid_b * s_xdb + p * s_xdp
+        pmask = p < n_part
+        nmask = (n < dstate)[None, :]
+        Bv = tl.load(part_ptrs + rank + n[None, :], mask=pmask & nmask, other=0.0)
+        Cv = tl.load(part_ptrs + rank + dstate + n[None, :], mask=pmask & nmask, other=0.0)
+        Bv = tl.sum(Bv.to(tl.float32), 0)
+        Cv = tl.sum(Cv.to(tl.float32), 0)
+        Bv = Bv.to(out_ptr.dtype.element_ty).to(tl.float32)  # (N,)
+        Cv = Cv.to(out_ptr.dtype.element_ty).to(tl.float32)
     if DT_PROJ:  # dt = dt_weight @ dt_low: a (rank,) dot per channel, in fp32
         r = tl.arange(0, R)
         rmask = r < rank
-        dt_low = tl.load(dt_ptr + pid_b * s_tb + r * s_td, mask=rmask, other=0.0).to(tl.float32)
+        if XDBL:
+            dt_low = tl.load(part_ptrs + r[None, :], mask=pmask & rmask[None, :], other=0.0)
+            dt_low = tl.sum(dt_low.to(tl.float32), 0)
+            dt_low = dt_low.to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            dt_low = tl.load(dt_ptr + pid_b * s_tb + r * s_td, mask=rmask, other=0.0)
+            dt_low = dt_low.to(tl.float32)
         w = tl.load(
             dtw_ptr + d[:, None].to(tl.int64) * s_wd + r[None, :],
             mask=dmask[:, None] & rmask[None, :],
@@ -80,16 +106,20 @@ def _state_update_kernel(
         dt = softplus(dt, FAST_MATH)
     A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0)
     dA = tl.exp2(dt[:, None] * A * LOG2E)  # Ā: (BD, N)
-    B = tl.load(
-        B_ptr + pid_b * s_Bb + (d // B_per_group)[:, None] * s_Bg + n[None, :] * s_Bn,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
-    C = tl.load(
-        C_ptr + pid_b * s_Cb + (d // C_per_group)[:, None] * s_Cg + n[None, :] * s_Cn,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
+    if XDBL:
+        B = Bv[None, :]
+        C = Cv[None, :]
+    else:
+        B = tl.load(
+            B_ptr + pid_b * s_Bb + (d // B_per_group)[:, None] * s_Bg + n[None, :] * s_Bn,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        C = tl.load(
+            C_ptr + pid_b * s_Cb + (d // C_per_group)[:, None] * s_Cg + n[None, :] * s_Cn,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
 
     state_ptrs = state_ptr + pid_b * s_sb + d[:, None].to(tl.int64) * s_sd + n[None, :] * s_sn
     h = tl.load(state_ptrs, mask=mask, other=0.0)
@@ -108,10 +138,10 @@ def _state_update_kernel(
 def state_update(
     state: Tensor,
     x: Tensor | None,
-    dt: Tensor,
+    dt: Tensor | None,
     A: Tensor,
-    B: Tensor,
-    C: Tensor,
+    B: Tensor | None,
+    C: Tensor | None,
     D: Tensor | None,
     z: Tensor | None,
     dt_bias: Tensor | None,
@@ -121,6 +151,7 @@ def state_update(
     conv_x: Tensor | None = None,
     conv_weight: Tensor | None = None,
     conv_bias: Tensor | None = None,
+    x_dbl: Tensor | None = None,
 ) -> Tensor:
     """Decode step on CUDA (or under TRITON_INTERPRET=1 on CPU); updates `state` in place.
 
@@ -132,10 +163,16 @@ def state_update(
     With conv_weight (dim, width) too (and conv_bias (dim,) or None), x is None: the kernel
     computes it as silu(conv output) from the new window, and out takes conv_x's dtype (the
     model's decode step: one kernel for dt_proj, the conv, the state update and the gate).
+    With x_dbl (P, batch, rank + 2·dstate), partial sums of x_proj's output (`conv_x_proj`),
+    dt, B and C are None: the kernel sums x_dbl over P, rounds it to the output dtype and splits
+    it into dt (dt_proj's low-rank input, with dt_weight), B and C (one group).
     """
     if conv_weight is not None:
         if conv_state is None or conv_x is None or x is not None:
             raise ValueError("conv_weight needs conv_state and conv_x, and x=None")
+    if x_dbl is not None:
+        if dt_weight is None or dt is not None or B is not None or C is not None:
+            raise ValueError("x_dbl needs dt_weight, and dt=B=C=None")
     like = conv_x if x is None else x
     batch, dim = like.shape
     dstate = A.shape[1]
@@ -149,6 +186,12 @@ def state_update(
     x_ = x if x is not None else like  # placeholders are never read (or written)
     z_ = z if z is not None else like
     rank = dt_weight.shape[1] if dt_weight is not None else 1
+    n_part = x_dbl.shape[0] if x_dbl is not None else 1
+    xdbl = x_dbl if x_dbl is not None else A
+    xdbl_strides = (x_dbl.stride(0), x_dbl.stride(1)) if x_dbl is not None else (0, 0)
+    dt = dt if dt is not None else A  # placeholders, never read
+    B = B if B is not None else A[None, :1, :1]
+    C = C if C is not None else B
     dtw = dt_weight.contiguous() if dt_weight is not None else A
     width = conv_state.shape[2] if conv_state is not None else 1
     conv = conv_state if conv_state is not None else like
@@ -160,17 +203,101 @@ def state_update(
     grid = (triton.cdiv(dim, BD), batch)
     launcher(_state_update_kernel, like)[grid](
         state, x_, dt, A, B, C, D if D is not None else A, z_,
-        dt_bias if dt_bias is not None else A, out, dtw, conv, cx, cw, cb,
-        dim, dstate, dim // B.shape[1], dim // C.shape[1], rank, width,
+        dt_bias if dt_bias is not None else A, out, dtw, conv, cx, cw, cb, xdbl,
+        dim, dstate, dim // B.shape[1], dim // C.shape[1], rank, width, n_part,
         state.stride(0), state.stride(1), state.stride(2),
         x_.stride(0), x_.stride(1), dt.stride(0), dt.stride(1), z_.stride(0), z_.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        dtw.stride(0), *conv_strides, cx.stride(0), cx.stride(1), *cw_strides,
+        dtw.stride(0), *conv_strides, cx.stride(0), cx.stride(1), *cw_strides, *xdbl_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), DT_PROJ=dt_weight is not None,
         R=triton.next_power_of_2(rank), CONV=conv_state is not None,
         W=triton.next_power_of_2(width), CONV_U=conv_weight is not None,
-        HAS_CB=conv_bias is not None, BD=BD, N=N, FAST_MATH=not interpreting(),
+        HAS_CB=conv_bias is not None, XDBL=x_dbl is not None,
+        P=triton.next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
         num_warps=4 if BD * N >= 512 else 1,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _conv_x_proj_kernel(
+    conv_ptr, cx_ptr, cw_ptr, cb_ptr, wx_ptr, part_ptr,
+    dim, rows, width,
+    s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk, s_wr, s_op, s_ob,
+    HAS_CB: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    e = pid_p * BE + tl.arange(0, BE)  # (BE,) channels of this slice
+    emask = e < dim
+    k = tl.arange(0, W)
+    # the window: conv_state's last width - 1 columns, then conv_x
+    win = tl.load(
+        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
+        mask=emask[:, None] & (k + 1 < width)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0).to(tl.float32)
+    win = tl.where((k == width - 1)[None, :], cx[:, None], win)
+    cw = tl.load(
+        cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+        mask=emask[:, None] & (k < width)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    u = tl.sum(win * cw, 1)  # (BE,)
+    if HAS_CB:
+        u += tl.load(cb_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    u = u * sigmoid(u)
+    u = u.to(cx_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
+    for r0 in tl.static_range(0, ROWS, BR):
+        r = r0 + tl.arange(0, BR)
+        rmask = r < rows
+        w = tl.load(
+            wx_ptr + r[:, None].to(tl.int64) * s_wr + e[None, :],
+            mask=rmask[:, None] & emask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        part = tl.sum(w * u[None, :], 1)  # (BR,)
+        tl.store(part_ptr + pid_p * s_op + pid_b * s_ob + r, part, mask=rmask)
+
+
+def conv_x_proj_slices(dim: int) -> tuple[int, int]:
+    """(channels per slice, slices) of `conv_x_proj` for `dim` channels: at most 64 slices
+    (the decode kernel sums them per program), at least 32 channels each."""
+    per = max(32, triton.next_power_of_2(triton.cdiv(dim, 64)))
+    return per, triton.cdiv(dim, per)
+
+
+def conv_x_proj(
+    conv_state: Tensor,
+    conv_x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    x_proj_weight: Tensor,
+) -> Tensor:
+    """The conv's step and x_proj as partial sums, on CUDA (or under TRITON_INTERPRET=1).
+
+    conv_state (batch, dim, width), conv_x (batch, dim), conv_weight (dim, width), conv_bias
+    (dim,) or None, x_proj_weight (rows, dim) with unit stride along dim. u = silu(conv output)
+    of the window (conv_state's last width - 1 columns, then conv_x), rounded to conv_x's
+    dtype; returns (P, batch, rows) float32 partial sums of u @ x_proj_weight.T over P slices
+    of the channels (`conv_x_proj_slices`). conv_state is not changed.
+    """
+    batch, dim = conv_x.shape
+    rows, width = x_proj_weight.shape[0], conv_state.shape[2]
+    BE, n_part = conv_x_proj_slices(dim)
+    BR = 64
+    out = torch.empty((n_part, batch, rows), dtype=torch.float32, device=conv_x.device)
+    cb = conv_bias if conv_bias is not None else conv_weight
+    grid = (n_part, batch)
+    launcher(_conv_x_proj_kernel, conv_x)[grid](
+        conv_state, conv_x, conv_weight, cb, x_proj_weight, out,
+        dim, rows, width,
+        *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(), x_proj_weight.stride(0),
+        out.stride(0), out.stride(1),
+        HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, BR=BR,
+        ROWS=triton.cdiv(rows, BR) * BR, num_warps=4 if BE * BR >= 4096 else 2,
     )  # fmt: skip
     return out

@@ -6,8 +6,9 @@
     out_proj(y)
 
 Everything but the scan is ordinary PyTorch for the compiler to fuse; the scan is the registered
-op `selective_scan_fn` (one decode step: `ssm_decode_step`, the state update with dt_proj and the
-conv-window shift), whichever kernel serves it.
+op `selective_scan_fn` (one decode step: `conv_x_proj`, the conv's step and x_proj as partial
+sums, then `ssm_decode_step`, the state update with dt_proj and the conv-window shift), whichever
+kernel serves it.
 
 Glossary (code -> paper): b batch, l sequence length, d_model D, d_inner E·D, d_state N,
 dt / delta Δ, A_log log(-A), D the skip connection, z the gate.
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.ops import selective_scan_fn, ssm_decode_step
+from mamba_compiled.ops import conv_x_proj, selective_scan_fn, ssm_decode_step
 from mamba_compiled.ops.scan import conv_step
 
-# Decoding batches up to this size project with reductions under the compiler (see `_gemv`).
+# Decoding batches up to this size project with reductions under the compiler (see `_gemv`), and
+# the conv's step and x_proj with `conv_x_proj`.
 GEMV_MAX_BATCH = 8
 
 
@@ -219,27 +221,27 @@ class Mamba(nn.Module):
         xz = _gemv(hidden_states, self.in_proj.weight, self.in_proj.bias)
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
         x = x.to(conv_state.dtype)
-        # conv_state holds the last W inputs; this step's window is its last W-1 and x. x_proj
-        # reads the conv output computed here (the compiler folds it into x_proj's reduction);
-        # the decode kernel computes it again from the window, then shifts the window in place.
+        # conv_state holds the last W inputs; this step's window is its last W-1 and x.
         w = self.conv1d.weight[:, 0, :]  # (d_inner, W)
-        u = conv_step(conv_state, x, w, self.conv1d.bias).to(xz.dtype)  # (b, d_inner)
-
-        x_dbl = _gemv(u, self.x_proj.weight)
-        dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        A, D, dt_bias = self.scan_constants(u.dtype) if constants is None else constants
-        # the conv, dt_proj (its weight; the bias in the softplus), the state update, the gate
-        # and the conv shift
+        if x.shape[0] <= GEMV_MAX_BATCH:
+            # the conv's step and x_proj in one op: partial sums over slices of the channels,
+            # which the decode kernel sums (one kernel each on CUDA, where Inductor stored the
+            # conv's output in a kernel of its own before x_proj's reduction)
+            x_dbl = conv_x_proj(conv_state, x, w, self.x_proj.weight, self.conv1d.bias)
+        else:  # larger batches: the conv under the compiler, x_proj a matrix product
+            u = conv_step(conv_state, x, w, self.conv1d.bias).to(xz.dtype)
+            x_dbl = F.linear(u, self.x_proj.weight)[None]
+        A, D, dt_bias = self.scan_constants(x.dtype) if constants is None else constants
+        # x_proj's sum, the conv, dt_proj (its weight; the bias in the softplus), the state
+        # update, the gate and the conv shift
         y = ssm_decode_step(
             ssm_state,
             conv_state,
             x,
             w,
-            dt_low,
+            x_dbl,
             self.dt_proj.weight,
             A,
-            B,
-            C,
             D,
             z=z,
             dt_bias=dt_bias,

@@ -4,6 +4,11 @@ Importing this package registers `torch.ops.mamba_compiled.*`. The oracle lives 
 `mamba_compiled.ops.reference` and is never registered.
 """
 
-from mamba_compiled.ops.scan import selective_scan_fn, selective_state_update, ssm_decode_step
+from mamba_compiled.ops.scan import (
+    conv_x_proj,
+    selective_scan_fn,
+    selective_state_update,
+    ssm_decode_step,
+)
 
-__all__ = ["selective_scan_fn", "selective_state_update", "ssm_decode_step"]
+__all__ = ["conv_x_proj", "selective_scan_fn", "selective_state_update", "ssm_decode_step"]

@@ -192,43 +192,77 @@ def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
     )
 
 
-def check_decode_step_inputs(state, conv_state, conv_x, conv_weight, conv_bias, dt_low,
-                             dt_weight, A, B, C, D, z, dt_bias):  # fmt: skip
-    """Validates the model's fused decode step (see `ssm_decode_step`); returns them normalized."""
-    for name, t in (("conv_state", conv_state), ("conv_x", conv_x), ("conv_weight", conv_weight),
-                    ("dt_low", dt_low), ("dt_weight", dt_weight)):  # fmt: skip
+def _check_conv_step_inputs(conv_state, conv_x, conv_weight, conv_bias):
+    """The conv's step inputs (see `conv_step`): shapes, dtypes, devices."""
+    for name, t in (("conv_state", conv_state), ("conv_x", conv_x), ("conv_weight", conv_weight)):
         _is_tensor(name, t)
     _is_tensor("conv_bias", conv_bias, True)
     if conv_x.dim() != 2:
         raise ValueError(f"conv_x must have shape (batch, dim), got {tuple(conv_x.shape)}")
-    # conv_x stands in for x and dt in the state update's checks (same shape and dtype)
-    conv_x, _, A, B, C, D, z, dt_bias = check_state_update_inputs(
-        state, conv_x, conv_x, A, B, C, D, z, dt_bias
-    )
     batch, dim = conv_x.shape
+    if batch == 0 or dim == 0:
+        raise ValueError(f"conv_x must have a non-empty (batch, dim), got {tuple(conv_x.shape)}")
+    if conv_x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"conv_x must be float32, float16 or bfloat16, got {conv_x.dtype}")
     _same_device(
-        {"conv_state": conv_state, "conv_weight": conv_weight, "conv_bias": conv_bias,
-         "dt_low": dt_low, "dt_weight": dt_weight},
+        {"conv_state": conv_state, "conv_weight": conv_weight, "conv_bias": conv_bias},
         "conv_x", conv_x.device,
     )  # fmt: skip
     _shape("conv_state", conv_state, (batch, dim, None), "(batch, dim, d_conv)")
     width = conv_state.shape[2]
     if width == 0:
         raise ValueError("conv_state must have shape (batch, dim, d_conv) with d_conv > 0")
+    if conv_state.dtype != conv_x.dtype:
+        raise TypeError(f"conv_state must have conv_x's dtype {conv_x.dtype}, got {conv_state.dtype}")
     _shape("conv_weight", conv_weight, (dim, width), "(dim, d_conv) like conv_state")
     if conv_bias is not None:
         _shape("conv_bias", conv_bias, (dim,), "(dim,)")
-    _shape("dt_low", dt_low, (batch, None), "(batch, dt_rank)")
-    _shape("dt_weight", dt_weight, (dim, dt_low.shape[1]), "(dim, dt_rank)")
-    for name, t in (("conv_state", conv_state), ("dt_low", dt_low)):
-        if t.dtype != conv_x.dtype:
-            raise TypeError(f"{name} must have conv_x's dtype {conv_x.dtype}, got {t.dtype}")
-    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias),
-                    ("dt_weight", dt_weight)):  # fmt: skip
+    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return _unit_stride(conv_weight), None if conv_bias is None else conv_bias.contiguous()
+
+
+def check_conv_x_proj_inputs(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
+    """Validates `conv_x_proj`'s inputs; returns them normalized."""
+    conv_weight, conv_bias = _check_conv_step_inputs(conv_state, conv_x, conv_weight, conv_bias)
+    _is_tensor("x_proj_weight", x_proj_weight)
+    _same_device({"x_proj_weight": x_proj_weight}, "conv_x", conv_x.device)
+    _shape("x_proj_weight", x_proj_weight, (None, conv_x.shape[1]), "(rows, dim)")
+    if x_proj_weight.shape[0] == 0 or not x_proj_weight.is_floating_point():
+        raise ValueError(
+            f"x_proj_weight must be a floating-point (rows, dim) with rows > 0, got "
+            f"{x_proj_weight.dtype} {tuple(x_proj_weight.shape)}"
+        )
+    return conv_state, conv_x, conv_weight, conv_bias, _unit_stride(x_proj_weight)
+
+
+def check_decode_step_inputs(state, conv_state, conv_x, conv_weight, conv_bias, x_dbl,
+                             dt_weight, A, D, z, dt_bias):  # fmt: skip
+    """Validates the model's fused decode step (see `ssm_decode_step`); returns them normalized."""
+    conv_weight, conv_bias = _check_conv_step_inputs(conv_state, conv_x, conv_weight, conv_bias)
+    for name, t in (("x_dbl", x_dbl), ("dt_weight", dt_weight), ("A", A)):
+        _is_tensor(name, t)
+    batch, dim = conv_x.shape
+    dstate = A.shape[-1] if A.dim() else 1
+    # the state update's own checks, with conv_x for x and dt and placeholders for B and C
+    bc = torch.empty(batch, dstate, dtype=conv_x.dtype, device=conv_x.device)
+    conv_x, _, A, _, _, D, z, dt_bias = check_state_update_inputs(
+        state, conv_x, conv_x, A, bc, bc, D, z, dt_bias
+    )
+    _same_device({"x_dbl": x_dbl, "dt_weight": dt_weight}, "conv_x", conv_x.device)
+    if dt_weight.dim() != 2 or dt_weight.shape[0] != dim or dt_weight.shape[1] == 0:
+        raise ValueError(f"dt_weight must have shape (dim, dt_rank), got {tuple(dt_weight.shape)}")
+    rows = dt_weight.shape[1] + 2 * dstate
+    if x_dbl.dim() != 3 or x_dbl.shape[0] == 0 or tuple(x_dbl.shape[1:]) != (batch, rows):
+        raise ValueError(
+            f"x_dbl must have shape (P, batch, dt_rank + 2*dstate) = (P, {batch}, {rows}) with "
+            f"P >= 1, got {tuple(x_dbl.shape)}"
+        )
+    for name, t in (("x_dbl", x_dbl), ("dt_weight", dt_weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    x_dbl = x_dbl if x_dbl.stride(2) == 1 else x_dbl.contiguous()
     return (
-        conv_x, _unit_stride(conv_weight),
-        None if conv_bias is None else conv_bias.contiguous(), _unit_stride(dt_low),
-        A, B, C, D, z, dt_bias,
+        conv_x, conv_weight, conv_bias, x_dbl, _unit_stride(dt_weight), A, D, z, dt_bias,
     )  # fmt: skip

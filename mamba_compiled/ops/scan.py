@@ -8,10 +8,13 @@ Registered ops:
                        checkpoints, delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
-    ssm_decode_step(state!, conv_state!, conv_x, conv_weight, conv_bias?, dt_low, dt_weight, A,
-                    B, C, D?, z?, dt_bias?, dt_softplus) -> out
-                    (the model's decode step after x_proj: the conv, dt_proj, the state update,
-                    the gate and the conv-window shift, one kernel on CUDA)
+    conv_x_proj(conv_state, conv_x, conv_weight, conv_bias?, x_proj_weight) -> x_dbl
+                    (the conv's step and x_proj, as (P, batch, rows) partial sums: one kernel)
+    ssm_decode_step(state!, conv_state!, conv_x, conv_weight, conv_bias?, x_dbl, dt_weight, A,
+                    D?, z?, dt_bias?, dt_softplus) -> out
+                    (the model's decode step after x_proj: x_proj's partial sums summed, the
+                    conv, dt_proj, the state update, the gate and the conv-window shift, one
+                    kernel on CUDA)
 
 The forward and the decode steps are `triton_op`s (where triton is installed), so torch.compile and
 AOTInductor see the Triton kernels of their CUDA branch; a `triton_op` has no per-device
@@ -43,6 +46,7 @@ from torch.library import custom_op, triton_op
 
 from mamba_compiled.ops import cpu
 from mamba_compiled.ops.checks import (
+    check_conv_x_proj_inputs,
     check_decode_step_inputs,
     check_scan_inputs,
     check_state_update_inputs,
@@ -198,22 +202,37 @@ def selective_state_update_op(
     )
 
 
+@_public_op("mamba_compiled::conv_x_proj", mutates_args=())
+def conv_x_proj_op(
+    conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt, x_proj_weight: Tensor
+) -> Tensor:
+    if conv_x.device.type == "cuda":
+        return _lowering().conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
+    u = conv_step(conv_state, conv_x, conv_weight, conv_bias)
+    acc = torch.float64 if conv_x.dtype == torch.float64 else torch.float32
+    return (u.to(acc) @ x_proj_weight.to(acc).t())[None]  # one partial sum
+
+
 @_public_op("mamba_compiled::ssm_decode_step", mutates_args=("state", "conv_state"))
 def ssm_decode_step_op(
     state: Tensor, conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt,
-    dt_low: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
-    dt_bias: Opt, dt_softplus: bool,
+    x_dbl: Tensor, dt_weight: Tensor, A: Tensor, D: Opt, z: Opt, dt_bias: Opt,
+    dt_softplus: bool,
 ) -> Tensor:
     if conv_x.device.type == "cuda":
         return _lowering().state_update(
-            state, None, dt_low, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
-            conv_x, conv_weight, conv_bias,
+            state, None, None, A, None, None, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
+            conv_x, conv_weight, conv_bias, x_dbl,
         )  # fmt: skip
+    rank, dstate = dt_weight.shape[1], A.shape[1]
+    xd = x_dbl.to(state.dtype).sum(0).to(conv_x.dtype)  # rounded as the model rounds x_proj
+    dt_low, B, C = torch.split(xd, [rank, dstate, dstate], dim=-1)
     u = conv_step(conv_state, conv_x, conv_weight, conv_bias)
     dt = dt_low.to(state.dtype) @ dt_weight.to(state.dtype).t()  # in fp32, as the kernel
     out = torch.ops.mamba_compiled.selective_state_update_cpu(
-        state, u, dt, A, B, C, D, z, dt_bias, dt_softplus
-    )
+        state, u, dt, A, B[:, None].contiguous(), C[:, None].contiguous(), D, z, dt_bias,
+        dt_softplus,
+    )  # fmt: skip
     conv_state.copy_(torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1))
     return out
 
@@ -327,16 +346,33 @@ def selective_state_update(
     return torch.ops.mamba_compiled.selective_state_update(state, *args, bool(dt_softplus))
 
 
+def conv_x_proj(
+    conv_state: Tensor,
+    conv_x: Tensor,
+    conv_weight: Tensor,
+    x_proj_weight: Tensor,
+    conv_bias: Tensor | None = None,
+) -> Tensor:
+    """The conv's step and x_proj for one decoding step, as partial sums (one kernel on CUDA).
+
+    u = `conv_step(conv_state, conv_x, conv_weight, conv_bias)` (conv_state (batch, dim,
+    d_conv), conv_x (batch, dim), conv_weight (dim, d_conv), conv_bias (dim,)), then
+    u @ x_proj_weight.T (x_proj_weight (rows, dim)) as x_dbl (P, batch, rows) in float32: P
+    partial sums over slices of the channels (P = 1 on CPU) whose sum is x_proj's output.
+    `ssm_decode_step` takes x_dbl as it is. conv_state is not changed.
+    """
+    args = check_conv_x_proj_inputs(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
+    return torch.ops.mamba_compiled.conv_x_proj(*args)
+
+
 def ssm_decode_step(
     state: Tensor,
     conv_state: Tensor,
     conv_x: Tensor,
     conv_weight: Tensor,
-    dt_low: Tensor,
+    x_dbl: Tensor,
     dt_weight: Tensor,
     A: Tensor,
-    B: Tensor,
-    C: Tensor,
     D: Tensor | None = None,
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
@@ -345,20 +381,21 @@ def ssm_decode_step(
 ) -> Tensor:
     """The Mamba mixer's decode step after x_proj, one kernel on CUDA.
 
-    Computes u = `conv_step(conv_state, conv_x, conv_weight, conv_bias)` (conv_x (batch, dim),
-    this step's conv input; conv_weight (dim, d_conv), conv_bias (dim,)) and dt = dt_low @
-    dt_weight.T (dt_proj without its bias, in float32; dt_low (batch, dt_rank), dt_weight
-    (dim, dt_rank)), then `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias,
-    dt_softplus)`, and shifts the conv window: conv_state (batch, dim, d_conv) <- its last
-    d_conv - 1 columns, then conv_x.
+    x_dbl (P, batch, dt_rank + 2·dstate): x_proj's output as P partial sums (`conv_x_proj`'s
+    output, or x_proj's output with a leading dimension of 1), summed in float32 and rounded to
+    conv_x's dtype, then split into dt_low, B and C (batch, dstate). Computes u =
+    `conv_step(conv_state, conv_x, conv_weight, conv_bias)` (conv_x (batch, dim), this step's
+    conv input; conv_weight (dim, d_conv), conv_bias (dim,)) and dt = dt_low @ dt_weight.T
+    (dt_proj without its bias, in float32; dt_weight (dim, dt_rank)), then
+    `selective_state_update(state, u, dt, A, B, C, D, z, dt_bias, dt_softplus)`, and shifts the
+    conv window: conv_state (batch, dim, d_conv) <- its last d_conv - 1 columns, then conv_x.
     Updates `state` and `conv_state` in place; returns out (batch, dim) in conv_x's dtype.
     """
     args = check_decode_step_inputs(
-        state, conv_state, conv_x, conv_weight, conv_bias, dt_low, dt_weight, A, B, C, D, z,
-        dt_bias,
-    )  # fmt: skip
-    conv_x, conv_weight, conv_bias, dt_low, A, B, C, D, z, dt_bias = args
+        state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias
+    )
+    conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias = args
     return torch.ops.mamba_compiled.ssm_decode_step(
-        state, conv_state, conv_x, conv_weight, conv_bias, dt_low, dt_weight, A, B, C, D, z,
+        state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z,
         dt_bias, bool(dt_softplus),
     )  # fmt: skip
