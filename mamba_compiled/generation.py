@@ -299,11 +299,12 @@ class MambaGenerator:
         for start in range(0, seqlen, chunk):
             ids = input_ids[:, start : start + chunk]
             mask = None if attention_mask is None else attention_mask[:, start : start + chunk]
-            run = self._prefill
-            if self._prefill_graphs is not None and ids.numel() <= PREFILL_GRAPH_TOKENS:
-                run = self._prefill_graphs
+            graphed = self._prefill_graphs is not None and ids.numel() <= PREFILL_GRAPH_TOKENS
+            run = self._prefill_graphs if graphed else self._prefill
             logits = run(self.model, self.cache, ids, mask)
-        return logits
+        # a graph's output is overwritten by the next replay of any graph (the decode step's
+        # too): the caller gets its own copy, (batch, vocab)
+        return logits.clone() if graphed else logits
 
     @torch.no_grad()
     def step(self, input_ids: Tensor) -> Tensor:

@@ -71,7 +71,8 @@ def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype):
 
 def test_graphed_prefill_equals_eager():
     """Short prompts prefill as CUDA graphs (one per length: warm-up, record, then replays);
-    every call, and the states it leaves, equal eager's."""
+    every call, and the states it leaves, equal the compiled prefill's without graphs (up to
+    the projections' kernel choice); the logits returned outlive the next replays."""
     torch._dynamo.reset()
     counters.clear()
     model = model_on()
@@ -80,11 +81,13 @@ def test_graphed_prefill_equals_eager():
     for length in (7, 33, 7):
         for _ in range(3):
             ids = torch.randint(0, VOCAB, (2, length), device="cuda")
-            got = compiled.prefill(ids).clone()
-            torch.testing.assert_close(got, eager.prefill(ids), atol=2e-4, rtol=2e-3)
+            got, want = compiled.prefill(ids), eager.prefill(ids)
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-3)
             for (c1, s1), (c2, s2) in zip(compiled.cache.states(2), eager.cache.states(2)):
-                torch.testing.assert_close(c1, c2)
+                torch.testing.assert_close(c1, c2, atol=2e-4, rtol=2e-3)
                 torch.testing.assert_close(s1, s2, atol=2e-4, rtol=2e-3)
+            compiled.step(ids[:, -1])  # a replay of the decode graph leaves `got` alone
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-3)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 

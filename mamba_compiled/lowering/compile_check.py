@@ -63,10 +63,10 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(flags, BD=max(1, 512 // n), DT_PROJ=False, R=1, CONV=False, W=1, CONV_U=False,
               HAS_CB=False, XDBL=False, P=1), 4),
         ("decode_step", _state_update_kernel,
-         dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=256, CONV=True, W=4, CONV_U=True,
+         dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=128, CONV=True, W=4, CONV_U=True,
               HAS_CB=True, XDBL=True, P=64), 4),
         ("conv_x_proj", _conv_x_proj_kernel,
-         dict(HAS_CB=True, W=4, BE=64, BR=64, ROWS=256), 4),
+         dict(HAS_CB=True, W=4, BE=64, ROWS=256), 8),
     ]  # fmt: skip
 
 

@@ -48,89 +48,100 @@ def _state_update_kernel(
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
     n = tl.arange(0, N)  # (N,)
     dmask = d < dim
-    mask = dmask[:, None] & (n < dstate)[None, :]  # (BD, N)
+    nmask = (n < dstate)[None, :]
+    mask = dmask[:, None] & nmask  # (BD, N)
 
-    if XDBL:  # x_proj's output: the sum of its partial sums, rounded as the model rounds it
+    # Every load first: at batch 1 this kernel is a chain of small loads, and each load used
+    # right after it is issued waits for memory alone; issued together, their latencies overlap.
+    if XDBL:  # x_proj's output as partial sums (P, rows): dt_low, B, C tiles
         p = tl.arange(0, P)[:, None]
         part_ptrs = xdbl_ptr + pid_b * s_xdb + p * s_xdp
         pmask = p < n_part
-        nmask = (n < dstate)[None, :]
-        Bv = tl.load(part_ptrs + rank + n[None, :], mask=pmask & nmask, other=0.0)
-        Cv = tl.load(part_ptrs + rank + dstate + n[None, :], mask=pmask & nmask, other=0.0)
-        Bv = tl.sum(Bv.to(tl.float32), 0)
-        Cv = tl.sum(Cv.to(tl.float32), 0)
-        Bv = Bv.to(out_ptr.dtype.element_ty).to(tl.float32)  # (N,)
-        Cv = Cv.to(out_ptr.dtype.element_ty).to(tl.float32)
-    if DT_PROJ:  # dt = dt_weight @ dt_low: a (rank,) dot per channel, in fp32
-        r = tl.arange(0, R)
-        rmask = r < rank
-        if XDBL:
-            dt_low = tl.load(part_ptrs + r[None, :], mask=pmask & rmask[None, :], other=0.0)
-            dt_low = tl.sum(dt_low.to(tl.float32), 0)
-            dt_low = dt_low.to(out_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            dt_low = tl.load(dt_ptr + pid_b * s_tb + r * s_td, mask=rmask, other=0.0)
-            dt_low = dt_low.to(tl.float32)
-        w = tl.load(
-            dtw_ptr + d[:, None].to(tl.int64) * s_wd + r[None, :],
-            mask=dmask[:, None] & rmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        dt = tl.sum(w * dt_low[None, :], 1)  # (BD,)
-    else:
-        dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=dmask, other=0.0).to(tl.float32)
-    if CONV:  # the conv window of these channels shifts left by one and takes the new input
-        k = tl.arange(0, W)
-        conv_ptrs = conv_ptr + pid_b * s_cb + d[:, None].to(tl.int64) * s_cd + k[None, :] * s_ck
-        nxt = tl.load(conv_ptrs + s_ck, mask=dmask[:, None] & (k + 1 < width)[None, :], other=0.0)
-        cx = tl.load(cx_ptr + pid_b * s_cxb + d * s_cxd, mask=dmask, other=0.0)
-        window = tl.where((k == width - 1)[None, :], cx[:, None].to(nxt.dtype), nxt)
-        tl.debug_barrier()  # every thread has read the old window before any writes it
-        tl.store(conv_ptrs, window, mask=dmask[:, None] & (k < width)[None, :])
-    if CONV_U:  # x = silu(conv output), from the new window
-        cw = tl.load(
-            cw_ptr + d[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
-            mask=dmask[:, None] & (k < width)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        x = tl.sum(window.to(tl.float32) * cw, 1)  # (BD,)
-        if HAS_CB:
-            x += tl.load(cb_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        x = x * sigmoid(x)
-        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
-    else:
-        x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt += tl.load(bias_ptr + d, mask=dmask, other=0.0)
-    if SOFTPLUS:
-        dt = softplus(dt, FAST_MATH)
-    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0)
-    dA = tl.exp2(dt[:, None] * A * LOG2E)  # Ā: (BD, N)
-    if XDBL:
-        B = Bv[None, :]
-        C = Cv[None, :]
+        Bp = tl.load(part_ptrs + rank + n[None, :], mask=pmask & nmask, other=0.0)
+        Cp = tl.load(part_ptrs + rank + dstate + n[None, :], mask=pmask & nmask, other=0.0)
     else:
         B = tl.load(
             B_ptr + pid_b * s_Bb + (d // B_per_group)[:, None] * s_Bg + n[None, :] * s_Bn,
             mask=mask,
             other=0.0,
-        ).to(tl.float32)
+        )
         C = tl.load(
             C_ptr + pid_b * s_Cb + (d // C_per_group)[:, None] * s_Cg + n[None, :] * s_Cn,
             mask=mask,
             other=0.0,
-        ).to(tl.float32)
-
+        )
+    if DT_PROJ:
+        r = tl.arange(0, R)
+        rmask = r < rank
+        if XDBL:
+            dt_low = tl.load(part_ptrs + r[None, :], mask=pmask & rmask[None, :], other=0.0)
+        else:
+            dt_low = tl.load(dt_ptr + pid_b * s_tb + r * s_td, mask=rmask, other=0.0)
+        w = tl.load(
+            dtw_ptr + d[:, None].to(tl.int64) * s_wd + r[None, :],
+            mask=dmask[:, None] & rmask[None, :],
+            other=0.0,
+        )
+    else:
+        dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=dmask, other=0.0)
+    if CONV:  # the conv window of these channels, shifted left by one
+        k = tl.arange(0, W)
+        conv_ptrs = conv_ptr + pid_b * s_cb + d[:, None].to(tl.int64) * s_cd + k[None, :] * s_ck
+        nxt = tl.load(conv_ptrs + s_ck, mask=dmask[:, None] & (k + 1 < width)[None, :], other=0.0)
+        cx = tl.load(cx_ptr + pid_b * s_cxb + d * s_cxd, mask=dmask, other=0.0)
+    if CONV_U:
+        cw = tl.load(
+            cw_ptr + d[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+            mask=dmask[:, None] & (k < width)[None, :],
+            other=0.0,
+        )
+        if HAS_CB:
+            cb = tl.load(cb_ptr + d, mask=dmask, other=0.0)
+    else:
+        x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
+    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0)
     state_ptrs = state_ptr + pid_b * s_sb + d[:, None].to(tl.int64) * s_sd + n[None, :] * s_sn
     h = tl.load(state_ptrs, mask=mask, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_zb + d * s_zd, mask=dmask, other=0.0).to(tl.float32)
+
+    if XDBL:  # the sum of the partial sums, rounded as the model rounds x_proj's output
+        B = tl.sum(Bp.to(tl.float32), 0).to(out_ptr.dtype.element_ty)[None, :]  # (1, N)
+        C = tl.sum(Cp.to(tl.float32), 0).to(out_ptr.dtype.element_ty)[None, :]
+    B = B.to(tl.float32)
+    C = C.to(tl.float32)
+    if DT_PROJ:  # dt = dt_weight @ dt_low: a (rank,) dot per channel, in fp32
+        if XDBL:
+            dt_low = tl.sum(dt_low.to(tl.float32), 0).to(out_ptr.dtype.element_ty)
+        dt = tl.sum(w.to(tl.float32) * dt_low.to(tl.float32)[None, :], 1)  # (BD,)
+    else:
+        dt = dt.to(tl.float32)
+    if CONV:  # the window takes the new input last
+        window = tl.where((k == width - 1)[None, :], cx[:, None].to(nxt.dtype), nxt)
+        tl.debug_barrier()  # every thread has read the old window before any writes it
+        tl.store(conv_ptrs, window, mask=dmask[:, None] & (k < width)[None, :])
+    if CONV_U:  # x = silu(conv output), from the new window
+        x = tl.sum(window.to(tl.float32) * cw.to(tl.float32), 1)  # (BD,)
+        if HAS_CB:
+            x += cb.to(tl.float32)
+        x = x * sigmoid(x)
+        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
+    if HAS_BIAS:
+        dt += dt_bias
+    if SOFTPLUS:
+        dt = softplus(dt, FAST_MATH)
+    dA = tl.exp2(dt[:, None] * A * LOG2E)  # Ā: (BD, N)
     h = dA * h + (dt * x)[:, None] * B
     tl.store(state_ptrs, h, mask=mask)
 
     y = tl.sum(h * C, 1)  # (BD,)
     if HAS_D:
-        y += tl.load(D_ptr + d, mask=dmask, other=0.0) * x
+        y += Dv * x
     if HAS_Z:
-        z = tl.load(z_ptr + pid_b * s_zb + d * s_zd, mask=dmask, other=0.0).to(tl.float32)
         y = y * z * sigmoid(z)
     tl.store(out_ptr + pid_b * dim + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -225,42 +236,43 @@ def _conv_x_proj_kernel(
     conv_ptr, cx_ptr, cw_ptr, cb_ptr, wx_ptr, part_ptr,
     dim, rows, width,
     s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk, s_wr, s_op, s_ob,
-    HAS_CB: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
-    ROWS: tl.constexpr,
+    HAS_CB: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     e = pid_p * BE + tl.arange(0, BE)  # (BE,) channels of this slice
     emask = e < dim
     k = tl.arange(0, W)
-    # the window: conv_state's last width - 1 columns, then conv_x
+    r = tl.arange(0, ROWS)
+    rmask = r < rows
+    # every load first (their latencies overlap): the window (conv_state's last width - 1
+    # columns, then conv_x), the conv's weights, and x_proj's columns of these channels
     win = tl.load(
         conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
         mask=emask[:, None] & (k + 1 < width)[None, :],
         other=0.0,
-    ).to(tl.float32)
-    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0).to(tl.float32)
-    win = tl.where((k == width - 1)[None, :], cx[:, None], win)
+    )
+    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
     cw = tl.load(
         cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
         mask=emask[:, None] & (k < width)[None, :],
         other=0.0,
-    ).to(tl.float32)
-    u = tl.sum(win * cw, 1)  # (BE,)
+    )
     if HAS_CB:
-        u += tl.load(cb_ptr + e, mask=emask, other=0.0).to(tl.float32)
+        cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
+    wx = tl.load(
+        wx_ptr + r[:, None].to(tl.int64) * s_wr + e[None, :],
+        mask=rmask[:, None] & emask[None, :],
+        other=0.0,
+    )  # (ROWS, BE)
+    win = tl.where((k == width - 1)[None, :], cx[:, None], win).to(tl.float32)
+    u = tl.sum(win * cw.to(tl.float32), 1)  # (BE,)
+    if HAS_CB:
+        u += cb.to(tl.float32)
     u = u * sigmoid(u)
     u = u.to(cx_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
-    for r0 in tl.static_range(0, ROWS, BR):
-        r = r0 + tl.arange(0, BR)
-        rmask = r < rows
-        w = tl.load(
-            wx_ptr + r[:, None].to(tl.int64) * s_wr + e[None, :],
-            mask=rmask[:, None] & emask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        part = tl.sum(w * u[None, :], 1)  # (BR,)
-        tl.store(part_ptr + pid_p * s_op + pid_b * s_ob + r, part, mask=rmask)
+    part = tl.sum(wx.to(tl.float32) * u[None, :], 1)  # (ROWS,)
+    tl.store(part_ptr + pid_p * s_op + pid_b * s_ob + r, part, mask=rmask)
 
 
 def conv_x_proj_slices(dim: int) -> tuple[int, int]:
@@ -288,7 +300,7 @@ def conv_x_proj(
     batch, dim = conv_x.shape
     rows, width = x_proj_weight.shape[0], conv_state.shape[2]
     BE, n_part = conv_x_proj_slices(dim)
-    BR = 64
+    ROWS = triton.next_power_of_2(rows)
     out = torch.empty((n_part, batch, rows), dtype=torch.float32, device=conv_x.device)
     cb = conv_bias if conv_bias is not None else conv_weight
     grid = (n_part, batch)
@@ -297,7 +309,7 @@ def conv_x_proj(
         dim, rows, width,
         *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(), x_proj_weight.stride(0),
         out.stride(0), out.stride(1),
-        HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, BR=BR,
-        ROWS=triton.cdiv(rows, BR) * BR, num_warps=4 if BE * BR >= 4096 else 2,
+        HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, ROWS=ROWS,
+        num_warps=max(1, min(8, ROWS * BE // 2048)),
     )  # fmt: skip
     return out
