@@ -83,7 +83,9 @@ def test_graphed_prefill_equals_eager():
             ids = torch.randint(0, VOCAB, (2, length), device="cuda")
             got, want = compiled.prefill(ids), eager.prefill(ids)
             torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-3)
-            for (c1, s1), (c2, s2) in zip(compiled.cache.states(2), eager.cache.states(2)):
+            for (c1, s1), (c2, s2) in zip(
+                compiled.cache.states(2), eager.cache.states(2), strict=True
+            ):
                 torch.testing.assert_close(c1, c2, atol=2e-4, rtol=2e-3)
                 torch.testing.assert_close(s1, s2, atol=2e-4, rtol=2e-3)
             compiled.step(ids[:, -1])  # a replay of the decode graph leaves `got` alone
