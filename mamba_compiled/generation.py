@@ -217,8 +217,9 @@ def _check_ids(input_ids, attention_mask, vocab_rows: int) -> None:
 
 # Prompts of up to this many tokens (batch x length) prefill as CUDA graphs on CUDA: there the
 # compiled prefill is host-bound (130M, 1 x 100 tokens: 506 kernels, 1.6 ms of GPU work in a
-# 13 ms call on the H200). Each distinct shape records a graph of its own; longer prompts run
-# the compiled prefill without graphs.
+# 13 ms call on the H200). Each distinct shape records a graph of its own (its first call runs
+# without one; Inductor warns past `cudagraph_dynamic_shape_warn_limit` shapes, 50); longer
+# prompts run the compiled prefill without graphs.
 PREFILL_GRAPH_TOKENS = 8192
 
 
