@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import pathlib
 import platform
 import resource
@@ -552,6 +553,69 @@ def cuda_decode(rep: Report):
     for batch in (1, 64):
         eager_us, graph_us = _time_decode(batch, dim, N, dtype)
         rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
+    _decode_rows(rep)
+
+
+def _graph_us(step, n=100) -> float:
+    """µs per call of `step` (run once first) replayed from a CUDA graph of n calls."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return bench_ms(graph.replay) * 1e3 / n
+
+
+ROWS = (2, 4, 8)  # batch rows per program of the rows kernel
+
+
+def _decode_rows(
+    rep: Report, dim=4096, rank=128, N=16, width=4, dtype=torch.float16, device="cuda"
+):
+    """The model's decode step (the state-update kernel with x_proj's sums, dt_proj and the conv)
+    at 1.4B's sizes: one batch row per program against `decode_step_rows` (an experiment: at
+    batch 64 the one-row kernel was 40 % of the 1.4B decode step). Checked against the one-row
+    kernel before timing."""
+    from mamba_compiled.lowering import state_update
+    from mamba_compiled.lowering.decode_step import decode_step_rows
+
+    rep(f"\n### The model's decode step (dim {dim}, dt_rank {rank}, d_conv {width}, {dtype}), "
+        "CUDA graph µs per call\n")  # fmt: skip
+    rep("| batch | one row per program | " + " | ".join(f"{r} rows" for r in ROWS) + " |")
+    rep("|---|---|" + "---|" * len(ROWS))
+    g = dict(device=device)
+    for batch in (1, 16, 64):
+        state = torch.randn(batch, dim, N, **g)
+        conv = torch.randn(batch, dim, width, **g).to(dtype)
+        args = (
+            torch.randn(batch, dim, **g).to(dtype), (0.5 * torch.randn(dim, width, **g)).to(dtype),
+            torch.randn(dim, **g).to(dtype), 0.3 * torch.randn(1, batch, rank + 2 * N, **g),
+            (0.1 * torch.randn(dim, rank, **g)).to(dtype), -torch.rand(dim, N, **g),
+            torch.randn(dim, **g), torch.randn(batch, dim, **g).to(dtype), torch.rand(dim, **g),
+        )  # fmt: skip
+
+        def one_row(st, cs, a=args):
+            cx, cw, cb, x_dbl, dtw, A, D, z, bias = a
+            return state_update(
+                st, None, None, A, None, None, D, z, bias, True, dtw, cs, cx, cw, cb, x_dbl
+            )
+
+        def rows_fn(st, cs, r, a=args):
+            cx, cw, cb, x_dbl, dtw, A, D, z, bias = a
+            return decode_step_rows(st, cs, cx, cw, cb, x_dbl, dtw, A, D, z, bias, True, r)
+
+        want = one_row(state.clone(), conv.clone()).float()
+        for r in ROWS:
+            got = rows_fn(state.clone(), conv.clone(), r).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"decode_step_rows rows={r} batch={batch}: error {err:.2e}")
+        times = [_graph_us(functools.partial(one_row, state, conv))]
+        times += [_graph_us(functools.partial(rows_fn, state, conv, r)) for r in ROWS]
+        rep(f"| {batch} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
 
 
 def _time_decode(batch, dim, N, dtype, n=100):
@@ -574,13 +638,7 @@ def _time_decode(batch, dim, N, dtype, n=100):
         step()
     torch.cuda.synchronize()
     eager_us = (time.perf_counter() - t0) / n * 1e6
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            step()
-    graph.replay()
-    torch.cuda.synchronize()
-    return eager_us, bench_ms(graph.replay) * 1e3 / n
+    return eager_us, _graph_us(step, n)
 
 
 # ------------------------------------------------------------------------------------------

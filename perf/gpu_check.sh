@@ -7,7 +7,7 @@
 #                                              # lane runs on its own GPU, at the same time
 #   perf/gpu_check.sh tests 2:ddp sc ih        # "N:" gives a lane N GPUs (4 GPUs here)
 #
-# Sections: tests (pytest -m cuda), scan, scan-sweep (perf/bench_scan.py), train
+# Sections: tests (pytest -m cuda), scan, scan-sweep, scan-decode (perf/bench_scan.py), train
 # (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
@@ -69,6 +69,8 @@ run_lane() {  # run_lane LANE SECTION...
                     --junitxml="$w/pytest-cuda.xml" ${TESTS:-tests} ;;
             scan)
                 section "$lane" scan $PY perf/bench_scan.py --out "$w/scan" ;;
+            scan-decode)  # the decode-step tables alone (no scan rows, plot or references)
+                section "$lane" scan-decode $PY perf/bench_scan.py --out "$w/scan-decode" --rows "" --skip-refs --skip-plot ;;
             scan-sweep)
                 section "$lane" scan-sweep $PY perf/bench_scan.py --out "$w/scan-sweep" --sweep --skip-refs --skip-plot ;;
             train | train-130m | train-1.4b)

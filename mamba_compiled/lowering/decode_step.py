@@ -313,3 +313,157 @@ def conv_x_proj(
         num_warps=max(1, min(8, ROWS * BE // 2048)),
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _decode_rows_kernel(
+    state_ptr, out_ptr, z_ptr, xdbl_ptr, dtw_ptr, A_ptr, D_ptr, bias_ptr,
+    conv_ptr, cx_ptr, cw_ptr, cb_ptr,
+    batch, dim, dstate, rank, width, n_part,
+    s_sb, s_sd, s_sn, s_zb, s_zd, s_xdp, s_xdb, s_wd, s_cb, s_cd, s_ck, s_cxb, s_cxd,
+    s_cwd, s_cwk,
+    HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, R: tl.constexpr, RC: tl.constexpr, W: tl.constexpr,
+    BB: tl.constexpr, BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    """The model's decode step (as `_state_update_kernel` with XDBL, DT_PROJ, CONV, CONV_U) for
+    a (BB batch rows, BD channels) tile: the channels' weights load once for BB rows."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    b = (pid_b * BB + tl.arange(0, BB)).to(tl.int64)  # (BB,)
+    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
+    n = tl.arange(0, N)
+    k = tl.arange(0, W)
+    bmask, dmask, nmask = b < batch, d < dim, n < dstate
+    bd_mask = bmask[:, None] & dmask[None, :]  # (BB, BD)
+    s_mask = bd_mask[:, :, None] & nmask[None, None, :]  # (BB, BD, N)
+    d64 = d.to(tl.int64)
+
+    # every load first (dt_proj's operands below, chunk by chunk)
+    part = xdbl_ptr + b[:, None] * s_xdb  # (BB, 1)
+    bn_mask = bmask[:, None] & nmask[None, :]
+    Bv = tl.zeros((BB, N), dtype=tl.float32)
+    Cv = tl.zeros((BB, N), dtype=tl.float32)
+    for p in range(n_part):  # x_proj's partial sums (one at the batch sizes this serves)
+        row = part + p * s_xdp + rank
+        Bv += tl.load(row + n[None, :], mask=bn_mask, other=0.0).to(tl.float32)
+        Cv += tl.load(row + dstate + n[None, :], mask=bn_mask, other=0.0).to(tl.float32)
+    conv_ptrs = (
+        conv_ptr + b[:, None, None] * s_cb + d64[None, :, None] * s_cd + k[None, None, :] * s_ck
+    )
+    nxt = tl.load(
+        conv_ptrs + s_ck, mask=bd_mask[:, :, None] & (k + 1 < width)[None, None, :], other=0.0
+    )  # (BB, BD, W)
+    cx = tl.load(cx_ptr + b[:, None] * s_cxb + d[None, :] * s_cxd, mask=bd_mask, other=0.0)
+    cw = tl.load(
+        cw_ptr + d64[:, None] * s_cwd + k[None, :] * s_cwk,
+        mask=dmask[:, None] & (k < width)[None, :],
+        other=0.0,
+    )  # (BD, W)
+    if HAS_CB:
+        cb = tl.load(cb_ptr + d, mask=dmask, other=0.0)
+    if HAS_BIAS:
+        dt_bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
+    A = tl.load(
+        A_ptr + d[:, None] * dstate + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0
+    )
+    state_ptrs = (
+        state_ptr + b[:, None, None] * s_sb + d64[None, :, None] * s_sd + n[None, None, :] * s_sn
+    )
+    h = tl.load(state_ptrs, mask=s_mask, other=0.0)  # (BB, BD, N)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptr + b[:, None] * s_zb + d[None, :] * s_zd, mask=bd_mask, other=0.0)
+
+    # x_proj's output rounded as the model rounds it; dt = dt_low @ dt_weight.T in fp32, in
+    # chunks of RC of the rank: a (BB, BD, RC) product per chunk
+    out_ty = out_ptr.dtype.element_ty
+    Bv = Bv.to(out_ty).to(tl.float32)
+    Cv = Cv.to(out_ty).to(tl.float32)
+    dt = tl.zeros((BB, BD), dtype=tl.float32)
+    for r0 in tl.static_range(0, R, RC):
+        r = r0 + tl.arange(0, RC)
+        rmask = r < rank
+        dt_low = tl.zeros((BB, RC), dtype=tl.float32)
+        for p in range(n_part):
+            dt_low += tl.load(
+                part + p * s_xdp + r[None, :], mask=bmask[:, None] & rmask[None, :], other=0.0
+            ).to(tl.float32)
+        dt_low = dt_low.to(out_ty).to(tl.float32)
+        w = tl.load(
+            dtw_ptr + d64[:, None] * s_wd + r[None, :],
+            mask=dmask[:, None] & rmask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BD, RC)
+        dt += tl.sum(dt_low[:, None, :] * w[None, :, :], 2)
+    window = tl.where((k == width - 1)[None, None, :], cx[:, :, None].to(nxt.dtype), nxt)
+    tl.debug_barrier()  # every thread has read the old window before any writes it
+    tl.store(conv_ptrs, window, mask=bd_mask[:, :, None] & (k < width)[None, None, :])
+    x = tl.sum(window.to(tl.float32) * cw.to(tl.float32)[None, :, :], 2)  # (BB, BD)
+    if HAS_CB:
+        x += cb.to(tl.float32)[None, :]
+    x = x * sigmoid(x)
+    x = x.to(out_ty).to(tl.float32)
+    if HAS_BIAS:
+        dt += dt_bias[None, :]
+    if SOFTPLUS:
+        dt = softplus(dt, FAST_MATH)
+    dA = tl.exp2(dt[:, :, None] * A[None, :, :] * LOG2E)
+    h = dA * h + (dt * x)[:, :, None] * Bv[:, None, :]
+    tl.store(state_ptrs, h, mask=s_mask)
+    y = tl.sum(h * Cv[:, None, :], 2)  # (BB, BD)
+    if HAS_D:
+        y += Dv[None, :] * x
+    if HAS_Z:
+        z = z.to(tl.float32)
+        y = y * z * sigmoid(z)
+    tl.store(out_ptr + b[:, None] * dim + d[None, :], y.to(out_ty), mask=bd_mask)
+
+
+def decode_step_rows(
+    state: Tensor,
+    conv_state: Tensor,
+    conv_x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    x_dbl: Tensor,
+    dt_weight: Tensor,
+    A: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    rows: int = 4,
+) -> Tensor:
+    """`state_update` in the model's decode-step form (conv_weight, x_dbl, dt_weight given), with
+    `rows` batch rows per program (a power of two). Equal to it up to the order of dt_proj's
+    sums. An experiment for large batches (perf/bench_scan.py), not yet used by the op."""
+    batch, dim = conv_x.shape
+    dstate, rank, width = A.shape[1], dt_weight.shape[1], conv_state.shape[2]
+    if x_dbl.shape[1:] != (batch, rank + 2 * dstate):
+        raise ValueError(
+            f"x_dbl must have shape (P, batch, rank + 2*dstate), got {tuple(x_dbl.shape)}"
+        )
+    BB = triton.next_power_of_2(rows)
+    BD = 16
+    N = triton.next_power_of_2(dstate)
+    out = torch.empty((batch, dim), dtype=conv_x.dtype, device=conv_x.device)
+    dtw = dt_weight.contiguous()
+    z_ = z if z is not None else conv_x
+    grid = (triton.cdiv(dim, BD), triton.cdiv(batch, BB))
+    launcher(_decode_rows_kernel, conv_x)[grid](
+        state, out, z_, x_dbl, dtw, A.contiguous(),
+        D if D is not None else A, dt_bias if dt_bias is not None else A,
+        conv_state, conv_x, conv_weight, conv_bias if conv_bias is not None else A,
+        batch, dim, dstate, rank, width, x_dbl.shape[0],
+        *state.stride(), z_.stride(0), z_.stride(1), x_dbl.stride(0), x_dbl.stride(1),
+        dtw.stride(0), *conv_state.stride(), conv_x.stride(0), conv_x.stride(1),
+        *conv_weight.stride(),
+        HAS_CB=conv_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        R=triton.next_power_of_2(rank), RC=min(16, triton.next_power_of_2(rank)),
+        W=triton.next_power_of_2(width), BB=BB, BD=BD, N=N, FAST_MATH=not interpreting(),
+        num_warps=4 if BB * BD * N <= 1024 else 8,  # sm_90: 162 registers at BB 4, BD 16
+    )  # fmt: skip
+    return out
