@@ -8,8 +8,9 @@ Mamba decodes with constant time and memory per token: each layer keeps a conv w
     prefill           the full-sequence forward from the cache's states; writes the last states back
                       (compiled with a dynamic length; on CUDA, prompts of up to
                       PREFILL_GRAPH_TOKENS tokens also run as CUDA graphs, one per length)
-    decode_step       one token through every layer (ssm_decode_step: the conv, dt_proj, the state
-                      update and the conv shift in one kernel on CUDA), compiled with fullgraph
+    decode_step       one token through every layer (conv_x_proj: the conv's step and x_proj;
+                      ssm_decode_step: x_proj's sum, the conv, dt_proj, the state update and the
+                      conv shift; one kernel each on CUDA), compiled with fullgraph
                       and, on CUDA, CUDA graphs (as mode="reduce-overhead") and coordinate-descent
                       tuning of Inductor's kernels
     sample            repetition penalty, temperature, top-k, top-p, min-p, all on device

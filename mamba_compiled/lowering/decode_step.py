@@ -16,6 +16,10 @@ step for its channels and multiplies them with its columns of x_proj's weight, s
 x_proj take one kernel without atomics or a second pass (the model's decode step at small
 batch: two kernels from in_proj's output to the gated output).
 
+`decode_step_rows` (an experiment timed by perf/bench_scan.py, not used by the ops yet) is the
+model's decode step with several batch rows per program, so that the channels' weights load
+once per rows at large batch.
+
 The launch configuration is fixed by a heuristic and never autotuned: autotuning would run the
 kernel several times and apply the update several times.
 """

@@ -357,8 +357,9 @@ def conv_x_proj(
 
     u = `conv_step(conv_state, conv_x, conv_weight, conv_bias)` (conv_state (batch, dim,
     d_conv), conv_x (batch, dim), conv_weight (dim, d_conv), conv_bias (dim,)), then
-    u @ x_proj_weight.T (x_proj_weight (rows, dim)) as x_dbl (P, batch, rows) in float32: P
-    partial sums over slices of the channels (P = 1 on CPU) whose sum is x_proj's output.
+    u @ x_proj_weight.T (x_proj_weight (rows, dim)) as x_dbl (P, batch, rows) in float32
+    (float64 for float64 inputs): P partial sums over slices of the channels (P = 1 on CPU)
+    whose sum is x_proj's output.
     `ssm_decode_step` takes x_dbl as it is. conv_state is not changed.
     """
     args = check_conv_x_proj_inputs(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
