@@ -387,6 +387,22 @@ def test_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _decode_inputs(batch, d, n, width, rank, parts, dtype, conv_bias):
+    """Fresh inputs of the model's decode step: state, conv_state, conv_x, z, conv_w, conv_b,
+    x_dbl (parts partial sums), dt_weight, A, D, bias."""
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    act = dict(device=DEVICE, dtype=dtype)
+    return (
+        torch.randn(batch, d, n, **f32), torch.randn(batch, d, width, **act),
+        torch.randn(batch, d, **act), torch.randn(batch, d, **act),
+        (0.5 * torch.randn(d, width, **f32)).to(dtype),
+        torch.randn(d, **f32).to(dtype) if conv_bias else None,
+        0.3 * torch.randn(parts, batch, rank + 2 * n, **f32),
+        (0.3 * torch.randn(d, rank, **f32)).to(dtype),
+        -0.5 * torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rank,width,conv_bias,parts", [(3, 4, True, 3), (5, 2, False, 1)])
 def test_decode_step_fused(dtype, rank, width, conv_bias, parts):
@@ -396,17 +412,9 @@ def test_decode_step_fused(dtype, rank, width, conv_bias, parts):
     the window shifted by torch."""
     from mamba_compiled.lowering import state_update
 
-    b, d, n = 3, 12, 4
-    f32 = dict(device=DEVICE, dtype=torch.float32)
-    act = dict(device=DEVICE, dtype=dtype)
-    state = torch.randn(b, d, n, **f32)
-    conv_state = torch.randn(b, d, width, **act)
-    conv_x, z = torch.randn(b, d, **act), torch.randn(b, d, **act)
-    conv_w = (0.5 * torch.randn(d, width, **f32)).to(dtype)
-    conv_b = torch.randn(d, **f32).to(dtype) if conv_bias else None
-    x_dbl = 0.3 * torch.randn(parts, b, rank + 2 * n, **f32)
-    dt_weight = (0.3 * torch.randn(d, rank, **f32)).to(dtype)
-    A, D, bias = -0.5 * torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32)
+    n = 4
+    inputs = _decode_inputs(3, 12, n, width, rank, parts, dtype, conv_bias)
+    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
     f = lambda t: t.double()  # noqa: E731
     ref_conv = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
     u = (f(ref_conv) * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)
@@ -436,17 +444,8 @@ def test_decode_step_rows(dtype, batch, rank, conv_bias, rows):
     from mamba_compiled.lowering import state_update
     from mamba_compiled.lowering.decode_step import decode_step_rows
 
-    d, n, width = 40, 16, 4
-    f32 = dict(device=DEVICE, dtype=torch.float32)
-    act = dict(device=DEVICE, dtype=dtype)
-    state = torch.randn(batch, d, n, **f32)
-    conv_state = torch.randn(batch, d, width, **act)
-    conv_x, z = torch.randn(batch, d, **act), torch.randn(batch, d, **act)
-    conv_w = (0.5 * torch.randn(d, width, **f32)).to(dtype)
-    conv_b = torch.randn(d, **f32).to(dtype) if conv_bias else None
-    x_dbl = 0.3 * torch.randn(1, batch, rank + 2 * n, **f32)
-    dt_weight = (0.3 * torch.randn(d, rank, **f32)).to(dtype)
-    A, D, bias = -0.5 * torch.rand(d, n, **f32), torch.randn(d, **f32), torch.rand(d, **f32)
+    inputs = _decode_inputs(batch, 40, 16, 4, rank, 1, dtype, conv_bias)
+    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
     states = [state.clone(), state.clone()]
     convs = [conv_state.clone(), conv_state.clone()]
     want = state_update(
