@@ -143,6 +143,18 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     )
 
 
+def _decode_activation(name: str, t: Tensor) -> tuple[int, int]:
+    """A decode step's (batch, dim) activation: 2-d, non-empty, an activation dtype."""
+    if t.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, dim), got {tuple(t.shape)}")
+    batch, dim = t.shape
+    if batch == 0 or dim == 0:
+        raise ValueError(f"{name} must have a non-empty (batch, dim), got {tuple(t.shape)}")
+    if t.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return batch, dim
+
+
 def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
     """Validates one decode step's inputs; returns them normalized (B, C as (batch, groups, dstate))."""
     for name, t, opt in (
@@ -150,13 +162,7 @@ def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
         ("B", B, False), ("C", C, False), ("D", D, True), ("z", z, True), ("dt_bias", dt_bias, True),
     ):
         _is_tensor(name, t, opt)
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (batch, dim), got {tuple(x.shape)}")
-    batch, dim = x.shape
-    if batch == 0 or dim == 0:
-        raise ValueError(f"x must have a non-empty (batch, dim), got {tuple(x.shape)}")
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    batch, dim = _decode_activation("x", x)
     _same_device(
         {"state": state, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias},
         "x", x.device,
@@ -197,13 +203,7 @@ def _check_conv_step_inputs(conv_state, conv_x, conv_weight, conv_bias):
     for name, t in (("conv_state", conv_state), ("conv_x", conv_x), ("conv_weight", conv_weight)):
         _is_tensor(name, t)
     _is_tensor("conv_bias", conv_bias, True)
-    if conv_x.dim() != 2:
-        raise ValueError(f"conv_x must have shape (batch, dim), got {tuple(conv_x.shape)}")
-    batch, dim = conv_x.shape
-    if batch == 0 or dim == 0:
-        raise ValueError(f"conv_x must have a non-empty (batch, dim), got {tuple(conv_x.shape)}")
-    if conv_x.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"conv_x must be float32, float16 or bfloat16, got {conv_x.dtype}")
+    batch, dim = _decode_activation("conv_x", conv_x)
     _same_device(
         {"conv_state": conv_state, "conv_weight": conv_weight, "conv_bias": conv_bias},
         "conv_x", conv_x.device,
