@@ -554,6 +554,8 @@ def cuda_decode(rep: Report):
         eager_us, graph_us = _time_decode(batch, dim, N, dtype)
         rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
     _decode_rows(rep)
+    _decode_rows(rep, dim=1536, rank=48)
+    _decode_linear(rep)
 
 
 def _graph_us(step, n=100) -> float:
@@ -616,6 +618,58 @@ def _decode_rows(
         times = [_graph_us(functools.partial(one_row, state, conv))]
         times += [_graph_us(functools.partial(rows_fn, state, conv, r)) for r in ROWS]
         rep(f"| {batch} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+
+
+# (name, out_features, in_features, norm, residual): the decode step's linear layers
+LINEARS = [
+    ("130M in_proj + norm", 3072, 768, True, False),
+    ("130M out_proj + residual", 768, 1536, False, True),
+    ("130M LM head + norm", 50280, 768, True, False),
+    ("1.4B in_proj + norm", 8192, 2048, True, False),
+    ("1.4B out_proj + residual", 2048, 4096, False, True),
+    ("1.4B LM head + norm", 50280, 2048, True, False),
+]
+
+
+def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
+    """`decode_linear` (one kernel: RMSNorm, the product, the residual add) against cuBLAS's
+    product alone and against what the compiled model did before (the norm and the product as
+    an Inductor reduction, `torch.compile`d), batch 1 and 8, in CUDA graphs. Checked against
+    float64 first (`decode_linear_ref`). GB/s: the weight's bytes over the time."""
+    from mamba_compiled.ops import decode_linear
+    from mamba_compiled.ops.linear import rms_norm
+    from mamba_compiled.ops.reference import decode_linear_ref
+
+    def inductor(x, w, nw, r):
+        h = x if nw is None else rms_norm(x.to(nw.dtype), nw, 1e-5)
+        out = (h[:, None, :] * w).sum(-1)
+        return out if r is None else r + out
+
+    compiled = torch.compile(inductor, dynamic=False)
+    rep(f"\n### Decoding's linear layers ({dtype}), CUDA graph µs per call (GB/s of the weight)\n")
+    rep("| layer | batch | decode_linear | cuBLAS product alone | Inductor reduction |")
+    rep("|---|---|---|---|---|")
+    g = dict(device=device)
+    for name, N, K, norm, residual in LINEARS:
+        for batch in (1, 8):
+            x = torch.randn(batch, K, **g)
+            x = x if norm else x.to(dtype)
+            w = (torch.randn(N, K, **g) / K**0.5).to(dtype)
+            nw = (1 + 0.1 * torch.randn(K, **g)).to(dtype) if norm else None
+            r = torch.randn(batch, N, **g) if residual else None
+            want = decode_linear_ref(x, w, None, nw, 1e-5, r)
+            got = decode_linear(x, w, norm_weight=nw, residual=r)
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"decode_linear {name} batch {batch}: error {err:.2e}")
+            times = [
+                _graph_us(functools.partial(decode_linear, x, w, norm_weight=nw, residual=r)),
+                _graph_us(functools.partial(F.linear, x.to(dtype), w)),
+                _graph_us(functools.partial(compiled, x, w, nw, r)) if batch == 1 else float("nan"),
+            ]
+            gbs = [w.numel() * w.element_size() / (t * 1e3) for t in times]
+            cells = " | ".join(f"{t:.2f} ({b:.0f})" for t, b in zip(times, gbs, strict=True))
+            rep(f"| {name} | {batch} | {cells} |")
 
 
 def _time_decode(batch, dim, N, dtype, n=100):

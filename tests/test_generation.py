@@ -72,6 +72,27 @@ def test_teacher_forced_decode_equals_full_forward(model):
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 1:], atol=1e-4, rtol=1e-4)
 
 
+def test_fused_decode_step_equals_plain(model, monkeypatch):
+    """The decode step as CUDA runs it (the norms, in_proj, out_proj, the residual adds and the LM
+    head as `decode_linear`), here through the op's CPU body: the same logits and states as the
+    plain modules."""
+    from mamba_compiled.models import lm
+
+    ids = torch.randint(0, VOCAB, (2, 5))
+    logits, states = [], []
+    for fused in (False, True):
+        monkeypatch.setattr(lm, "fused_decoding", lambda x, fused=fused: fused)
+        cache = MambaCache(model.config, max_batch_size=2)
+        cache.reset(model)
+        with torch.no_grad():
+            logits.append([generation.decode_step(model, cache, ids[:, t]) for t in range(5)])
+        states.append([b.clone() for b in cache.buffers()])
+    for plain, fused in zip(logits[0], logits[1], strict=True):
+        torch.testing.assert_close(fused, plain)
+    for plain, fused in zip(states[0], states[1], strict=True):
+        torch.testing.assert_close(fused, plain)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 7], ids=lambda c: f"chunk{c}")
 def test_chunked_prefill_equals_one_shot(model, chunk):
     ids = torch.randint(0, VOCAB, (2, 17))

@@ -15,7 +15,11 @@ import importlib.util
 import pytest
 import torch
 
-from mamba_compiled.ops.reference import selective_scan_ref, selective_state_update_ref
+from mamba_compiled.ops.reference import (
+    decode_linear_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the kernels need triton"
@@ -487,3 +491,28 @@ def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
     u = f(torch.nn.functional.silu(u).to(dtype))
     _close("x_dbl", parts.sum(0), u @ f(x_proj_w).t(), 1e-5 if dtype == torch.float32 else 1e-2)
     assert torch.equal(conv_state, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "batch,N,K,norm,bias,residual",
+    [
+        (1, 70, 48, True, False, False),  # in_proj with the norm; K not a power of two
+        (3, 33, 100, False, True, True),  # out_proj with the residual add; rows past the batch
+        (9, 17, 64, True, True, True),  # more rows than one program's 8
+    ],
+)
+def test_decode_linear(dtype, batch, N, K, norm, bias, residual):
+    """Decoding's linear layer (RMSNorm before, residual add after) against float64, with the
+    model's roundings: the norm's output and the product in the weight's dtype."""
+    from mamba_compiled.lowering import decode_linear
+
+    act = dict(device=DEVICE, dtype=dtype)
+    x = torch.randn(batch, K, device=DEVICE, dtype=torch.float32 if norm else dtype)
+    w = torch.randn(N, K, **act) / K**0.5
+    b = torch.randn(N, **act) if bias else None
+    nw = (1 + 0.1 * torch.randn(K, **act)) if norm else None
+    r = torch.randn(batch, N, device=DEVICE) if residual else None
+    got = decode_linear(x, w, b, nw, 1e-5, r)
+    assert got.dtype == (torch.float32 if residual else dtype)
+    _close("out", got, decode_linear_ref(x, w, b, nw, 1e-5, r), TOL[dtype])

@@ -22,7 +22,13 @@ from scan_inputs import (
     tensors,
 )
 
-from mamba_compiled.ops import conv_x_proj, selective_scan_fn, selective_state_update, ssm_decode_step
+from mamba_compiled.ops import (
+    conv_x_proj,
+    decode_linear,
+    selective_scan_fn,
+    selective_state_update,
+    ssm_decode_step,
+)
 from mamba_compiled.ops.reference import selective_scan_ref, selective_state_update_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -255,9 +261,14 @@ def test_opcheck(device):
         upd_args[3], *upd_args[6:9], True,
     )
     xproj_args = (*dec_args[1:5], torch.randn(rows, dim, device=device))
+    linear_args = (
+        torch.randn(batch, dim, device=device), torch.randn(5, dim, device=device),
+        torch.randn(5, device=device), torch.randn(dim, device=device), 1e-5,
+        torch.randn(batch, 5, device=device),
+    )
     cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
              (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
-             (ops.conv_x_proj, xproj_args)]
+             (ops.conv_x_proj, xproj_args), (ops.decode_linear, linear_args)]
     if device == "cpu":
         cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
     for op, args in cases:
@@ -511,6 +522,43 @@ def test_bad_decode_step_input(change, exc, message):
         ssm_decode_step(**kw)
     assert message in str(info.value)
     assert torch.equal(before[0], kw["state"]) and torch.equal(before[1], kw["conv_state"])
+
+
+def _good_decode_linear():
+    return dict(x=torch.randn(2, 8), weight=torch.randn(5, 8), bias=torch.randn(5),
+                norm_weight=torch.randn(8), eps=1e-5, residual=torch.randn(2, 5))
+
+
+def test_decode_linear_equals_its_parts():
+    """decode_linear = the model's RMSNorm, the linear layer, the residual add; without the norm
+    and the residual, the linear layer alone."""
+    kw = _good_decode_linear()
+    xf = kw["x"] * torch.rsqrt(kw["x"].pow(2).mean(-1, keepdim=True) + 1e-5) * kw["norm_weight"]
+    want = kw["residual"] + F.linear(xf, kw["weight"], kw["bias"])
+    torch.testing.assert_close(decode_linear(**kw), want)
+    torch.testing.assert_close(decode_linear(kw["x"], kw["weight"]), F.linear(kw["x"], kw["weight"]))
+
+
+BAD_DECODE_LINEAR = [
+    pytest.param(dict(x=torch.randn(2, 8, 1)), ValueError, "x must have shape (batch, dim)", id="x-3d"),
+    pytest.param(dict(weight=torch.randn(5, 7)), ValueError, "weight must have shape (out_features, in_features)", id="weight-in"),
+    pytest.param(dict(weight=torch.randn(5, 8).half()), TypeError, "bias must have weight's dtype", id="bias-dtype"),
+    pytest.param(dict(bias=torch.randn(4)), ValueError, "bias must have shape (out_features,)", id="bias-size"),
+    pytest.param(dict(norm_weight=torch.randn(7)), ValueError, "norm_weight must have shape (in_features,)", id="norm-size"),
+    pytest.param(dict(norm_weight=None, x=torch.randn(2, 8).half()), TypeError, "x must have weight's dtype", id="x-dtype"),
+    pytest.param(dict(eps=0.0), ValueError, "eps must be a float > 0", id="eps"),
+    pytest.param(dict(residual=torch.randn(2, 4)), ValueError, "residual must have shape (batch, out_features)", id="residual-size"),
+    pytest.param(dict(residual=[1.0]), TypeError, "residual must be a torch.Tensor or None", id="residual-type"),
+]
+
+
+@pytest.mark.parametrize("change,exc,message", BAD_DECODE_LINEAR)
+def test_bad_decode_linear_input(change, exc, message):
+    kw = _good_decode_linear()
+    kw.update(change)
+    with pytest.raises(exc) as info:
+        decode_linear(**kw)
+    assert message in str(info.value)
 
 
 def test_non_contiguous_inputs_are_read_correctly():

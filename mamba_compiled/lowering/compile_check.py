@@ -28,14 +28,16 @@ from triton.compiler import ASTSource
 
 from . import common
 from .decode_step import _conv_x_proj_kernel, _decode_rows_kernel, _state_update_kernel
+from .linear import _decode_linear_kernel
 from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
 
 F32_PTRS = {
     "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "ck_ptr", "dlast_ptr", "dA_ptr",
     "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
-    "xdbl_ptr", "part_ptr",
+    "xdbl_ptr", "part_ptr", "res_ptr",
 }  # fmt: skip
+F32_SCALARS = {"eps"}
 I32_PTRS = {"sync_ptr"}
 
 
@@ -69,6 +71,10 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(HAS_CB=True, W=4, BE=64, ROWS=256), 8),
         ("decode_rows", _decode_rows_kernel,
          dict(flags, HAS_CB=True, R=128, RC=16, W=4, BB=4, BD=16), 4),
+        ("decode_linear_norm", _decode_linear_kernel,
+         dict(HAS_BIAS=False, NORM=True, RESIDUAL=False, BB=1, BN=8, KP=2048), 8),
+        ("decode_linear_residual_b8", _decode_linear_kernel,
+         dict(HAS_BIAS=True, NORM=False, RESIDUAL=True, BB=8, BN=4, KP=4096), 8),
     ]  # fmt: skip
 
 
@@ -80,6 +86,7 @@ ROW1_INTS = dict(
     C_per_group=4096, s_ub=4096 * 2048, s_ud=2048, s_db=4096 * 2048, s_dd=2048, s_zb=4096 * 2048,
     s_zd=2048, s_ob=4096 * 2048, s_od=2048, s_ot=1, s_Bb=16 * 2048, s_Bg=16 * 2048, s_Bn=2048,
     s_Cb=16 * 2048, s_Cg=16 * 2048, s_Cn=2048,
+    N=8192, K=2048, s_xb=2048, s_wn=2048, s_rb=8192,  # decode_linear: 1.4B's in_proj
 )  # fmt: skip
 
 
@@ -107,6 +114,8 @@ def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: s
                 "*fp32" if name in F32_PTRS else "*i32" if name in I32_PTRS else f"*{dtype}"
             )
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in F32_SCALARS:
+            signature[name] = "fp32"
         elif ints.get(name) == 1:
             signature[name] = "constexpr"
             constexprs[name] = 1

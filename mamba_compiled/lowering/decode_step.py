@@ -16,9 +16,9 @@ step for its channels and multiplies them with its columns of x_proj's weight, s
 x_proj take one kernel without atomics or a second pass (the model's decode step at small
 batch: two kernels from in_proj's output to the gated output).
 
-`decode_step_rows` (an experiment timed by perf/bench_scan.py, not used by the ops yet) is the
-model's decode step with several batch rows per program, so that the channels' weights load
-once per rows at large batch.
+`decode_step_rows` is the model's decode step with several batch rows per program, so that the
+channels' weights load once per rows at large batch (`ssm_decode_step` uses it from
+`lowering.ROWS_MIN_BATCH` rows on).
 
 The launch configuration is fixed by a heuristic and never autotuned: autotuning would run the
 kernel several times and apply the update several times.
@@ -442,7 +442,7 @@ def decode_step_rows(
 ) -> Tensor:
     """`state_update` in the model's decode-step form (conv_weight, x_dbl, dt_weight given), with
     `rows` batch rows per program (a power of two). Equal to it up to the order of dt_proj's
-    sums. An experiment for large batches (perf/bench_scan.py), not yet used by the op."""
+    sums. `ssm_decode_step` uses it for large batches (`lowering.decode_step`)."""
     batch, dim = conv_x.shape
     dstate, rank, width = A.shape[1], dt_weight.shape[1], conv_state.shape[2]
     if x_dbl.shape[1:] != (batch, rank + 2 * dstate):

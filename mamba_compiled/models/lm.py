@@ -27,7 +27,9 @@ from torch import Tensor, nn
 
 from mamba_compiled.models import checkpoints
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.models.mamba import Mamba
+from mamba_compiled.models.mamba import Mamba, fused_decoding
+from mamba_compiled.ops import decode_linear
+from mamba_compiled.ops.linear import rms_norm
 
 # What mamba_ssm's MambaLMHeadModel.forward returns. Defined once and registered under a stable
 # name so that a torch.export'ed model (whose output is this tuple) can be saved and loaded.
@@ -41,7 +43,8 @@ LayerStates = Sequence[tuple[Tensor, Tensor]]
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight, computed in float32, returned in the input's dtype."""
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 (float64 for float64), returned in
+    the input's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -49,9 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -73,8 +74,17 @@ class Block(nn.Module):
         return x + self.mixer(h, conv_state, ssm_state, mask)
 
     def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, constants=None) -> Tensor:
+        mixer = self.mixer
+        if isinstance(self.norm, RMSNorm) and fused_decoding(x):
+            # the norm with in_proj, and out_proj with the residual add: two kernels
+            xz = decode_linear(
+                x, mixer.in_proj.weight, mixer.in_proj.bias,
+                norm_weight=self.norm.weight, eps=self.norm.eps,
+            )  # fmt: skip
+            y = mixer.ssm_step(xz, conv_state, ssm_state, constants)
+            return decode_linear(y, mixer.out_proj.weight, mixer.out_proj.bias, residual=x)
         h = self.norm(x.to(self.norm.weight.dtype))
-        return x + self.mixer.step(h, conv_state, ssm_state, constants)
+        return x + mixer.step(h, conv_state, ssm_state, constants)
 
 
 class MixerModel(nn.Module):
@@ -104,11 +114,16 @@ class MixerModel(nn.Module):
     def step(self, input_ids: Tensor, states: LayerStates, constants=None) -> Tensor:
         """(b,) token ids -> (b, d_model), advancing every layer's states in place.
         `constants`: each layer's `mixer.scan_constants()`, precomputed (or None)."""
+        x = self.step_residual(input_ids, states, constants)
+        return self.norm_f(x.to(self.norm_f.weight.dtype))
+
+    def step_residual(self, input_ids: Tensor, states: LayerStates, constants=None) -> Tensor:
+        """`step` before the final norm: the residual stream after the last block."""
         x = self._residual(self.embedding(input_ids))  # (b, d_model)
         constants = [None] * len(self.layers) if constants is None else constants
         for layer, (conv_state, ssm_state), c in zip(self.layers, states, constants, strict=True):
             x = layer.step(x, conv_state, ssm_state, c)
-        return self.norm_f(x.to(self.norm_f.weight.dtype))
+        return x
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float, rescale: bool) -> None:
@@ -193,7 +208,13 @@ class MambaLMHeadModel(nn.Module):
     def step(self, input_ids: Tensor, states: LayerStates, constants=None) -> Tensor:
         """One decoding step: input_ids (b,) -> logits (b, padded_vocab_size); states advance.
         `constants` (optional): each layer's `mixer.scan_constants()`, computed ahead."""
-        return self.lm_head(self.backbone.step(input_ids, states, constants))
+        x = self.backbone.step_residual(input_ids, states, constants)
+        norm = self.backbone.norm_f
+        if isinstance(norm, RMSNorm) and fused_decoding(x):  # the final norm with the LM head
+            return decode_linear(
+                x, self.lm_head.weight, self.lm_head.bias, norm_weight=norm.weight, eps=norm.eps
+            )
+        return self.lm_head(norm(x.to(norm.weight.dtype)))
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor):

@@ -29,9 +29,19 @@ from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import conv_x_proj, selective_scan_fn, ssm_decode_step
 from mamba_compiled.ops.scan import conv_step
 
-# Decoding batches up to this size project with reductions under the compiler (see `_gemv`), and
-# the conv's step and x_proj with `conv_x_proj`.
+# Decoding batches up to this size project with reductions under the compiler (see `_gemv`) or
+# with `decode_linear` on CUDA (see `fused_decoding`), and the conv's step and x_proj with
+# `conv_x_proj`.
 GEMV_MAX_BATCH = 8
+
+
+def fused_decoding(x: Tensor) -> bool:
+    """Whether a decode step on x (b, d_model) runs a block's RMSNorm, in_proj, out_proj and
+    residual add (and the final norm with the LM head) as `decode_linear`, two kernels per block:
+    on CUDA, up to GEMV_MAX_BATCH rows, where each product is bound by reading its weight once.
+    Elsewhere the same math is plain PyTorch (`_gemv`) for the compiler, which on CPU it
+    serves as well."""
+    return x.is_cuda and x.shape[0] <= GEMV_MAX_BATCH
 
 
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -219,6 +229,18 @@ class Mamba(nn.Module):
         `constants`: `scan_constants()` computed ahead (must be current with the parameters).
         """
         xz = _gemv(hidden_states, self.in_proj.weight, self.in_proj.bias)
+        y = self.ssm_step(xz, conv_state, ssm_state, constants)
+        return _gemv(y, self.out_proj.weight, self.out_proj.bias)
+
+    def ssm_step(
+        self,
+        xz: Tensor,
+        conv_state: Tensor,
+        ssm_state: Tensor,
+        constants: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """`step` between in_proj and out_proj: in_proj's output xz (b, 2·d_inner) -> the gated
+        SSM output y (b, d_inner); updates both states in place."""
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
         x = x.to(conv_state.dtype)
         # conv_state holds the last W inputs; this step's window is its last W-1 and x.
@@ -247,5 +269,5 @@ class Mamba(nn.Module):
             dt_bias=dt_bias,
             dt_softplus=True,
             conv_bias=self.conv1d.bias,
-        )  # (b, d_inner)
-        return _gemv(y, self.out_proj.weight, self.out_proj.bias)
+        )
+        return y  # (b, d_inner)

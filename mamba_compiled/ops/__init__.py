@@ -1,9 +1,11 @@
-"""Op contracts: the selective scan and its decode step, registered with torch.library.
+"""Op contracts: the selective scan, its decode step and decoding's linear layer, registered
+with torch.library.
 
 Importing this package registers `torch.ops.mamba_compiled.*`. The oracle lives in
 `mamba_compiled.ops.reference` and is never registered.
 """
 
+from mamba_compiled.ops.linear import decode_linear
 from mamba_compiled.ops.scan import (
     conv_x_proj,
     selective_scan_fn,
@@ -11,4 +13,10 @@ from mamba_compiled.ops.scan import (
     ssm_decode_step,
 )
 
-__all__ = ["conv_x_proj", "selective_scan_fn", "selective_state_update", "ssm_decode_step"]
+__all__ = [
+    "conv_x_proj",
+    "decode_linear",
+    "selective_scan_fn",
+    "selective_state_update",
+    "ssm_decode_step",
+]

@@ -266,3 +266,47 @@ def check_decode_step_inputs(state, conv_state, conv_x, conv_weight, conv_bias, 
     return (
         conv_x, conv_weight, conv_bias, x_dbl, _unit_stride(dt_weight), A, D, z, dt_bias,
     )  # fmt: skip
+
+
+def check_decode_linear_inputs(x, weight, bias, norm_weight, eps, residual):
+    """Validates `decode_linear`'s inputs; returns them normalized."""
+    _is_tensor("x", x)
+    _is_tensor("weight", weight)
+    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("residual", residual)):
+        _is_tensor(name, t, True)
+    batch, K = _decode_activation("x", x)
+    _same_device(
+        {"weight": weight, "bias": bias, "norm_weight": norm_weight, "residual": residual},
+        "x", x.device,
+    )  # fmt: skip
+    _shape("weight", weight, (None, K), "(out_features, in_features) with x's in_features")
+    N = weight.shape[0]
+    if N == 0 or weight.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(
+            f"weight must be a floating-point (out_features, in_features) with out_features > 0, "
+            f"got {weight.dtype} {tuple(weight.shape)}"
+        )
+    for name, t, shape, names in (
+        ("bias", bias, (N,), "(out_features,)"),
+        ("norm_weight", norm_weight, (K,), "(in_features,)"),
+    ):
+        if t is None:
+            continue
+        _shape(name, t, shape, names)
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{name} must have weight's dtype {weight.dtype}, got {t.dtype}")
+    if norm_weight is None and x.dtype != weight.dtype:
+        raise TypeError(f"x must have weight's dtype {weight.dtype} (no norm), got {x.dtype}")
+    if norm_weight is not None and not (isinstance(eps, float) and eps > 0):
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    if residual is not None:
+        _shape("residual", residual, (batch, N), "(batch, out_features)")
+        if residual.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
+    if x.device.type == "cuda" and torch.float64 in (x.dtype, weight.dtype):
+        raise TypeError("float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
+    return (
+        _unit_stride(x), _unit_stride(weight), None if bias is None else bias.contiguous(),
+        None if norm_weight is None else norm_weight.contiguous(), float(eps),
+        _unit_stride(residual),
+    )  # fmt: skip

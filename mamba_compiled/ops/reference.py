@@ -137,3 +137,27 @@ def selective_state_update_ref(
         initial_state=state,
     )
     return out[..., 0], new_state
+
+
+def decode_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """`decode_linear` in float64, rounded where the model rounds: the norm's output and the
+    linear layer's output to weight's dtype. Returns float64."""
+    f = torch.float64
+    h = x.to(f)
+    if norm_weight is not None:
+        h = x.to(weight.dtype).to(f)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(f)
+        h = h.to(weight.dtype).to(f)
+    out = h @ weight.to(f).t()
+    if bias is not None:
+        out = out + bias.to(f)
+    if residual is not None:
+        out = residual.to(f) + out.to(weight.dtype).to(f)
+    return out

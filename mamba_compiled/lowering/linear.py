@@ -1,0 +1,134 @@
+"""A linear layer for decoding's few rows (x (batch, K), batch <= 8), with the block's RMSNorm
+before it and its residual add after it: one Triton kernel.
+
+    h   = rms_norm(x) · norm_weight    (NORM: x cast to norm_weight's dtype, normalized in fp32,
+                                        rounded back, as the model's RMSNorm)
+    out = h @ weight.T + bias           (fp32 accumulation, rounded to weight's dtype)
+    out = residual + out                (RESIDUAL: in residual's dtype, as `x + mixer(x)`)
+
+At batch 1 a linear layer reads its weight once and does nothing else, so its time is the
+weight's bytes over the memory bandwidth plus the latency of the first loads. One program holds
+BN whole rows of the weight (about 32 KB) and issues every load before any arithmetic; BN shrinks
+until there are at least two programs per SM. Each program normalizes x itself (K values from
+L2), so the norm costs no kernel of its own. The programs' batch rows (BB <= 8) reuse the
+weight tile from registers.
+
+The configuration is fixed by a heuristic (autotuning a decode step's kernels adds nothing a
+heuristic misses here: the bound is bandwidth).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import launcher
+
+# weight elements per program, and the fewest programs (two per SM of an H200)
+TILE_ELEMENTS = 16384
+MIN_PROGRAMS = 264
+
+
+@triton.jit
+def _decode_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, out_ptr,
+    batch, N, K, eps,
+    s_xb, s_wn, s_rb, s_ob,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    k = tl.arange(0, KP)
+    kmask = k < K
+    rows = pid_b * BB + tl.arange(0, BB)
+    rmask = rows < batch
+    # every load first: the weight tile, then the rows of x (and of the residual)
+    w = tl.load(
+        w_ptr + n[:, None].to(tl.int64) * s_wn + k[None, :],
+        mask=nmask[:, None] & kmask[None, :],
+        other=0.0,
+    )
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    if NORM:
+        nw = tl.load(nw_ptr + k, mask=kmask, other=0.0)
+    x = tl.load(
+        x_ptr + rows[:, None].to(tl.int64) * s_xb + k[None, :],
+        mask=rmask[:, None] & kmask[None, :],
+        other=0.0,
+    )  # (BB, KP)
+    if RESIDUAL:
+        res = tl.load(
+            res_ptr + rows[:, None].to(tl.int64) * s_rb + n[None, :],
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )  # (BB, BN)
+    if NORM:
+        # the model's RMSNorm: x in the norm's dtype, normalized in fp32, rounded back
+        xf = x.to(nw_ptr.dtype.element_ty).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / K + eps)  # (BB,)
+        h = (xf * rstd[:, None] * nw.to(tl.float32)[None, :]).to(nw_ptr.dtype.element_ty)
+    else:
+        h = x
+    h = h.to(tl.float32)
+    wf = w.to(tl.float32)
+    out = tl.zeros((BB, BN), dtype=tl.float32)
+    for i in tl.static_range(BB):
+        hi = tl.sum(tl.where((tl.arange(0, BB) == i)[:, None], h, 0.0), 0)  # row i, (KP,)
+        oi = tl.sum(wf * hi[None, :], 1)  # (BN,)
+        out = tl.where((tl.arange(0, BB) == i)[:, None], oi[None, :], out)
+    if HAS_BIAS:
+        out += bias[None, :]
+    out = out.to(w_ptr.dtype.element_ty)  # the linear layer's output dtype
+    if RESIDUAL:
+        out = res.to(tl.float32) + out.to(tl.float32)
+    tl.store(
+        out_ptr + rows[:, None].to(tl.int64) * s_ob + n[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & nmask[None, :],
+    )
+
+
+def decode_linear_config(batch: int, N: int, K: int) -> tuple[int, int, int, int]:
+    """(BB, BN, KP, num_warps) for x (batch, K) and a (N, K) weight."""
+    BB = min(8, triton.next_power_of_2(batch))
+    KP = triton.next_power_of_2(K)
+    BN = max(1, min(64, TILE_ELEMENTS // KP))
+    while BN > 1 and triton.cdiv(N, BN) * triton.cdiv(batch, BB) < MIN_PROGRAMS:
+        BN //= 2
+    num_warps = 8 if BN * KP >= 8192 else 4
+    return BB, BN, KP, num_warps
+
+
+def decode_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual: Tensor | None,
+) -> Tensor:
+    """On CUDA (or under TRITON_INTERPRET=1): x (batch, K) with unit stride along K; weight
+    (N, K) with unit stride along K; bias (N,); norm_weight (K,); residual (batch, N) with unit
+    stride along N. Returns (batch, N) in residual's dtype with residual, else weight's."""
+    batch, K = x.shape
+    N = weight.shape[0]
+    BB, BN, KP, num_warps = decode_linear_config(batch, N, K)
+    out_dtype = residual.dtype if residual is not None else weight.dtype
+    out = torch.empty((batch, N), dtype=out_dtype, device=x.device)
+    res = residual if residual is not None else out  # placeholders are never read
+    grid = (triton.cdiv(N, BN), triton.cdiv(batch, BB))
+    launcher(_decode_linear_kernel, x)[grid](
+        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None
+        else weight, res, out,
+        batch, N, K, float(eps),
+        x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
+        BB=BB, BN=BN, KP=KP, num_warps=num_warps,
+    )  # fmt: skip
+    return out
