@@ -211,7 +211,8 @@ def nvtx_ranges(
     """Name the model's parts with ranges while the block is open; yields the range names.
 
     Off (nothing installed; yields []) unless `enabled`, or `enabled=None` and
-    MAMBA_COMPILED_NVTX=1. Enter it before compiling: it replaces modules' `forward` and `step`.
+    MAMBA_COMPILED_NVTX=1. Enter it before compiling: it replaces modules' `forward`, `step`
+    and `ssm_step`.
     `model` is a MambaLMHeadModel or any module holding one (or holding Mamba blocks).
     `domain` puts the ranges in an NVTX domain (needs the nvtx package); the default domain
     keeps Nsight filters the same with or without it.
@@ -228,7 +229,9 @@ def nvtx_ranges(
     installed: list[tuple[nn.Module, str, object]] = []
     try:
         for module, name, color, scan_prefix in targets:
-            for method in ("forward", "step"):
+            # ssm_step: a mixer's decode step between its projections, which the block calls
+            # when it runs them as `decode_linear` (CUDA, batch 1)
+            for method in ("forward", "step", "ssm_step"):
                 if not hasattr(module, method):
                     continue
                 installed.append((module, method, module.__dict__.get(method, _MISSING)))

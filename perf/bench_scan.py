@@ -553,8 +553,6 @@ def cuda_decode(rep: Report):
     for batch in (1, 64):
         eager_us, graph_us = _time_decode(batch, dim, N, dtype)
         rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
-    _decode_rows(rep)
-    _decode_rows(rep, dim=1536, rank=48)
     _decode_linear(rep)
 
 
@@ -571,55 +569,6 @@ def _graph_us(step, n=100) -> float:
     return bench_ms(graph.replay) * 1e3 / n
 
 
-ROWS = (2, 4, 8)  # batch rows per program of the rows kernel
-
-
-def _decode_rows(
-    rep: Report, dim=4096, rank=128, N=16, width=4, dtype=torch.float16, device="cuda"
-):
-    """The model's decode step (the state-update kernel with x_proj's sums, dt_proj and the conv)
-    at 1.4B's sizes: one batch row per program against `decode_step_rows` (an experiment: at
-    batch 64 the one-row kernel was 40 % of the 1.4B decode step). Checked against the one-row
-    kernel before timing."""
-    from mamba_compiled.lowering import state_update
-    from mamba_compiled.lowering.decode_step import decode_step_rows
-
-    rep(f"\n### The model's decode step (dim {dim}, dt_rank {rank}, d_conv {width}, {dtype}), "
-        "CUDA graph µs per call\n")  # fmt: skip
-    rep("| batch | one row per program | " + " | ".join(f"{r} rows" for r in ROWS) + " |")
-    rep("|---|---|" + "---|" * len(ROWS))
-    g = dict(device=device)
-    for batch in (1, 16, 64):
-        state = torch.randn(batch, dim, N, **g)
-        conv = torch.randn(batch, dim, width, **g).to(dtype)
-        args = (
-            torch.randn(batch, dim, **g).to(dtype), (0.5 * torch.randn(dim, width, **g)).to(dtype),
-            torch.randn(dim, **g).to(dtype), 0.3 * torch.randn(1, batch, rank + 2 * N, **g),
-            (0.1 * torch.randn(dim, rank, **g)).to(dtype), -torch.rand(dim, N, **g),
-            torch.randn(dim, **g), torch.randn(batch, dim, **g).to(dtype), torch.rand(dim, **g),
-        )  # fmt: skip
-
-        def one_row(st, cs, a=args):
-            cx, cw, cb, x_dbl, dtw, A, D, z, bias = a
-            return state_update(
-                st, None, None, A, None, None, D, z, bias, True, dtw, cs, cx, cw, cb, x_dbl
-            )
-
-        def rows_fn(st, cs, r, a=args):
-            cx, cw, cb, x_dbl, dtw, A, D, z, bias = a
-            return decode_step_rows(st, cs, cx, cw, cb, x_dbl, dtw, A, D, z, bias, True, r)
-
-        want = one_row(state.clone(), conv.clone()).float()
-        for r in ROWS:
-            got = rows_fn(state.clone(), conv.clone(), r).float()
-            err = ((got - want).abs().max() / want.abs().max()).item()
-            if not err < 1e-2:
-                raise AssertionError(f"decode_step_rows rows={r} batch={batch}: error {err:.2e}")
-        times = [_graph_us(functools.partial(one_row, state, conv))]
-        times += [_graph_us(functools.partial(rows_fn, state, conv, r)) for r in ROWS]
-        rep(f"| {batch} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
-
-
 # (name, out_features, in_features, norm, residual): the decode step's linear layers
 LINEARS = [
     ("130M in_proj + norm", 3072, 768, True, False),
@@ -634,9 +583,10 @@ LINEARS = [
 def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
     """`decode_linear` (one kernel: RMSNorm, the product, the residual add) against cuBLAS's
     product alone and against what the compiled model did before (the norm and the product as
-    an Inductor reduction, `torch.compile`d), batch 1 and 8, in CUDA graphs. Checked against
-    float64 first (`decode_linear_ref`). GB/s: the weight's bytes over the time."""
-    from mamba_compiled.ops import decode_linear
+    an Inductor reduction, `torch.compile`d), batch 1 and 8, in CUDA graphs; then its launch
+    configurations at batch 1. Checked against float64 first (`decode_linear_ref`). GB/s: the
+    weight's bytes over the time."""
+    from mamba_compiled.lowering.linear import decode_linear, decode_linear_config
     from mamba_compiled.ops.linear import rms_norm
     from mamba_compiled.ops.reference import decode_linear_ref
 
@@ -646,9 +596,11 @@ def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
         return out if r is None else r + out
 
     compiled = torch.compile(inductor, dynamic=False)
-    rep(f"\n### Decoding's linear layers ({dtype}), CUDA graph µs per call (GB/s of the weight)\n")
-    rep("| layer | batch | decode_linear | cuBLAS product alone | Inductor reduction |")
-    rep("|---|---|---|---|---|")
+    configs = [(tile, warps) for tile in (8192, 16384, 32768) for warps in (4, 8)]
+    table = ["| layer | batch | decode_linear | cuBLAS product alone | Inductor reduction |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    sweep = ["| layer | " + " | ".join(f"{t // 1024}K, {w} warps" for t, w in configs) + " |",
+             "|---|" + "---|" * len(configs)]  # fmt: skip
     g = dict(device=device)
     for name, N, K, norm, residual in LINEARS:
         for batch in (1, 8):
@@ -658,18 +610,31 @@ def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
             nw = (1 + 0.1 * torch.randn(K, **g)).to(dtype) if norm else None
             r = torch.randn(batch, N, **g) if residual else None
             want = decode_linear_ref(x, w, None, nw, 1e-5, r)
-            got = decode_linear(x, w, norm_weight=nw, residual=r)
-            err = ((got.double() - want).abs().max() / want.abs().max()).item()
-            if not err < 1e-2:
-                raise AssertionError(f"decode_linear {name} batch {batch}: error {err:.2e}")
+            cfgs = [None] + [decode_linear_config(batch, N, K, t, nw_) for t, nw_ in configs]
+            for cfg in cfgs if batch == 1 else cfgs[:1]:
+                got = decode_linear(x, w, None, nw, 1e-5, r, cfg)
+                err = ((got.double() - want).abs().max() / want.abs().max()).item()
+                if not err < 1e-2:
+                    raise AssertionError(f"decode_linear {name} {cfg}: error {err:.2e}")
+            inductor_us = _graph_us(functools.partial(compiled, x, w, nw, r)) if batch == 1 else 0
             times = [
-                _graph_us(functools.partial(decode_linear, x, w, norm_weight=nw, residual=r)),
+                _graph_us(functools.partial(decode_linear, x, w, None, nw, 1e-5, r)),
                 _graph_us(functools.partial(F.linear, x.to(dtype), w)),
-                _graph_us(functools.partial(compiled, x, w, nw, r)) if batch == 1 else float("nan"),
+                inductor_us or float("nan"),
             ]
             gbs = [w.numel() * w.element_size() / (t * 1e3) for t in times]
             cells = " | ".join(f"{t:.2f} ({b:.0f})" for t, b in zip(times, gbs, strict=True))
-            rep(f"| {name} | {batch} | {cells} |")
+            table.append(f"| {name} | {batch} | {cells} |")
+            if batch == 1:
+                us = [
+                    _graph_us(functools.partial(decode_linear, x, w, None, nw, 1e-5, r, cfg))
+                    for cfg in cfgs[1:]
+                ]
+                sweep.append(f"| {name} | " + " | ".join(f"{t:.2f}" for t in us) + " |")
+    rep(f"\n### Decoding's linear layers ({dtype}), CUDA graph µs per call (GB/s of the weight)\n")
+    rep("\n".join(table))
+    rep("\n### decode_linear's configurations at batch 1 (weight elements per program, warps)\n")
+    rep("\n".join(sweep))
 
 
 def _time_decode(batch, dim, N, dtype, n=100):

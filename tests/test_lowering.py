@@ -440,33 +440,6 @@ def test_decode_step_fused(dtype, rank, width, conv_bias, parts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("batch,rank,conv_bias,rows", [(20, 5, True, 8), (3, 20, False, 4)])
-def test_decode_step_rows(dtype, batch, rank, conv_bias, rows):
-    """The decode step with several batch rows per program (an experiment for large batches) equals
-    the one-row kernel: outputs, states, the shifted window (rows past the batch, channels past
-    dim: masked)."""
-    from mamba_compiled.lowering import state_update
-    from mamba_compiled.lowering.decode_step import decode_step_rows
-
-    inputs = _decode_inputs(batch, 40, 16, 4, rank, 1, dtype, conv_bias)
-    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
-    states = [state.clone(), state.clone()]
-    convs = [conv_state.clone(), conv_state.clone()]
-    want = state_update(
-        states[0], None, None, A, None, None, D, z, bias, True, dt_weight, convs[0], conv_x,
-        conv_w, conv_b, x_dbl,
-    )  # fmt: skip
-    got = decode_step_rows(
-        states[1], convs[1], conv_x, conv_w, conv_b, x_dbl, dt_weight, A, D, z, bias, True, rows
-    )
-    tol = TOL[dtype]
-    _close("out", got, want.double(), tol)
-    state_tol = 1e-5 if dtype == torch.float32 else tol
-    _close("state (in place)", states[1], states[0].double(), state_tol)
-    assert torch.equal(convs[1], convs[0]), "conv window not shifted as the one-row kernel"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dim,rows,width,conv_bias", [(40, 11, 4, True), (100, 70, 3, False)])
 def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
     """The conv's step and x_proj as partial sums over slices of channels (a partial slice at

@@ -303,31 +303,3 @@ def test_decode_linear(dtype, batch, N, K, norm, residual):
     ref = decode_linear_ref(x, w, bias, nw, 1e-5, r)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize("batch", [16, 64])
-def test_decode_step_rows_at_large_batch(batch):
-    """From ROWS_MIN_BATCH rows on, the model's decode step runs `decode_step_rows`: equal to the
-    one-row kernel (outputs, states, the shifted conv window)."""
-    from mamba_compiled.lowering import ROWS_MIN_BATCH, decode_step, state_update
-
-    assert batch >= ROWS_MIN_BATCH
-    dev, dim, dstate, rank, width = "cuda", 4096, 16, 128, 4
-    dtype = torch.float16
-    state = torch.randn(batch, dim, dstate, device=dev)
-    conv = torch.randn(batch, dim, width, device=dev).to(dtype)
-    cx = torch.randn(batch, dim, device=dev).to(dtype)
-    cw = (0.5 * torch.randn(dim, width, device=dev)).to(dtype)
-    cb = torch.randn(dim, device=dev).to(dtype)
-    x_dbl = 0.3 * torch.randn(1, batch, rank + 2 * dstate, device=dev)
-    dtw = (0.1 * torch.randn(dim, rank, device=dev)).to(dtype)
-    A, D = -torch.rand(dim, dstate, device=dev), torch.randn(dim, device=dev)
-    z, bias = torch.randn(batch, dim, device=dev).to(dtype), torch.rand(dim, device=dev)
-    states, convs = [state.clone(), state.clone()], [conv.clone(), conv.clone()]
-    want = state_update(
-        states[0], None, None, A, None, None, D, z, bias, True, dtw, convs[0], cx, cw, cb, x_dbl
-    )
-    got = decode_step(states[1], convs[1], cx, cw, cb, x_dbl, dtw, A, D, z, bias, True)
-    torch.testing.assert_close(got, want, rtol=3e-3, atol=3e-3)
-    torch.testing.assert_close(states[1], states[0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(convs[1], convs[0])

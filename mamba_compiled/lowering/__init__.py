@@ -18,10 +18,6 @@ work) where triton is not installed.
         from x_proj's partial sums (the model's decode step)
     conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
         -> (P, batch, rows) float32 partial sums of x_proj applied to the conv's step
-    decode_step(state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z,
-                dt_bias, dt_softplus)
-        -> out: the model's decode step (ssm_decode_step): state_update's model form, or from
-        ROWS_MIN_BATCH rows on decode_step_rows, its form with ROWS batch rows per program
     decode_linear(x, weight, bias, norm_weight, eps, residual)
         -> [residual +] linear([rms_norm] x): a linear layer for decoding's few rows
 
@@ -33,15 +29,7 @@ they trace under FakeTensorMode with a dynamic seqlen.
 
 from __future__ import annotations
 
-__all__ = [
-    "scan_fwd",
-    "scan_bwd",
-    "state_update",
-    "conv_x_proj",
-    "decode_step",
-    "decode_step_rows",
-    "decode_linear",
-]
+__all__ = ["scan_fwd", "scan_bwd", "state_update", "conv_x_proj", "decode_linear"]
 
 # The kernel modules (scan_forward, scan_backward, decode_step, linear) are named apart from these
 # functions: importing a submodule sets an attribute of the package with the submodule's name.
@@ -81,42 +69,6 @@ def conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
     from .decode_step import conv_x_proj as launch
 
     return launch(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
-
-
-# The model's decode step (ssm_decode_step) from this batch size on runs `decode_step_rows` with
-# ROWS batch rows per program: the channels' weights (dt_proj's slice, A, the conv's) then load
-# once per ROWS rows (perf/NOTES.md, Run 7; timed by perf/bench_scan.py's decode section).
-ROWS_MIN_BATCH = 16
-ROWS = 4
-
-
-def decode_step(
-    state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias,
-    dt_softplus,
-):  # fmt: skip
-    """The model's decode step: `state_update` in its model form, or `decode_step_rows` from
-    ROWS_MIN_BATCH rows on."""
-    if conv_x.shape[0] >= ROWS_MIN_BATCH:
-        return decode_step_rows(
-            state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z,
-            dt_bias, dt_softplus, ROWS,
-        )  # fmt: skip
-    return state_update(
-        state, None, None, A, None, None, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
-        conv_x, conv_weight, conv_bias, x_dbl,
-    )  # fmt: skip
-
-
-def decode_step_rows(
-    state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias,
-    dt_softplus, rows,
-):  # fmt: skip
-    from .decode_step import decode_step_rows as launch
-
-    return launch(
-        state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias,
-        dt_softplus, rows,
-    )  # fmt: skip
 
 
 def decode_linear(x, weight, bias, norm_weight, eps, residual):

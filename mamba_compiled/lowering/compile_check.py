@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .decode_step import _conv_x_proj_kernel, _decode_rows_kernel, _state_update_kernel
+from .decode_step import _conv_x_proj_kernel, _state_update_kernel
 from .linear import _decode_linear_kernel
 from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
@@ -69,12 +69,10 @@ def jobs(dim: int = 4096, dstate: int = 16):
               HAS_CB=True, XDBL=True, P=64), 4),
         ("conv_x_proj", _conv_x_proj_kernel,
          dict(HAS_CB=True, W=4, BE=64, ROWS=256), 8),
-        ("decode_rows", _decode_rows_kernel,
-         dict(flags, HAS_CB=True, R=128, RC=16, W=4, BB=4, BD=16), 4),
         ("decode_linear_norm", _decode_linear_kernel,
-         dict(HAS_BIAS=False, NORM=True, RESIDUAL=False, BB=1, BN=8, KP=2048), 8),
-        ("decode_linear_residual_b8", _decode_linear_kernel,
-         dict(HAS_BIAS=True, NORM=False, RESIDUAL=True, BB=8, BN=4, KP=4096), 8),
+         dict(HAS_BIAS=False, NORM=True, RESIDUAL=False, BN=8, KP=2048), 8),
+        ("decode_linear_residual", _decode_linear_kernel,
+         dict(HAS_BIAS=True, NORM=False, RESIDUAL=True, BN=4, KP=4096), 8),
     ]  # fmt: skip
 
 

@@ -8,10 +8,11 @@ before it and its residual add after it: one Triton kernel.
 
 At batch 1 a linear layer reads its weight once and does nothing else, so its time is the
 weight's bytes over the memory bandwidth plus the latency of the first loads. One program holds
-BN whole rows of the weight (about 32 KB) and issues every load before any arithmetic; BN shrinks
-until there are at least two programs per SM. Each program normalizes x itself (K values from
-L2), so the norm costs no kernel of its own. The programs' batch rows (BB <= 8) reuse the
-weight tile from registers.
+BN whole rows of the weight (about 32 KB) for one row of x and issues every load before any
+arithmetic; BN shrinks until there are at least two programs per SM. Each program normalizes x
+itself (K values from L2), so the norm costs no kernel of its own. Made for batch 1: each row
+of x reads the weight again (from L2 when it fits); with several weight-sharing rows per
+program, as first written, the H200 took 10x batch 1's time at batch 8 (cuBLAS: 1x).
 
 The configuration is fixed by a heuristic (autotuning a decode step's kernels adds nothing a
 heuristic misses here: the bound is bandwidth).
@@ -34,20 +35,18 @@ MIN_PROGRAMS = 264
 @triton.jit
 def _decode_linear_kernel(
     x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, out_ptr,
-    batch, N, K, eps,
+    N, K, eps,
     s_xb, s_wn, s_rb, s_ob,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    BN: tl.constexpr, KP: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    row = tl.program_id(1).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, KP)
     kmask = k < K
-    rows = pid_b * BB + tl.arange(0, BB)
-    rmask = rows < batch
-    # every load first: the weight tile, then the rows of x (and of the residual)
+    # every load first: the weight tile, then x's row (and the residual's)
     w = tl.load(
         w_ptr + n[:, None].to(tl.int64) * s_wn + k[None, :],
         mask=nmask[:, None] & kmask[None, :],
@@ -57,52 +56,37 @@ def _decode_linear_kernel(
         bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if NORM:
         nw = tl.load(nw_ptr + k, mask=kmask, other=0.0)
-    x = tl.load(
-        x_ptr + rows[:, None].to(tl.int64) * s_xb + k[None, :],
-        mask=rmask[:, None] & kmask[None, :],
-        other=0.0,
-    )  # (BB, KP)
+    x = tl.load(x_ptr + row * s_xb + k, mask=kmask, other=0.0)
     if RESIDUAL:
-        res = tl.load(
-            res_ptr + rows[:, None].to(tl.int64) * s_rb + n[None, :],
-            mask=rmask[:, None] & nmask[None, :],
-            other=0.0,
-        )  # (BB, BN)
+        res = tl.load(res_ptr + row * s_rb + n, mask=nmask, other=0.0)
     if NORM:
         # the model's RMSNorm: x in the norm's dtype, normalized in fp32, rounded back
         xf = x.to(nw_ptr.dtype.element_ty).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / K + eps)  # (BB,)
-        h = (xf * rstd[:, None] * nw.to(tl.float32)[None, :]).to(nw_ptr.dtype.element_ty)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
+        h = (xf * rstd * nw.to(tl.float32)).to(nw_ptr.dtype.element_ty)
     else:
         h = x
-    h = h.to(tl.float32)
-    wf = w.to(tl.float32)
-    out = tl.zeros((BB, BN), dtype=tl.float32)
-    for i in tl.static_range(BB):
-        hi = tl.sum(tl.where((tl.arange(0, BB) == i)[:, None], h, 0.0), 0)  # row i, (KP,)
-        oi = tl.sum(wf * hi[None, :], 1)  # (BN,)
-        out = tl.where((tl.arange(0, BB) == i)[:, None], oi[None, :], out)
+    out = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)  # (BN,)
     if HAS_BIAS:
-        out += bias[None, :]
+        out += bias
     out = out.to(w_ptr.dtype.element_ty)  # the linear layer's output dtype
     if RESIDUAL:
         out = res.to(tl.float32) + out.to(tl.float32)
-    tl.store(
-        out_ptr + rows[:, None].to(tl.int64) * s_ob + n[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=rmask[:, None] & nmask[None, :],
-    )
+    tl.store(out_ptr + row * s_ob + n, out.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
-def decode_linear_config(batch: int, N: int, K: int) -> tuple[int, int, int, int]:
-    """(BB, BN, KP, num_warps) for x (batch, K) and a (N, K) weight."""
-    BB = min(8, triton.next_power_of_2(batch))
+def decode_linear_config(
+    batch: int, N: int, K: int, tile: int = TILE_ELEMENTS, num_warps: int | None = None
+) -> tuple[int, int, int]:
+    """(BN, KP, num_warps) for x (batch, K) and a (N, K) weight; `tile` weight elements per
+    program at most (perf/bench_scan.py sweeps it and num_warps)."""
     KP = triton.next_power_of_2(K)
-    BN = max(1, min(64, TILE_ELEMENTS // KP))
-    while BN > 1 and triton.cdiv(N, BN) * triton.cdiv(batch, BB) < MIN_PROGRAMS:
+    BN = max(1, min(64, tile // KP))
+    while BN > 1 and triton.cdiv(N, BN) * batch < MIN_PROGRAMS:
         BN //= 2
-    num_warps = 8 if BN * KP >= 8192 else 4
-    return BB, BN, KP, num_warps
+    if num_warps is None:
+        num_warps = 8 if BN * KP >= 8192 else 4
+    return BN, KP, num_warps
 
 
 def decode_linear(
@@ -112,23 +96,25 @@ def decode_linear(
     norm_weight: Tensor | None,
     eps: float,
     residual: Tensor | None,
+    config: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """On CUDA (or under TRITON_INTERPRET=1): x (batch, K) with unit stride along K; weight
     (N, K) with unit stride along K; bias (N,); norm_weight (K,); residual (batch, N) with unit
-    stride along N. Returns (batch, N) in residual's dtype with residual, else weight's."""
+    stride along N. Returns (batch, N) in residual's dtype with residual, else weight's.
+    `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s (benchmarks)."""
     batch, K = x.shape
     N = weight.shape[0]
-    BB, BN, KP, num_warps = decode_linear_config(batch, N, K)
+    BN, KP, num_warps = config or decode_linear_config(batch, N, K)
     out_dtype = residual.dtype if residual is not None else weight.dtype
     out = torch.empty((batch, N), dtype=out_dtype, device=x.device)
     res = residual if residual is not None else out  # placeholders are never read
-    grid = (triton.cdiv(N, BN), triton.cdiv(batch, BB))
+    grid = (triton.cdiv(N, BN), batch)
     launcher(_decode_linear_kernel, x)[grid](
-        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None
-        else weight, res, out,
-        batch, N, K, float(eps),
+        x, weight, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight, res, out,
+        N, K, float(eps),
         x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
-        BB=BB, BN=BN, KP=KP, num_warps=num_warps,
+        BN=BN, KP=KP, num_warps=num_warps,
     )  # fmt: skip
     return out

@@ -29,19 +29,20 @@ from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import conv_x_proj, selective_scan_fn, ssm_decode_step
 from mamba_compiled.ops.scan import conv_step
 
-# Decoding batches up to this size project with reductions under the compiler (see `_gemv`) or
-# with `decode_linear` on CUDA (see `fused_decoding`), and the conv's step and x_proj with
-# `conv_x_proj`.
+# Decoding batches up to this size project with reductions under the compiler (see `_gemv`), and
+# the conv's step and x_proj with `conv_x_proj`.
 GEMV_MAX_BATCH = 8
+# Decoding batches up to this size run their projections as `decode_linear` on CUDA (see
+# `fused_decoding`): one row of x per program, so larger batches read the weights once per row.
+FUSED_MAX_BATCH = 1
 
 
 def fused_decoding(x: Tensor) -> bool:
-    """Whether a decode step on x (b, d_model) runs a block's RMSNorm, in_proj, out_proj and
-    residual add (and the final norm with the LM head) as `decode_linear`, two kernels per block:
-    on CUDA, up to GEMV_MAX_BATCH rows, where each product is bound by reading its weight once.
-    Elsewhere the same math is plain PyTorch (`_gemv`) for the compiler, which on CPU it
-    serves as well."""
-    return x.is_cuda and x.shape[0] <= GEMV_MAX_BATCH
+    """Whether a decode step on x (b, d_model) runs each block's RMSNorm and in_proj, and its
+    out_proj and residual add, as `decode_linear` (two kernels per block, and the final norm
+    with the LM head as one): on CUDA, up to FUSED_MAX_BATCH rows, where each product is bound
+    by reading its weight once. Otherwise the modules' own math (`_gemv` under the compiler)."""
+    return x.is_cuda and x.shape[0] <= FUSED_MAX_BATCH
 
 
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -220,9 +220,9 @@ def ssm_decode_step_op(
     dt_softplus: bool,
 ) -> Tensor:
     if conv_x.device.type == "cuda":
-        return _lowering().decode_step(
-            state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z,
-            dt_bias, dt_softplus,
+        return _lowering().state_update(
+            state, None, None, A, None, None, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
+            conv_x, conv_weight, conv_bias, x_dbl,
         )  # fmt: skip
     rank, dstate = dt_weight.shape[1], A.shape[1]
     xd = x_dbl.to(state.dtype).sum(0).to(conv_x.dtype)  # rounded as the model rounds x_proj
