@@ -116,6 +116,22 @@ def test_range_names_nest_and_balance_in_forward_backward_and_step(fake_nvtx):
     ]  # fmt: skip
 
 
+def test_fused_decode_step_keeps_mixer_and_scan_ranges(fake_nvtx, monkeypatch):
+    """The decode step as CUDA runs it at batch 1 (projections as `decode_linear`, outside the
+    mixer's `step`): each mixer's range and its scan's still nest in the block's."""
+    from mamba_compiled.models import lm
+
+    monkeypatch.setattr(lm, "fused_decoding", lambda x: True)
+    model = MambaLMHeadModel(TINY)
+    states = [(torch.zeros(1, 32, 4), torch.zeros(1, 32, 16)) for _ in range(2)]
+    with profiling.nvtx_ranges(model, enabled=True), torch.no_grad():
+        model.step(torch.randint(0, 64, (1,)), states)
+    assert fake_nvtx.balanced()
+    layers = [[f"mamba/layers.{i}", f"mamba/layers.{i}/mixer", f"mamba/layers.{i}/scan"]
+              for i in range(2)]  # fmt: skip
+    assert fake_nvtx.pushed() == ["mamba/model", "mamba/embedding", *layers[0], *layers[1]]
+
+
 def test_ranges_never_break_fullgraph_compile(fake_nvtx):
     torch._dynamo.reset()
     model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=64))

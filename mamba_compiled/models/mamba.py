@@ -230,7 +230,7 @@ class Mamba(nn.Module):
         `constants`: `scan_constants()` computed ahead (must be current with the parameters).
         """
         xz = _gemv(hidden_states, self.in_proj.weight, self.in_proj.bias)
-        y = self.ssm_step(xz, conv_state, ssm_state, constants)
+        y = self._ssm_step(xz, conv_state, ssm_state, constants)
         return _gemv(y, self.out_proj.weight, self.out_proj.bias)
 
     def ssm_step(
@@ -242,6 +242,9 @@ class Mamba(nn.Module):
     ) -> Tensor:
         """`step` between in_proj and out_proj: in_proj's output xz (b, 2·d_inner) -> the gated
         SSM output y (b, d_inner); updates both states in place."""
+        return self._ssm_step(xz, conv_state, ssm_state, constants)
+
+    def _ssm_step(self, xz, conv_state, ssm_state, constants):
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
         x = x.to(conv_state.dtype)
         # conv_state holds the last W inputs; this step's window is its last W-1 and x.
