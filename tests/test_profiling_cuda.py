@@ -88,8 +88,10 @@ def test_decode_kernels_per_step_compiled_vs_eager(tmp_path):
     trace, compiled = run_profile(tmp_path / "compiled", "--mode", "decode", "--compile", "--nvtx",
                                   "--warmup", "3")  # fmt: skip
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    assert compiled.kernels < eager.kernels
-    assert compiled.launches < eager.launches  # one CUDA graph replay instead of a launch each
+    # At batch 1 eager already runs the decode step as the package's kernels (decode_linear,
+    # conv_x_proj, ssm_decode_step): compiled runs no more of them, as one CUDA graph replay.
+    assert compiled.kernels <= eager.kernels
+    assert compiled.launches < eager.launches
     assert any(SCAN_KERNEL.search(r.name) for r in compiled.rows) and compiled.scan_us > 0
     assert any(e.get("name", "").startswith("triton_") for e in trace["traceEvents"])
 

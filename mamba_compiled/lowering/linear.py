@@ -8,7 +8,7 @@ before it and its residual add after it: one Triton kernel.
 
 At batch 1 a linear layer reads its weight once and does nothing else, so its time is the
 weight's bytes over the memory bandwidth plus the latency of the first loads. One program holds
-BN whole rows of the weight (about 32 KB) for one row of x and issues every load before any
+BN whole rows of the weight (about 16 KB) for one row of x and issues every load before any
 arithmetic; BN shrinks until there are at least two programs per SM. Each program normalizes x
 itself (K values from L2), so the norm costs no kernel of its own. Made for batch 1: each row
 of x reads the weight again (from L2 when it fits); with several weight-sharing rows per
@@ -27,9 +27,12 @@ from torch import Tensor
 
 from .common import launcher
 
-# weight elements per program, and the fewest programs (two per SM of an H200)
-TILE_ELEMENTS = 16384
+# weight elements per program, the fewest programs (two per SM of an H200), and the most programs
+# that take 8 warps (more take 4): the best of perf/bench_scan.py's sweep on the H200 at the
+# 130M and 1.4B models' in_proj, out_proj and LM head
+TILE_ELEMENTS = 8192
 MIN_PROGRAMS = 264
+MAX_PROGRAMS_8_WARPS = 1023
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def decode_linear_config(
     while BN > 1 and triton.cdiv(N, BN) * batch < MIN_PROGRAMS:
         BN //= 2
     if num_warps is None:
-        num_warps = 8 if BN * KP >= 8192 else 4
+        num_warps = 8 if triton.cdiv(N, BN) * batch <= MAX_PROGRAMS_8_WARPS else 4
     return BN, KP, num_warps
 
 
