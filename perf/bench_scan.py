@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import pathlib
 import platform
@@ -554,6 +555,7 @@ def cuda_decode(rep: Report):
         eager_us, graph_us = _time_decode(batch, dim, N, dtype)
         rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
     _decode_linear(rep)
+    _decode_chain(rep)
 
 
 def _graph_us(step, n=100) -> float:
@@ -645,6 +647,83 @@ def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
     rep("\n".join(table))
     rep("\n### decode_linear's configurations at batch 1 (weight elements per program, warps)\n")
     rep("\n".join(sweep))
+
+
+# (name, layers, d_model, d_inner, dt_rank): the models whose decode step `_decode_chain` runs
+CHAINS = [("130M", 24, 768, 1536, 48), ("1.4B", 48, 2048, 4096, 128)]
+
+
+def _chain_layers(n_layer, d_model, d_inner, rank, N, width, dtype, device):
+    """Random parameters of n_layer Mamba blocks, each its own (so that each is read from HBM)."""
+
+    def param(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device)).to(dtype)
+
+    return [
+        dict(
+            nw=1 + param(d_model, scale=0.1),
+            in_w=param(2 * d_inner, d_model, scale=0.03),
+            cw=param(d_inner, width, scale=0.5),
+            cb=param(d_inner, scale=0.1),
+            xw=param(rank + 2 * N, d_inner, scale=0.03),
+            dtw=param(d_inner, rank, scale=0.1),
+            A=-torch.rand(d_inner, N, device=device),
+            D=torch.randn(d_inner, device=device),
+            bias=torch.rand(d_inner, device=device),
+            out_w=param(d_model, d_inner, scale=0.03),
+        )
+        for _ in range(n_layer)
+    ]
+
+
+def _chain_step(layers, x, convs, ssms):
+    """One decode step through `layers` with the package's kernels: x (1, d_model) float32."""
+    from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
+
+    for p, conv, ssm in zip(layers, convs, ssms, strict=True):
+        d_inner = p["cw"].shape[0]
+        xz = decode_linear(x, p["in_w"], None, p["nw"], 1e-5, None)
+        u_in, z = xz[:, :d_inner], xz[:, d_inner:]
+        x_dbl = conv_x_proj(conv, u_in, p["cw"], p["cb"], p["xw"])
+        y = state_update(
+            ssm, None, None, p["A"], None, None, p["D"], z, p["bias"], True, p["dtw"], conv,
+            u_in, p["cw"], p["cb"], x_dbl,
+        )  # fmt: skip
+        x = decode_linear(y, p["out_w"], None, None, 1e-5, x)
+    return x
+
+
+def _decode_chain(rep: Report, dtype=torch.float16, N=16, width=4, device="cuda"):
+    """The model's decode step at batch 1 as the package's kernels alone, layer after layer
+    (`decode_linear` with the norm for in_proj, `conv_x_proj`, the state update, `decode_linear`
+    with the residual for out_proj), replayed from a CUDA graph: with and without programmatic
+    dependent launch (`common.set_override(pdl=True)`: each kernel loads its weights while the
+    previous one finishes). Both must give the same hidden state before timing.
+    No LM head, no embedding."""
+    from mamba_compiled.lowering import common
+
+    rep("\n### The decode step's kernels alone, batch 1 (CUDA graph µs per step)\n")
+    rep("| model | without PDL | with PDL | µs per kernel saved |")
+    rep("|---|---|---|---|")
+    for name, n_layer, d_model, d_inner, rank in CHAINS:
+        layers = _chain_layers(n_layer, d_model, d_inner, rank, N, width, dtype, device)
+        x0 = torch.randn(1, d_model, device=device)
+        conv0 = [torch.randn(1, d_inner, width, device=device).to(dtype) for _ in layers]
+        ssm0 = [torch.randn(1, d_inner, N, device=device) for _ in layers]
+        results, times = [], []
+        for on in (False, True):
+            common.set_override(pdl=on)
+            try:
+                convs, ssms = [c.clone() for c in conv0], [h.clone() for h in ssm0]
+                results.append(_chain_step(layers, x0, convs, ssms))
+                step = functools.partial(_chain_step, layers, x0, convs, ssms)
+                times.append(_graph_us(step, n=1))
+            finally:
+                common.set_override()
+        # a race (a read before the previous kernel's write) gives garbage, not rounding
+        torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
+        saved = (times[0] - times[1]) / (4 * n_layer)
+        rep(f"| {name} ({n_layer} layers) | {times[0]:.1f} | {times[1]:.1f} | {saved:.2f} |")
 
 
 def _time_decode(batch, dim, N, dtype, n=100):

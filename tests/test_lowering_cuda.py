@@ -303,3 +303,41 @@ def test_decode_linear(dtype, batch, N, K, norm, residual):
     ref = decode_linear_ref(x, w, bias, nw, 1e-5, r)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
+def test_decode_kernels_with_programmatic_dependent_launch():
+    """The decode step's kernels launched with PDL (each loads its weights while the previous
+    kernel runs, then waits for it) compute what they compute without, over a chain of layers
+    where each kernel reads the previous one's output."""
+    from mamba_compiled.lowering import common, conv_x_proj, decode_linear, state_update
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    dev, d_model, d_inner, rank, N, width = "cuda", 768, 1536, 48, 16, 4
+    h = lambda *s, scale=1.0: (scale * torch.randn(*s, device=dev)).half()  # noqa: E731
+    layers = [
+        (1 + h(d_model, scale=0.1), h(2 * d_inner, d_model, scale=0.03), h(d_inner, width),
+         h(d_inner), h(rank + 2 * N, d_inner, scale=0.03), h(d_inner, rank, scale=0.1),
+         -torch.rand(d_inner, N, device=dev), h(d_model, d_inner, scale=0.03))
+        for _ in range(3)
+    ]  # fmt: skip
+    x0 = torch.randn(1, d_model, device=dev)
+    conv0 = h(len(layers), 1, d_inner, width)
+    ssm0 = torch.randn(len(layers), 1, d_inner, N, device=dev)
+    results = []
+    for on in (False, True):
+        common.set_override(pdl=on)
+        try:
+            x, convs, ssms = x0, conv0.clone(), ssm0.clone()
+            for i, (nw, in_w, cw, cb, xw, dtw, A, out_w) in enumerate(layers):
+                xz = decode_linear(x, in_w, None, nw, 1e-5, None)
+                u, z = xz[:, :d_inner], xz[:, d_inner:]
+                x_dbl = conv_x_proj(convs[i], u, cw, cb, xw)
+                y = state_update(ssms[i], None, None, A, None, None, None, z, None, True, dtw,
+                                 convs[i], u, cw, cb, x_dbl)  # fmt: skip
+                x = decode_linear(y, out_w, None, None, 1e-5, x)
+            results.append((x, convs, ssms))
+        finally:
+            common.set_override()
+    for without, with_pdl in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(with_pdl, without, rtol=1e-3, atol=1e-3)

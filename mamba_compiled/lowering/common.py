@@ -254,7 +254,7 @@ _override: dict[str, object] = {}
 
 def set_override(**kw) -> None:
     """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
-    bc_atomics=bool. Call with no arguments to clear. Not for model code."""
+    bc_atomics=bool, pdl=bool. Call with no arguments to clear. Not for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
 
@@ -263,6 +263,29 @@ def bc_atomics() -> bool:
     """Whether the non-deterministic backward adds per-step dB/dC with float atomics (else it
     writes per-block partial sums, like deterministic mode). See perf/NOTES.md."""
     return bool(_override.get("bc_atomics", True))
+
+
+def pdl(like: Tensor) -> dict:
+    """The decode kernels' launch options for programmatic dependent launch (PDL, sm_90+), {}
+    without it. With it, each kernel loads its weights while the kernel before it finishes, then
+    waits (`griddepcontrol.wait`) before reading anything an earlier kernel writes: the decode
+    step is a chain of short, latency-bound kernels. An experiment, off unless a benchmark sets
+    `set_override(pdl=True)`; eager launches only (the wait is inline assembly, which traced
+    graphs cannot take: see `traced`)."""
+    on = bool(_override.get("pdl", False))
+    if not on or traced(like) or interpreting() or like.device.type != "cuda":
+        return {"GDC": False}
+    return {"GDC": True, "launch_pdl": True}
+
+
+@triton.jit
+def wait_for_previous_kernel(GDC: tl.constexpr):
+    """With PDL (`pdl`): let the next kernel launch, and wait until the previous one has
+    finished and its writes are visible. Call after the loads of weights, before any load or
+    store of what kernels write."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 def checkpoint_interval() -> int:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import LOG2E, interpreting, launcher, sigmoid, softplus
+from .common import LOG2E, interpreting, launcher, pdl, sigmoid, softplus, wait_for_previous_kernel
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _state_update_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DT_PROJ: tl.constexpr, R: tl.constexpr, CONV: tl.constexpr, W: tl.constexpr,
     CONV_U: tl.constexpr, HAS_CB: tl.constexpr, XDBL: tl.constexpr, P: tl.constexpr,
-    BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr,
+    BD: tl.constexpr, N: tl.constexpr, FAST_MATH: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -53,6 +53,32 @@ def _state_update_kernel(
 
     # Every load first: at batch 1 this kernel is a chain of small loads, and each load used
     # right after it is issued waits for memory alone; issued together, their latencies overlap.
+    # The parameters first (with PDL they load while the previous kernel finishes), then what
+    # kernels write: the inputs, the state, the conv window.
+    if DT_PROJ:
+        r = tl.arange(0, R)
+        rmask = r < rank
+        w = tl.load(
+            dtw_ptr + d[:, None].to(tl.int64) * s_wd + r[None, :],
+            mask=dmask[:, None] & rmask[None, :],
+            other=0.0,
+        )
+    if CONV:
+        k = tl.arange(0, W)
+    if CONV_U:
+        cw = tl.load(
+            cw_ptr + d[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+            mask=dmask[:, None] & (k < width)[None, :],
+            other=0.0,
+        )
+        if HAS_CB:
+            cb = tl.load(cb_ptr + d, mask=dmask, other=0.0)
+    if HAS_BIAS:
+        dt_bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
+    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0)
+    wait_for_previous_kernel(GDC)
     if XDBL:  # x_proj's output as partial sums (P, rows): dt_low, B, C tiles
         p = tl.arange(0, P)[:, None]
         part_ptrs = xdbl_ptr + pid_b * s_xdb + p * s_xdp
@@ -71,41 +97,20 @@ def _state_update_kernel(
             other=0.0,
         )
     if DT_PROJ:
-        r = tl.arange(0, R)
-        rmask = r < rank
         if XDBL:
             dt_low = tl.load(part_ptrs + r[None, :], mask=pmask & rmask[None, :], other=0.0)
         else:
             dt_low = tl.load(dt_ptr + pid_b * s_tb + r * s_td, mask=rmask, other=0.0)
-        w = tl.load(
-            dtw_ptr + d[:, None].to(tl.int64) * s_wd + r[None, :],
-            mask=dmask[:, None] & rmask[None, :],
-            other=0.0,
-        )
     else:
         dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=dmask, other=0.0)
     if CONV:  # the conv window of these channels, shifted left by one
-        k = tl.arange(0, W)
         conv_ptrs = conv_ptr + pid_b * s_cb + d[:, None].to(tl.int64) * s_cd + k[None, :] * s_ck
         nxt = tl.load(conv_ptrs + s_ck, mask=dmask[:, None] & (k + 1 < width)[None, :], other=0.0)
         cx = tl.load(cx_ptr + pid_b * s_cxb + d * s_cxd, mask=dmask, other=0.0)
-    if CONV_U:
-        cw = tl.load(
-            cw_ptr + d[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
-            mask=dmask[:, None] & (k < width)[None, :],
-            other=0.0,
-        )
-        if HAS_CB:
-            cb = tl.load(cb_ptr + d, mask=dmask, other=0.0)
-    else:
+    if not CONV_U:
         x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=dmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt_bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
-    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0)
     state_ptrs = state_ptr + pid_b * s_sb + d[:, None].to(tl.int64) * s_sd + n[None, :] * s_sn
     h = tl.load(state_ptrs, mask=mask, other=0.0)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0)
     if HAS_Z:
         z = tl.load(z_ptr + pid_b * s_zb + d * s_zd, mask=dmask, other=0.0).to(tl.float32)
 
@@ -226,7 +231,7 @@ def state_update(
         W=triton.next_power_of_2(width), CONV_U=conv_weight is not None,
         HAS_CB=conv_bias is not None, XDBL=x_dbl is not None,
         P=triton.next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
-        num_warps=4 if BD * N >= 512 else 1,
+        num_warps=4 if BD * N >= 512 else 1, **pdl(like),
     )  # fmt: skip
     return out
 
@@ -237,6 +242,7 @@ def _conv_x_proj_kernel(
     dim, rows, width,
     s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk, s_wr, s_op, s_ob,
     HAS_CB: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, ROWS: tl.constexpr,
+    GDC: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -245,14 +251,8 @@ def _conv_x_proj_kernel(
     k = tl.arange(0, W)
     r = tl.arange(0, ROWS)
     rmask = r < rows
-    # every load first (their latencies overlap): the window (conv_state's last width - 1
-    # columns, then conv_x), the conv's weights, and x_proj's columns of these channels
-    win = tl.load(
-        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
-        mask=emask[:, None] & (k + 1 < width)[None, :],
-        other=0.0,
-    )
-    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
+    # every load first (their latencies overlap): the conv's weights and x_proj's columns of
+    # these channels, then the window (conv_state's last width - 1 columns, then conv_x)
     cw = tl.load(
         cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
         mask=emask[:, None] & (k < width)[None, :],
@@ -265,6 +265,13 @@ def _conv_x_proj_kernel(
         mask=rmask[:, None] & emask[None, :],
         other=0.0,
     )  # (ROWS, BE)
+    wait_for_previous_kernel(GDC)
+    win = tl.load(
+        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
+        mask=emask[:, None] & (k + 1 < width)[None, :],
+        other=0.0,
+    )
+    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
     win = tl.where((k == width - 1)[None, :], cx[:, None], win).to(tl.float32)
     u = tl.sum(win * cw.to(tl.float32), 1)  # (BE,)
     if HAS_CB:
@@ -310,6 +317,6 @@ def conv_x_proj(
         *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(), x_proj_weight.stride(0),
         out.stride(0), out.stride(1),
         HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, ROWS=ROWS,
-        num_warps=max(1, min(8, ROWS * BE // 2048)),
+        num_warps=max(1, min(8, ROWS * BE // 2048)), **pdl(conv_x),
     )  # fmt: skip
     return out

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import launcher
+from .common import launcher, pdl, wait_for_previous_kernel
 
 # weight elements per program, the fewest programs (two per SM of an H200), and the most programs
 # that take 8 warps (more take 4): the best of perf/bench_scan.py's sweep on the H200 at the
@@ -41,7 +41,7 @@ def _decode_linear_kernel(
     N, K, eps,
     s_xb, s_wn, s_rb, s_ob,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-    BN: tl.constexpr, KP: tl.constexpr,
+    BN: tl.constexpr, KP: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -59,6 +59,7 @@ def _decode_linear_kernel(
         bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if NORM:
         nw = tl.load(nw_ptr + k, mask=kmask, other=0.0)
+    wait_for_previous_kernel(GDC)
     x = tl.load(x_ptr + row * s_xb + k, mask=kmask, other=0.0)
     if RESIDUAL:
         res = tl.load(res_ptr + row * s_rb + n, mask=nmask, other=0.0)
@@ -118,6 +119,6 @@ def decode_linear(
         N, K, float(eps),
         x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
-        BN=BN, KP=KP, num_warps=num_warps,
+        BN=BN, KP=KP, num_warps=num_warps, **pdl(x),
     )  # fmt: skip
     return out
