@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel, set_recompute
 
 
 def sync(device: torch.device) -> None:
@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         help="autocast dtype (default: bf16 on CUDA, none on CPU)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute the conv, x_proj and dt_proj in the backward (models.set_recompute)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default 989 on CUDA)")
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     config = MambaConfig.from_name(
         args.model, **({} if args.n_layer is None else {"n_layer": args.n_layer})
     )
-    model = MambaLMHeadModel(config, device=device)
+    model = set_recompute(MambaLMHeadModel(config, device=device), args.recompute)
     n_params = sum(p.numel() for p in model.parameters())
     train = args.mode == "train"
     model.train(train)
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             "work",
             f"{args.model} ({n_params / 1e6:.0f}M params) {what}, "
             f"batch {args.batch} x {args.seqlen}, {'bf16 autocast' if amp == 'bf16' else 'fp32'}, "
-            f"{'compiled' if args.compile else 'eager'}",
+            f"{'compiled' if args.compile else 'eager'}"
+            f"{', conv and projections recomputed' if args.recompute else ''}",
         ),
         ("device", f"{name}; torch {torch.__version__}"),
         (f"step time (median of {args.steps})", f"{1e3 * t:.1f} ms"),

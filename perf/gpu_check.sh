@@ -8,7 +8,8 @@
 #   perf/gpu_check.sh tests 2:ddp sc ih        # "N:" gives a lane N GPUs (4 GPUs here)
 #
 # Sections: tests (pytest -m cuda), scan, scan-sweep, scan-decode (perf/bench_scan.py), train
-# (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one), generate
+# (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one; train-1.4b-recompute
+# with the conv and projections recomputed), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
 # at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m),
@@ -78,6 +79,10 @@ run_lane() {  # run_lane LANE SECTION...
                     [[ $s == train || $s == "train-$m" ]] || continue
                     section "$lane" "train-$m" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 --out "$w/train-$m"
                 done ;;
+            train-*-recompute)  # train-<model>-recompute: with models.set_recompute
+                m=${s#train-}
+                m=${m%-recompute}
+                section "$lane" "$s" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 --recompute --out "$w/$s" ;;
             generate | generate-130m | generate-1.4b)
                 for m in 130m 1.4b; do
                     [[ $s == generate || $s == "generate-$m" ]] || continue

@@ -20,7 +20,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel, set_recompute
 from mamba_compiled.training import Objective
 
 
@@ -66,10 +66,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=512, help="sequence length")
     p.add_argument("--min-mb", type=float, default=1.0, help="list storages from this size")
+    p.add_argument("--recompute", action="store_true", help="models.set_recompute")
     args = p.parse_args()
     config = MambaConfig.from_name(args.model, n_layer=args.layers, vocab_size=256)
-    storages = saved_storages(MambaLMHeadModel(config), args.batch, args.tokens)
-    print(f"{args.model} widths, {args.layers} layers, {args.batch} x {args.tokens} tokens, bf16")
+    model = set_recompute(MambaLMHeadModel(config), args.recompute)
+    storages = saved_storages(model, args.batch, args.tokens)
+    print(
+        f"{args.model} widths, {args.layers} layers, {args.batch} x {args.tokens} tokens, bf16"
+        f"{', recompute' if args.recompute else ''}"
+    )
     for nbytes, views in storages:
         if nbytes >= args.min_mb * 1e6:
             names = "; ".join(f"{n}{list(s)} {d}" for n, s, d in views[:3])

@@ -1,12 +1,13 @@
 """The model: config, module tree and names, init, forward semantics, compile, bad input."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_compiled.models import Mamba, MambaConfig, MambaLMHeadModel
+from mamba_compiled.models import Mamba, MambaConfig, MambaLMHeadModel, set_recompute
 from mamba_compiled.ops.reference import selective_scan_ref
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=20, d_state=8)
@@ -260,25 +261,35 @@ def test_bad_config_type_and_mask_and_inference_params():
 # ---- torch.compile -----------------------------------------------------------------------------
 
 
-def test_compile_fullgraph_dynamic_train_step_matches_eager():
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_compile_fullgraph_dynamic_train_step_matches_eager(recompute):
     """Forward and backward compiled once for every batch and length: no graph breaks
-    (fullgraph), no recompiles, loss and gradients equal to eager."""
+    (fullgraph), no recompiles, loss and gradients equal to eager (without recompute). With
+    `set_recompute`, the conv and the projections run again in the backward (the partitioner's
+    choice; perf/saved_activations.py --recompute shows what it keeps)."""
     torch._dynamo.reset()
     model = tiny()
+    eager = copy.deepcopy(model)
+    set_recompute(model, recompute)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
 
-    def loss_and_grads(fn, ids):
-        model.zero_grad(set_to_none=True)
+    def loss_and_grads(fn, m, ids):
+        m.zero_grad(set_to_none=True)
         logits = fn(ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch, seqlen in [(2, 7), (3, 19), (5, 64)]:
             ids = torch.randint(0, 20, (batch, seqlen))
-            loss_c, grads_c = loss_and_grads(compiled, ids)
-            loss_e, grads_e = loss_and_grads(model, ids)
+            loss_c, grads_c = loss_and_grads(compiled, model, ids)
+            loss_e, grads_e = loss_and_grads(eager, eager, ids)
+            if recompute:  # eager with torch.utils.checkpoint, too
+                loss_r, grads_r = loss_and_grads(model, model, ids)
+                torch.testing.assert_close(loss_r, loss_e)
+                for name in grads_e:
+                    torch.testing.assert_close(grads_r[name], grads_e[name], msg=name)
             torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
             for name in grads_e:
                 torch.testing.assert_close(

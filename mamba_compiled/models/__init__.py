@@ -2,7 +2,7 @@
 
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.models.lm import Block, CausalLMOutput, MambaLMHeadModel, MixerModel, RMSNorm
-from mamba_compiled.models.mamba import Mamba
+from mamba_compiled.models.mamba import Mamba, set_recompute
 
 __all__ = [
     "Block",
@@ -12,4 +12,5 @@ __all__ = [
     "MambaLMHeadModel",
     "MixerModel",
     "RMSNorm",
+    "set_recompute",
 ]

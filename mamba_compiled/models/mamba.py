@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import conv_x_proj, selective_scan_fn, ssm_decode_step
@@ -43,6 +44,14 @@ def fused_decoding(x: Tensor) -> bool:
     with the LM head as one): on CUDA, up to FUSED_MAX_BATCH rows, where each product is bound
     by reading its weight once. Otherwise the modules' own math (`_gemv` under the compiler)."""
     return x.is_cuda and x.shape[0] <= FUSED_MAX_BATCH
+
+
+def set_recompute(model: nn.Module, on: bool = True) -> nn.Module:
+    """Sets `recompute` on every Mamba mixer of `model` (see `Mamba.__init__`); returns model."""
+    for module in model.modules():
+        if isinstance(module, Mamba):
+            module.recompute = on
+    return model
 
 
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -103,6 +112,10 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(A).repeat(self.d_inner, 1))  # (d_inner, N)
         self.D = nn.Parameter(torch.ones(self.d_inner, dtype=torch.float32, device=device))
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=config.bias, **factory)
+        # Training memory against time: when set, the conv, x_proj and dt_proj are recomputed in
+        # the backward instead of keeping their outputs (about 3 (b·l, d_inner) tensors per
+        # layer; mamba_ssm's checkpoint_lvl=1 does the same). Not part of the config.
+        self.recompute = False
         self._init_dt(config)
         self.tag_parameters()
 
@@ -160,33 +173,30 @@ class Mamba(nn.Module):
         scan inputs at padded positions, so that padding leaves a zero state behind it.
         """
         b, l, _ = hidden_states.shape
-        W, E = self.d_conv, self.d_inner
-        R, N = self.dt_rank, self.d_state
+        E, R, N = self.d_inner, self.dt_rank, self.d_state
         # Memory layout (channels, b, l), time contiguous, from in_proj to out_proj: every
         # projection is one plain GEMM over b*l columns (mamba_ssm's mamba_inner_fn does the same),
         # the conv and the elementwise kernels read along time, and the scan takes its inputs and
         # writes its output as (b, channels, l) views of that memory, without a transpose.
-        xz = self.in_proj.weight @ hidden_states.reshape(b * l, -1).t()  # (2E, b*l)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None]
-        x, z = xz[:E].view(E, b, l), xz[E:].view(E, b, l)
+        # x and z as two products, not views of one: the scan saves z for its backward, and a
+        # view would keep all of in_proj's output alive until then (perf/NOTES.md, Run 7)
+        h = hidden_states.reshape(b * l, -1).t()
+        w, bias = self.in_proj.weight, self.in_proj.bias
+        x, z = w[:E] @ h, w[E:] @ h  # (E, b*l) each
+        if bias is not None:
+            x, z = x + bias[:E, None], z + bias[E:, None]
+        x, z = x.view(E, b, l), z.view(E, b, l)
         if mask is not None:
             mask = mask[None, :, :].to(x.dtype)  # (1, b, l)
             x = x * mask
-        # Causal conv: the W-1 inputs before this sequence (zeros, or the cache) on the left.
-        if conv_state is None:
-            xp = F.pad(x, (W - 1, 0))  # (E, b, W-1+l)
+        if self.recompute and conv_state is None and torch.is_grad_enabled():
+            # the conv, x_proj and dt_proj run again in the backward, from x: the padded conv
+            # input, u and Δ are not kept for it (the scan's backward reads u and Δ)
+            u, x_dbl, dt = checkpoint(
+                self._conv_and_projections, x, None, mask, use_reentrant=False
+            )
         else:
-            window = conv_state.permute(1, 0, 2)  # (E, b, W)
-            xp = torch.cat([window[:, :, 1:].to(x.dtype), x], dim=-1)
-            window.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
-        u = F.silu(self._conv(xp))  # (E, b, l)
-        if mask is not None:
-            u = u * mask
-
-        u = u.view(E, b * l)
-        x_dbl = self.x_proj.weight @ u  # (R + 2N, b*l)
-        dt = self.dt_proj.weight @ x_dbl[:R]  # (E, b*l); its bias is added in the scan
+            u, x_dbl, dt = self._conv_and_projections(x, conv_state, mask)
 
         def per_batch(t: Tensor) -> Tensor:  # (c, b*l) -> the view (b, c, l)
             return t.view(t.shape[0], b, l).permute(1, 0, 2)
@@ -208,6 +218,27 @@ class Mamba(nn.Module):
         # y comes back in u's layout on CUDA, so this reshape is a view there
         y = y.permute(1, 0, 2).reshape(E, b * l)
         return F.linear(y.t(), self.out_proj.weight, self.out_proj.bias).view(b, l, -1)
+
+    def _conv_and_projections(
+        self, x: Tensor, conv_state: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (E, b, l), in_proj's x half -> u (E, b*l), the causal conv and its SiLU; x_dbl
+        (R + 2N, b*l), x_proj's output; dt (E, b*l), dt_proj's without its bias."""
+        W, E, R = self.d_conv, self.d_inner, self.dt_rank
+        # Causal conv: the W-1 inputs before this sequence (zeros, or the cache) on the left.
+        if conv_state is None:
+            xp = F.pad(x, (W - 1, 0))  # (E, b, W-1+l)
+        else:
+            window = conv_state.permute(1, 0, 2)  # (E, b, W)
+            xp = torch.cat([window[:, :, 1:].to(x.dtype), x], dim=-1)
+            window.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
+        u = F.silu(self._conv(xp))  # (E, b, l)
+        if mask is not None:
+            u = u * mask
+        u = u.view(E, -1)
+        x_dbl = self.x_proj.weight @ u  # (R + 2N, b*l)
+        dt = self.dt_proj.weight @ x_dbl[:R]  # (E, b*l); its bias is added in the scan
+        return u, x_dbl, dt
 
     def scan_constants(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """(A, D, dt_bias) as the scan takes them: A = -exp(A_log), all in the accumulation dtype.
