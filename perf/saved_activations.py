@@ -8,8 +8,9 @@ autograd and Inductor's partitioner (min-cut rematerialization), runs one forwar
 forward graph's saved outputs grouped by storage (views of one tensor count once; parameters are
 left out), largest first. Token-dependent sizes scale linearly: multiply by the training batch's
 tokens / --tokens and by n_layer / --layers to estimate a full model's activation memory. The
-CPU scan saves checkpoints like the CUDA one (fp32, every 8 steps), so the list matches the GPU's
-up to the partitioner's device-dependent choices.
+CPU scan saves fp32 checkpoints every 8 steps, like the CUDA one for fp32 inputs; for 16-bit
+inputs the CUDA checkpoints are bf16 (`lowering.common.checkpoint_dtype`): halve those rows. The
+rest matches the GPU's up to the partitioner's device-dependent choices.
 """
 
 from __future__ import annotations

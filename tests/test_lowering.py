@@ -118,6 +118,7 @@ CASES = [
     pytest.param(Case(channel_major=True, dout_t_stride=True, seqlen=19), id="channel-major"),
     pytest.param(Case(dtype=torch.float16, B="g2", C="shared", seqlen=10), id="fp16"),
     pytest.param(Case(batch=1, seqlen=38), id="segments5-tail"),
+    pytest.param(Case(batch=1, seqlen=38, dtype=torch.bfloat16), id="segments5-bf16"),
     pytest.param(Case(batch=1, seqlen=38, deterministic=True, bwd_rs=False), id="segments5-sum"),
     pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
     pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
@@ -168,10 +169,33 @@ def _close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float):
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
+def test_checkpoint_dtype_leaves_the_forward_alone(request):
+    """bf16 checkpoints (16-bit inputs) against fp32 ones: the forward's output and last state
+    are bit-identical (segments pass their states in fp32), the gradients agree to bf16."""
+    from mamba_compiled.lowering import common, scan_bwd, scan_fwd
+
+    request.addfinalizer(common.set_override)
+    case = Case(batch=1, seqlen=38, dtype=torch.bfloat16)  # 5 segments under the interpreter
+    kw = case.inputs()
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    dout = torch.randn_like(kw["u"])
+    results = []
+    for ck_fp32 in (False, True):
+        common.set_override(ck_fp32=ck_fp32)
+        out, last, ck = scan_fwd(*args, True)
+        assert ck.dtype == (torch.float32 if ck_fp32 else torch.bfloat16)
+        grads = scan_bwd(dout, None, *args, ck, True, True)
+        results.append((out, last, grads))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for name, g16, g32 in zip("u delta A B C D z bias h0".split(), results[0][2], results[1][2],
+                              strict=True):  # fmt: skip
+        _close(f"d{name}", g16, g32.double(), TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_scan_forward_backward(case: Case, request):
     from mamba_compiled.lowering import common, scan_bwd, scan_fwd
-    from mamba_compiled.lowering.common import checkpoint_interval
+    from mamba_compiled.lowering.common import checkpoint_dtype, checkpoint_interval
 
     if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32):
         fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
@@ -205,9 +229,11 @@ def test_scan_forward_backward(case: Case, request):
     ck_every = checkpoint_interval()
     n_ck = -(-L // ck_every)
     assert ck.shape == (b, n_ck + 1, d, n)
+    assert ck.dtype == checkpoint_dtype(case.dtype)  # bf16 for 16-bit inputs
+    ck_tol = TOL[ck.dtype]
     h0 = kw["initial_state"] if case.h0 else torch.zeros(b, d, n, device=DEVICE)
-    _close("checkpoint 0", ck[:, 0], h0.double(), tol)
-    _close("checkpoint last", ck[:, n_ck], ref_last, tol)
+    _close("checkpoint 0", ck[:, 0], h0.double(), ck_tol)
+    _close("checkpoint last", ck[:, n_ck], ref_last, ck_tol)
     if n_ck > 1:
         per_step = lambda k, v: v is not None and (k in ("u", "delta", "z") or v.dim() == 4)  # noqa: E731
         upto = {k: v[..., :ck_every] if per_step(k, v) else v for k, v in kw.items()}
@@ -215,7 +241,7 @@ def test_scan_forward_backward(case: Case, request):
             **{k: _f64(v) for k, v in upto.items()}, delta_softplus=case.softplus,
             return_last_state=True,
         )  # fmt: skip
-        _close("checkpoint 1", ck[:, 1], h_ck1.detach(), tol)
+        _close("checkpoint 1", ck[:, 1], h_ck1.detach(), ck_tol)
 
     grads = scan_bwd(
         dout, dlast, kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],

@@ -33,7 +33,7 @@ from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
 
 F32_PTRS = {
-    "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "ck_ptr", "dlast_ptr", "dA_ptr",
+    "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "carry_ptr", "dlast_ptr", "dA_ptr",
     "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
     "xdbl_ptr", "part_ptr", "res_ptr",
 }  # fmt: skip

@@ -389,6 +389,7 @@ def _scan_bwd_kernel(
         )  # fmt: skip
         dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=(t0 + t2 < seqlen) & dmask2, other=0.0)
         h_start = tl.load(ck_base + ci.to(tl.int64) * slab, mask=smask3, other=0.0)
+        h_start = h_start.to(tl.float32)
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
@@ -408,7 +409,9 @@ def _scan_bwd_kernel(
         HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
     )  # fmt: skip
     dout_n = tl.load(dout_ptrs + (t_n + t2) * s_ot, mask=(t_n + t2 < seqlen) & dmask2, other=0.0)
-    h_start_n = tl.load(ck_base + (t_n // T).to(tl.int64) * slab, mask=smask3, other=0.0)
+    h_start_n = tl.load(
+        ck_base + (t_n // T).to(tl.int64) * slab, mask=smask3, other=0.0
+    ).to(tl.float32)
     for c in range(0, n_full):
         ci = c_begin + n_full - 1 - c
         t0 = ci * T
@@ -422,7 +425,9 @@ def _scan_bwd_kernel(
             dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot)
         else:
             dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot, mask=dmask2, other=0.0)
-        h_start_n = tl.load(ck_base + (tp // T).to(tl.int64) * slab, mask=smask3, other=0.0)
+        h_start_n = tl.load(
+            ck_base + (tp // T).to(tl.int64) * slab, mask=smask3, other=0.0
+        ).to(tl.float32)
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,

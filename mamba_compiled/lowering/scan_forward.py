@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .common import (
     LOG2E,
+    checkpoint_dtype,
     checkpoint_interval,
     fwd_config,
     interpreting,
@@ -151,6 +152,7 @@ def _fwd_chunk(
         else:
             hj = tl.sum(tl.where(t4 == j * CK - 1, hs, -0.0), 0)
         ci = c * (T // CK) + j
+        hj = hj.to(ck_base.dtype.element_ty)
         if MASKED:
             tl.store(ck_base + ci.to(tl.int64) * slab, hj, mask=smask3 & (ci + 0 * n3 < n_ck))
         else:
@@ -178,7 +180,7 @@ def _fwd_chunk(
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, last_ptr, ck_ptr, sync_ptr,
+    out_ptr, last_ptr, ck_ptr, carry_ptr, sync_ptr,
     batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
@@ -260,15 +262,18 @@ def _scan_fwd_kernel(
             h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
         h_loc = h
         h = h0
+    # the true end states pass between segments in fp32 (`carry`, one slab per segment and
+    # batch element), whatever the checkpoints' dtype; each segment checkpoints its own start
+    carry_base = carry_ptr + pid_b * slab + state_off3
     if seg > 0:
         wait_for(flag - batch * n_dblk)  # segment s - 1 of this (batch, block)
         # written by another program: read it from L2 (".cg"), the L1 is not coherent
-        h = tl.load(ck_base + (t_begin // CK).to(tl.int64) * slab, mask=smask3, other=0.0,
-                    cache_modifier=".cg")  # fmt: skip
+        h = tl.load(carry_base + ((seg - 1) * batch).to(tl.int64) * slab, mask=smask3,
+                    other=0.0, cache_modifier=".cg")  # fmt: skip
     if seg < n_seg - 1:
         if seg > 0:
             h_loc += tl.exp2(A2_3 * dsum[:, :, None]) * h
-        tl.store(ck_base + (t_end // CK).to(tl.int64) * slab, h_loc, mask=smask3)
+        tl.store(carry_base + (seg * batch).to(tl.int64) * slab, h_loc, mask=smask3)
         publish(flag)
 
     # 4. the full forward over the segment. Software pipelining by hand: the loads of chunk
@@ -307,7 +312,7 @@ def _scan_fwd_kernel(
     if seg == n_seg - 1:
         tl.store(last_ptr + pid_b * slab + state_off3, h, mask=smask3)
         # the extra last slot (n_ck may be a constant: the JIT specializes arguments equal to 1)
-        tl.store(ck_base + (pid_b * 0 + n_ck) * slab, h, mask=smask3)
+        tl.store(ck_base + (pid_b * 0 + n_ck) * slab, h.to(ck_base.dtype.element_ty), mask=smask3)
 
 
 def bc_args(M: Tensor, dim: int) -> tuple[bool, int, int, int, int]:
@@ -338,10 +343,10 @@ def scan_fwd(
     u, delta, z (batch, dim, L) with stride(-1) == 1; A (dim, dstate) fp32; B, C (dim, dstate) or
     (batch, groups, dstate, L); D, delta_bias (dim,); initial_state (batch, dim, dstate).
     Returns out (batch, dim, L) in u.dtype (in u's memory layout when u is dense), last_state
-    (batch, dim, dstate) fp32, and the checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) fp32:
-    the state before steps 0, CK, 2·CK, ..., then the last state. (The extra slot keeps that
-    dimension from being 1 for short sequences: the compiler would guard on a size-1 dimension
-    and specialize a dynamic seqlen.)
+    (batch, dim, dstate) fp32, and the checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) in
+    `checkpoint_dtype(u.dtype)`: the state before steps 0, CK, 2·CK, ..., then the last state.
+    (The extra slot keeps that dimension from being 1 for short sequences: the compiler would
+    guard on a size-1 dimension and specialize a dynamic seqlen.)
     """
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -356,7 +361,12 @@ def scan_fwd(
     # its output that way too, ready for the next GEMM), else contiguous; unit stride along L.
     out = torch.empty_like(u, memory_format=torch.preserve_format)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
-    checkpoints = torch.empty((batch, n_ck + 1, dim, dstate), dtype=torch.float32, device=u.device)
+    checkpoints = torch.empty(
+        (batch, n_ck + 1, dim, dstate), dtype=checkpoint_dtype(u.dtype), device=u.device
+    )
+    # the segments' end states, fp32 (read by the next segment; transient)
+    carry = torch.empty((max(n_seg - 1, 1), batch, dim, dstate), dtype=torch.float32,
+                        device=u.device)  # fmt: skip
     # ticket counter, then one flag per (segment, batch, channel block)
     sync = torch.zeros((1 + (n_seg + 1) * batch * n_dblk,), dtype=torch.int32, device=u.device)
     A = A.contiguous()
@@ -373,7 +383,7 @@ def scan_fwd(
         D if D is not None else A, z_,
         delta_bias if delta_bias is not None else A,
         initial_state if initial_state is not None else A,
-        out, last_state, checkpoints, sync,
+        out, last_state, checkpoints, carry, sync,
         batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         out.stride(0), out.stride(1),
