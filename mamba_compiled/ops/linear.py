@@ -5,10 +5,12 @@ add after it, as a torch.library op (namespace `mamba_compiled`).
         out = [residual +] linear([rms_norm(x) · norm_weight], weight, bias)
 
 A decode step at batch 1 is a chain of matrix-vector products, each bound by reading its weight
-once. On CUDA this is one Triton kernel (`mamba_compiled.lowering.linear`) that reads the weight
-at close to the memory bandwidth and does the norm (in its prologue) and the residual add (in its
-epilogue), so a Mamba block's decode step is four kernels: this op for in_proj with the norm,
-`conv_x_proj`, `ssm_decode_step`, this op for out_proj with the residual. On CPU the body is
+once (and, at small sizes, by the latency of its first loads). On CUDA this is one Triton kernel
+(`mamba_compiled.lowering.linear`) that issues every weight load first and does the norm (in its
+prologue) and the residual add (in its epilogue), so a Mamba block's decode step is four
+kernels: this op for in_proj with the norm, `conv_x_proj`, `ssm_decode_step`, this op for
+out_proj with the residual (perf/RESULTS.md, fifth session: 1.4B's decode step 1.57 -> 1.40 ms
+per token on an H200). On CPU the body is
 plain PyTorch with the model's own rounding (the norm's output and the linear layer's output in
 the model dtype).
 """
