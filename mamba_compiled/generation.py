@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+from mamba_compiled.ops import programmatic_dependent_launch
 
 _EOS_CHECK_EVERY = 16  # tokens between host checks for "every row finished" (one sync each)
 
@@ -234,7 +235,8 @@ class MambaGenerator:
     one weight row per one-warp program), and prompts of up to PREFILL_GRAPH_TOKENS tokens
     prefill as CUDA graphs. `decode_mode` replaces the decode step's settings with a
     torch.compile mode, e.g. "reduce-overhead" (graphs only) or "max-autotune", and turns the
-    prefill's graphs off.
+    prefill's graphs off. `pdl=True` (sm_90+, an experiment) runs the decode step's kernels with
+    programmatic dependent launch (`mamba_compiled.ops.pdl`).
     """
 
     def __init__(
@@ -244,12 +246,18 @@ class MambaGenerator:
         *,
         compile: bool | None = None,
         decode_mode: str | None = None,
+        pdl: bool = False,
     ):
         if not isinstance(model, MambaLMHeadModel):
             raise TypeError(f"model must be a MambaLMHeadModel, got {type(model).__name__}")
         self.model = model
         weight = model.backbone.layers[0].mixer.in_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
+        if pdl and not (
+            self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        ):
+            raise ValueError("pdl=True (programmatic dependent launch) needs an sm_90+ CUDA model")
+        self.pdl = bool(pdl)
         self.cache = MambaCache(model.config, max_batch_size, self.device, self.dtype)
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         if decode_mode is not None and not self.compiled:
@@ -312,7 +320,8 @@ class MambaGenerator:
     def step(self, input_ids: Tensor) -> Tensor:
         """Decode one token per row, input_ids (b,) -> logits (b, V). On CUDA graphs the result is
         overwritten by the next step: use it (or clone it) before calling again."""
-        return self._step(self.model, self.cache, input_ids)
+        with programmatic_dependent_launch(self.pdl):
+            return self._step(self.model, self.cache, input_ids)
 
     @torch.no_grad()
     def stream(

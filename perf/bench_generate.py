@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile mode of the decode step (default on CUDA: CUDA graphs and "
         "coordinate-descent tuning), e.g. reduce-overhead or max-autotune",
     )
+    p.add_argument(
+        "--pdl",
+        action="store_true",
+        help="the decode step's kernels with programmatic dependent launch (sm_90+; an experiment)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
 
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             batch,
             compile=args.compile,
             decode_mode=args.decode_mode if args.compile else None,
+            pdl=args.pdl,
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{str(dtype)[6:]}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new, greedy, "
         f"{'compiled' if args.compile else 'eager'}"
-        f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}; "
+        f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}"
+        f"{', programmatic dependent launch' if args.pdl else ''}; "
         f"{name}; torch {torch.__version__}"
     )
     table = (

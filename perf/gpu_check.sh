@@ -12,7 +12,8 @@
 # with the conv and projections recomputed), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
-# at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m),
+# at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m;
+# GENERATE_ARGS, e.g. --pdl, go to generate-<model>@<batch>),
 # profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
@@ -90,7 +91,7 @@ run_lane() {  # run_lane LANE SECTION...
                 done ;;
             generate-*@*)  # generate-<model>@<batch>: one batch size
                 m=${s#generate-}
-                section "$lane" "$s" $PY perf/bench_generate.py --model "${m%@*}" --batch "${m#*@}" --out "$w/generate-${m%@*}-b${m#*@}" ;;
+                section "$lane" "$s" $PY perf/bench_generate.py --model "${m%@*}" --batch "${m#*@}" --out "$w/generate-${m%@*}-b${m#*@}" ${GENERATE_ARGS:-} ;;
             profile | profile-decode | profile-prefill | profile-train)
                 for mode in decode prefill train; do
                     [[ $s == profile || $s == "profile-$mode" ]] || continue

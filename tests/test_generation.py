@@ -93,6 +93,20 @@ def test_fused_decode_step_equals_plain(model, monkeypatch):
         torch.testing.assert_close(fused, plain)
 
 
+def test_pdl_needs_a_hopper_gpu_and_leaves_cpu_alone(model):
+    """pdl=True is refused off sm_90+ CUDA; the switch itself changes nothing for CPU tensors and
+    is restored on exit, also after an error."""
+    from mamba_compiled.ops import pdl
+
+    with pytest.raises(ValueError, match="pdl=True"):
+        MambaGenerator(model, 1, pdl=True)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with pytest.raises(RuntimeError, match="boom"), pdl.programmatic_dependent_launch():
+        assert not pdl.use_pdl(ids.float())
+        raise RuntimeError("boom")
+    assert pdl._active is False
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 7], ids=lambda c: f"chunk{c}")
 def test_chunked_prefill_equals_one_shot(model, chunk):
     ids = torch.randint(0, VOCAB, (2, 17))

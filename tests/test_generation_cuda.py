@@ -138,3 +138,24 @@ def test_seeded_sampling_reproducible_cuda():
     ids = torch.randint(0, VOCAB, (8, 5), device="cuda")
     kw = dict(max_new_tokens=32, temperature=0.9, top_p=0.95, min_p=0.02, seed=123)
     assert torch.equal(gen.generate(ids, **kw), gen.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_decode_with_programmatic_dependent_launch_equals_without(compile):
+    """Batch 1 (the step as the package's kernels): with pdl=True the decode ops are their
+    opaque twins launched with PDL; teacher-forced logits equal those without, and the compiled
+    step still records one CUDA graph without skips."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    torch._dynamo.reset()
+    counters.clear()
+    model = model_on(torch.float16)
+    ids = torch.randint(0, VOCAB, (1, 30), device="cuda")
+    gens = [MambaGenerator(model, 1, compile=compile, pdl=pdl) for pdl in (False, True)]
+    logits = []
+    for gen in gens:
+        steps = [gen.prefill(ids[:, :5]).float()]
+        steps += [gen.step(ids[:, t]).float().clone() for t in range(5, 30)]
+        logits.append(torch.stack(steps, 1))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-3, rtol=1e-3)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

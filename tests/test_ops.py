@@ -271,6 +271,9 @@ def test_opcheck(device):
              (ops.conv_x_proj, xproj_args), (ops.decode_linear, linear_args)]
     if device == "cpu":
         cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
+    elif torch.cuda.get_device_capability()[0] >= 9:  # the opaque twins launched with PDL
+        cases += [(ops.decode_linear_pdl, linear_args), (ops.conv_x_proj_pdl, xproj_args),
+                  (ops.ssm_decode_step_pdl, dec_args)]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
 

@@ -18,6 +18,8 @@ work) where triton is not installed.
         from x_proj's partial sums (the model's decode step)
     conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
         -> (P, batch, rows) float32 partial sums of x_proj applied to the conv's step
+    (state_update, conv_x_proj and decode_linear take pdl_launch=True: launched with
+    programmatic dependent launch, for `mamba_compiled.ops.pdl`)
     decode_linear(x, weight, bias, norm_weight, eps, residual)
         -> [residual +] linear([rms_norm] x): a linear layer for decoding's few rows
 
@@ -55,23 +57,23 @@ def scan_bwd(
 
 def state_update(
     state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight=None, conv_state=None,
-    conv_x=None, conv_weight=None, conv_bias=None, x_dbl=None,
+    conv_x=None, conv_weight=None, conv_bias=None, x_dbl=None, pdl_launch=False,
 ):  # fmt: skip
     from .decode_step import state_update as launch
 
     return launch(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x,
-        conv_weight, conv_bias, x_dbl,
+        conv_weight, conv_bias, x_dbl, pdl_launch,
     )  # fmt: skip
 
 
-def conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
+def conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch=False):
     from .decode_step import conv_x_proj as launch
 
-    return launch(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
+    return launch(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch)
 
 
-def decode_linear(x, weight, bias, norm_weight, eps, residual):
+def decode_linear(x, weight, bias, norm_weight, eps, residual, pdl_launch=False):
     from .linear import decode_linear as launch
 
-    return launch(x, weight, bias, norm_weight, eps, residual)
+    return launch(x, weight, bias, norm_weight, eps, residual, pdl_launch=pdl_launch)

@@ -266,14 +266,15 @@ def bc_atomics() -> bool:
     return bool(_override.get("bc_atomics", True))
 
 
-def pdl(like: Tensor) -> dict:
-    """The decode kernels' launch options for programmatic dependent launch (PDL, sm_90+), {}
-    without it. With it, each kernel loads its weights while the kernel before it finishes, then
-    waits (`griddepcontrol.wait`) before reading anything an earlier kernel writes: the decode
-    step is a chain of short, latency-bound kernels. An experiment, off unless a benchmark sets
-    `set_override(pdl=True)`; eager launches only (the wait is inline assembly, which traced
-    graphs cannot take: see `traced`)."""
-    on = bool(_override.get("pdl", False))
+def pdl(like: Tensor, launch: bool = False) -> dict:
+    """The decode kernels' launch options for programmatic dependent launch (PDL, sm_90+):
+    {"GDC": False} without it. With it, each kernel loads its weights while the kernel before
+    it finishes, then waits (`griddepcontrol.wait`) before reading anything an earlier kernel
+    writes: the decode step is a chain of short, latency-bound kernels. On when `launch` (the
+    opaque ops of `mamba_compiled.ops.pdl`) or a benchmark's `set_override(pdl=True)`; eager
+    launches only (the wait is inline assembly, which traced graphs cannot take: see
+    `traced`)."""
+    on = launch or bool(_override.get("pdl", False))
     if not on or traced(like) or interpreting() or like.device.type != "cuda":
         return {"GDC": False}
     return {"GDC": True, "launch_pdl": True}

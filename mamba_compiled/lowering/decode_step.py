@@ -168,6 +168,7 @@ def state_update(
     conv_weight: Tensor | None = None,
     conv_bias: Tensor | None = None,
     x_dbl: Tensor | None = None,
+    pdl_launch: bool = False,
 ) -> Tensor:
     """Decode step on CUDA (or under TRITON_INTERPRET=1 on CPU); updates `state` in place.
 
@@ -231,7 +232,7 @@ def state_update(
         W=triton.next_power_of_2(width), CONV_U=conv_weight is not None,
         HAS_CB=conv_bias is not None, XDBL=x_dbl is not None,
         P=triton.next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
-        num_warps=4 if BD * N >= 512 else 1, **pdl(like),
+        num_warps=4 if BD * N >= 512 else 1, **pdl(like, pdl_launch),
     )  # fmt: skip
     return out
 
@@ -295,6 +296,7 @@ def conv_x_proj(
     conv_weight: Tensor,
     conv_bias: Tensor | None,
     x_proj_weight: Tensor,
+    pdl_launch: bool = False,
 ) -> Tensor:
     """The conv's step and x_proj as partial sums, on CUDA (or under TRITON_INTERPRET=1).
 
@@ -317,6 +319,6 @@ def conv_x_proj(
         *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(), x_proj_weight.stride(0),
         out.stride(0), out.stride(1),
         HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, ROWS=ROWS,
-        num_warps=max(1, min(8, ROWS * BE // 2048)), **pdl(conv_x),
+        num_warps=max(1, min(8, ROWS * BE // 2048)), **pdl(conv_x, pdl_launch),
     )  # fmt: skip
     return out

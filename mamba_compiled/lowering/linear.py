@@ -101,11 +101,13 @@ def decode_linear(
     eps: float,
     residual: Tensor | None,
     config: tuple[int, int, int] | None = None,
+    pdl_launch: bool = False,
 ) -> Tensor:
     """On CUDA (or under TRITON_INTERPRET=1): x (batch, K) with unit stride along K; weight
     (N, K) with unit stride along K; bias (N,); norm_weight (K,); residual (batch, N) with unit
     stride along N. Returns (batch, N) in residual's dtype with residual, else weight's.
-    `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s (benchmarks)."""
+    `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s (benchmarks);
+    `pdl_launch`: launched with programmatic dependent launch (`common.pdl`)."""
     batch, K = x.shape
     N = weight.shape[0]
     BN, KP, num_warps = config or decode_linear_config(batch, N, K)
@@ -119,6 +121,6 @@ def decode_linear(
         N, K, float(eps),
         x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
-        BN=BN, KP=KP, num_warps=num_warps, **pdl(x),
+        BN=BN, KP=KP, num_warps=num_warps, **pdl(x, pdl_launch),
     )  # fmt: skip
     return out

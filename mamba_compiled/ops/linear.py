@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamba_compiled.ops import pdl
 from mamba_compiled.ops.checks import check_decode_linear_inputs
 from mamba_compiled.ops.scan import Opt, _lowering, _public_op
 
@@ -65,4 +66,6 @@ def decode_linear(
     Made for batch <= 8 (a few rows: the weight is read once per 8 rows); correct for any.
     """
     args = check_decode_linear_inputs(x, weight, bias, norm_weight, eps, residual)
+    if pdl.use_pdl(x):
+        return torch.ops.mamba_compiled.decode_linear_pdl(*args)
     return torch.ops.mamba_compiled.decode_linear(*args)

@@ -10,6 +10,8 @@ Registered ops:
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
     conv_x_proj(conv_state, conv_x, conv_weight, conv_bias?, x_proj_weight) -> x_dbl
                     (the conv's step and x_proj, as (P, batch, rows) partial sums: one kernel)
+    (conv_x_proj_pdl and ssm_decode_step_pdl: opaque CUDA twins launched with programmatic
+    dependent launch, in `mamba_compiled.ops.pdl`)
     ssm_decode_step(state!, conv_state!, conv_x, conv_weight, conv_bias?, x_dbl, dt_weight, A,
                     D?, z?, dt_bias?, dt_softplus) -> out
                     (the model's decode step after x_proj: x_proj's partial sums summed, the
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
-from mamba_compiled.ops import cpu
+from mamba_compiled.ops import cpu, pdl
 from mamba_compiled.ops.checks import (
     check_conv_x_proj_inputs,
     check_decode_step_inputs,
@@ -363,6 +365,8 @@ def conv_x_proj(
     `ssm_decode_step` takes x_dbl as it is. conv_state is not changed.
     """
     args = check_conv_x_proj_inputs(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
+    if pdl.use_pdl(conv_x):
+        return torch.ops.mamba_compiled.conv_x_proj_pdl(*args)
     return torch.ops.mamba_compiled.conv_x_proj(*args)
 
 
@@ -396,7 +400,12 @@ def ssm_decode_step(
         state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias
     )
     conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias = args
-    return torch.ops.mamba_compiled.ssm_decode_step(
+    op = (
+        torch.ops.mamba_compiled.ssm_decode_step_pdl
+        if pdl.use_pdl(conv_x)
+        else torch.ops.mamba_compiled.ssm_decode_step
+    )
+    return op(
         state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z,
         dt_bias, bool(dt_softplus),
     )  # fmt: skip
