@@ -225,6 +225,13 @@ def _check_ids(input_ids, attention_mask, vocab_rows: int) -> None:
 PREFILL_GRAPH_TOKENS = 8192
 
 
+def _dense(t: Tensor) -> Tensor:
+    """A fresh copy of t with its own row stride: the compiled prefill guards on a view's base
+    and on the row stride, so a slice of a longer prompt (a chunk, or a (1, n) slice, which
+    PyTorch calls contiguous) would otherwise recompile it."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class MambaGenerator:
     """A cache for up to `max_batch_size` rows and the (compiled) prefill and decode functions.
 
@@ -307,8 +314,10 @@ class MambaGenerator:
         self.cache.reset(self.model)
         chunk = seqlen if chunk_size is None else chunk_size
         for start in range(0, seqlen, chunk):
-            ids = input_ids[:, start : start + chunk]
-            mask = None if attention_mask is None else attention_mask[:, start : start + chunk]
+            ids = _dense(input_ids[:, start : start + chunk])
+            mask = (
+                None if attention_mask is None else _dense(attention_mask[:, start : start + chunk])
+            )
             graphed = self._prefill_graphs is not None and ids.numel() <= PREFILL_GRAPH_TOKENS
             run = self._prefill_graphs if graphed else self._prefill
             logits = run(self.model, self.cache, ids, mask)
