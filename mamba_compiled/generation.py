@@ -226,9 +226,9 @@ PREFILL_GRAPH_TOKENS = 8192
 
 
 def _dense(t: Tensor) -> Tensor:
-    """A fresh copy of t with its own row stride: the compiled prefill guards on a view's base
-    and on the row stride, so a slice of a longer prompt (a chunk, or a (1, n) slice, which
-    PyTorch calls contiguous) would otherwise recompile it."""
+    """A fresh copy of t with its own strides: compiled graphs guard on a view's base and on
+    strides, so a slice of a longer prompt (a chunk, a (1, n) slice, which PyTorch calls
+    contiguous, or a column for the decode step) would otherwise recompile them."""
     return t.clone(memory_format=torch.contiguous_format)
 
 
@@ -329,6 +329,8 @@ class MambaGenerator:
     def step(self, input_ids: Tensor) -> Tensor:
         """Decode one token per row, input_ids (b,) -> logits (b, V). On CUDA graphs the result is
         overwritten by the next step: use it (or clone it) before calling again."""
+        if input_ids._is_view() or not input_ids.is_contiguous():
+            input_ids = _dense(input_ids)  # e.g. a column of a prompt: else a recompile
         with programmatic_dependent_launch(self.pdl):
             return self._step(self.model, self.cache, input_ids)
 

@@ -179,13 +179,14 @@ def test_compiled_decode_equals_eager(model):
         assert torch.equal(greedy(compiled, ids, 10), greedy(eager, ids, 10))
     kw = dict(max_new_tokens=10, temperature=0.8, top_k=20, seed=3)
     assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
-    # slices of longer prompts and chunks compile nothing new (the prefill copies its chunk:
-    # a view's base and row stride would be guards)
+    # slices of longer prompts, chunks and columns compile nothing new (the generator copies
+    # views: a view's base and strides would be guards)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         longer = torch.randint(0, VOCAB, (2, 30))
         compiled.prefill(longer[:, :9])
         compiled.prefill(longer[:, 3:17])
         compiled.prefill(longer, chunk_size=7)
+        compiled.step(longer[:, 20])  # a column: a strided view
 
 
 # ---- sampling ----------------------------------------------------------------------------------
