@@ -330,7 +330,7 @@ def build_step(
     if mode == "prefill":
         prompt = ids[:, :seqlen]
         return lambda: generator.prefill(prompt)
-    token = ids[:, 0]
+    token = ids[:, 0].clone()  # dense: the generator copies views (a kernel more per step)
     return lambda: generator.step(token)
 
 
