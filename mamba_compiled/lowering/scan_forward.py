@@ -364,9 +364,9 @@ def scan_fwd(
     checkpoints = torch.empty(
         (batch, n_ck + 1, dim, dstate), dtype=checkpoint_dtype(u.dtype), device=u.device
     )
-    # the segments' end states, fp32 (read by the next segment; transient)
-    carry = torch.empty((max(n_seg - 1, 1), batch, dim, dstate), dtype=torch.float32,
-                        device=u.device)  # fmt: skip
+    # the segments' end states in fp32, read by the next segment (transient; n_seg + 1 rows, as
+    # the partial sums' buffers: a size that is never 1, and no comparison of a symbolic n_seg)
+    carry = torch.empty((n_seg + 1, batch, dim, dstate), dtype=torch.float32, device=u.device)
     # ticket counter, then one flag per (segment, batch, channel block)
     sync = torch.zeros((1 + (n_seg + 1) * batch * n_dblk,), dtype=torch.int32, device=u.device)
     A = A.contiguous()
