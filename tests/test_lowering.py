@@ -515,3 +515,67 @@ def test_decode_linear(dtype, batch, N, K, norm, bias, residual):
     got = decode_linear(x, w, b, nw, 1e-5, r)
     assert got.dtype == (torch.float32 if residual else dtype)
     _close("out", got, decode_linear_ref(x, w, b, nw, 1e-5, r), TOL[dtype])
+
+
+def test_launchers_trace_with_a_symbolic_seqlen_and_no_guards():
+    """What torch.compile and export do to the CUDA launchers, on CPU: fake tensors with a
+    symbolic seqlen through the scan's forward and backward launchers (and the decode
+    launchers at fixed shapes) allocate and launch without a guard on the seqlen (a guard would
+    be a recompile per length under dynamic=True) and without calling anything that is not
+    there (a function of the lowering package shadowed by its submodule once failed only on the
+    GPU). In a fresh process without TRITON_INTERPRET: the interpreter runs kernels even on
+    fake tensors."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import test_lowering; test_lowering._trace_launchers()"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _trace_launchers():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    from mamba_compiled import lowering
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+
+    def fake(t, dynamic_last=False):
+        dims = [DimDynamic.STATIC] * t.dim()
+        if dynamic_last:
+            dims[-1] = DimDynamic.DYNAMIC
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    b, d, n, L, bf = 2, 64, 16, 300, torch.bfloat16
+    u, delta, z = (fake(torch.randn(b, d, L, dtype=bf), True) for _ in range(3))
+    B, C = (fake(torch.randn(b, 1, n, L, dtype=bf), True) for _ in range(2))
+    A, D, bias = fake(-torch.rand(d, n)), fake(torch.randn(d)), fake(torch.rand(d))
+    rank, width = 4, 4
+    with mode:
+        out, last, ck = lowering.scan_fwd(u, delta, A, B, C, D, z, bias, None, True)
+        grads = lowering.scan_bwd(
+            torch.empty_like(out), None, u, delta, A, B, C, D, z, bias, None, ck, True, False
+        )
+        assert grads[0].shape == u.shape and ck.dtype == torch.bfloat16
+        state, conv = torch.empty(b, d, n), torch.empty(b, d, width, dtype=bf)
+        cx, cw = torch.empty(b, d, dtype=bf), torch.empty(d, width, dtype=bf)
+        x_dbl = lowering.conv_x_proj(conv, cx, cw, None, torch.empty(rank + 2 * n, d, dtype=bf))
+        y = lowering.state_update(
+            state, None, None, A, None, None, D, cx, bias, True, torch.empty(d, rank, dtype=bf),
+            conv, cx, cw, None, x_dbl,
+        )  # fmt: skip
+        h = lowering.decode_linear(torch.empty(b, 32), torch.empty(2 * d, 32, dtype=bf), None,
+                                   torch.empty(32, dtype=bf), 1e-5, None)  # fmt: skip
+        assert y.shape == (b, d) and h.shape == (b, 2 * d)
+    assert not env.guards, [str(g.expr) for g in env.guards]
