@@ -556,6 +556,7 @@ def cuda_decode(rep: Report):
         rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
     _decode_linear(rep)
     _decode_chain(rep)
+    _decode_configs(rep)
 
 
 def _graph_us(step, n=100) -> float:
@@ -724,6 +725,58 @@ def _decode_chain(rep: Report, dtype=torch.float16, N=16, width=4, device="cuda"
         torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
         saved = (times[0] - times[1]) / (4 * n_layer)
         rep(f"| {name} ({n_layer} layers) | {times[0]:.1f} | {times[1]:.1f} | {saved:.2f} |")
+
+
+DECODE_CONFIGS = [(bd, w) for bd in (8, 16, 32, 64) for w in (1, 2, 4, 8) if bd * 16 >= 32 * w]
+
+
+def _model_decode_step(state, conv, A, D, z, bias, dtw, cx, cw, x_dbl):
+    """`ssm_decode_step`'s kernel (the state update in the model's form), from the launcher."""
+    from mamba_compiled.lowering import state_update
+
+    return state_update(
+        state, None, None, A, None, None, D, z, bias, True, dtw, conv, cx, cw, None, x_dbl
+    )
+
+
+def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cuda"):
+    """The model's decode step (the state update with x_proj's partial sums, dt_proj and the
+    conv; `ssm_decode_step`'s kernel) at the 130M and 1.4B sizes, batch 1 and 64, for every
+    (channels per program, warps) in DECODE_CONFIGS (`common.set_override(decode=...)`), each
+    checked against the default configuration first. CUDA graph µs per call; the default is
+    (32, 4). At batch 64 this kernel was 40 % of the 1.4B step (perf/NOTES.md, Run 7)."""
+    from mamba_compiled.lowering import common
+    from mamba_compiled.lowering.decode_step import conv_x_proj_slices
+
+    rep("\n### The decode step's state-update kernel by (channels, warps), CUDA graph µs\n")
+    rep("| dim, dt_rank | batch | " + " | ".join(f"{bd}, {w}" for bd, w in DECODE_CONFIGS) + " |")
+    rep("|---|---|" + "---|" * len(DECODE_CONFIGS))
+    g = dict(device=device)
+    for dim, rank in ((1536, 48), (4096, 128)):
+        n_part = conv_x_proj_slices(dim)[1]
+        for batch in (1, 64):
+            state = torch.randn(batch, dim, N, **g)
+            conv = torch.randn(batch, dim, width, **g).to(dtype)
+            cx, z = (torch.randn(batch, dim, **g).to(dtype) for _ in range(2))
+            cw = (0.5 * torch.randn(dim, width, **g)).to(dtype)
+            x_dbl = 0.1 * torch.randn(n_part, batch, rank + 2 * N, **g)
+            dtw = (0.1 * torch.randn(dim, rank, **g)).to(dtype)
+            A, D, bias = -torch.rand(dim, N, **g), torch.randn(dim, **g), torch.rand(dim, **g)
+
+            rest = (A, D, z, bias, dtw, cx, cw, x_dbl)
+            want = _model_decode_step(state.clone(), conv.clone(), *rest)
+            times = []
+            for cfg in DECODE_CONFIGS:
+                common.set_override(decode=cfg)
+                try:
+                    got = _model_decode_step(state.clone(), conv.clone(), *rest)
+                    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+                    # timed on copies: every call advances the states
+                    step = functools.partial(_model_decode_step, state.clone(), conv.clone(), *rest)
+                    times.append(_graph_us(step))
+                finally:
+                    common.set_override()
+            rep(f"| {dim}, {rank} | {batch} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
 
 
 def _time_decode(batch, dim, N, dtype, n=100):

@@ -254,8 +254,8 @@ _override: dict[str, object] = {}
 
 def set_override(**kw) -> None:
     """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
-    bc_atomics=bool, pdl=bool, ck_fp32=bool. Call with no arguments to clear. Not for model
-    code."""
+    bc_atomics=bool, pdl=bool, ck_fp32=bool, decode=(BD, num_warps) of the decode step's state
+    update. Call with no arguments to clear. Not for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
 
@@ -288,6 +288,11 @@ def wait_for_previous_kernel(GDC: tl.constexpr):
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+
+
+def decode_config_override() -> tuple[int, int] | None:
+    """(BD, num_warps) of the state-update kernel when a benchmark sets one, else None."""
+    return _override.get("decode")
 
 
 def checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:

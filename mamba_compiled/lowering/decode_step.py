@@ -27,7 +27,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import LOG2E, interpreting, launcher, pdl, sigmoid, softplus, wait_for_previous_kernel
+from .common import (
+    LOG2E,
+    decode_config_override,
+    interpreting,
+    launcher,
+    pdl,
+    sigmoid,
+    softplus,
+    wait_for_previous_kernel,
+)
 
 
 @triton.jit
@@ -194,8 +203,11 @@ def state_update(
     batch, dim = like.shape
     dstate = A.shape[1]
     N = triton.next_power_of_2(dstate)
-    # fixed config: about 512 state elements per program, 4 warps (never autotuned, see above)
+    # fixed config: about 512 state elements per program, 4 warps (never autotuned, see above;
+    # a benchmark may set common.set_override(decode=(BD, num_warps)))
     BD = max(1, min(triton.next_power_of_2(dim), 512 // N))
+    num_warps = 4 if BD * N >= 512 else 1
+    BD, num_warps = decode_config_override() or (BD, num_warps)
     out = torch.empty((batch, dim), dtype=like.dtype, device=like.device)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
@@ -232,7 +244,7 @@ def state_update(
         W=triton.next_power_of_2(width), CONV_U=conv_weight is not None,
         HAS_CB=conv_bias is not None, XDBL=x_dbl is not None,
         P=triton.next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
-        num_warps=4 if BD * N >= 512 else 1, **pdl(like, pdl_launch),
+        num_warps=num_warps, **pdl(like, pdl_launch),
     )  # fmt: skip
     return out
 

@@ -127,7 +127,9 @@ def _bwd_chunk(
     # recompute h_t inside the chunk from its checkpoint (h_start)
     dA = tl.exp2(delta4 * A2)  # (T, N_A, BD, N_B)
     dBu = delta_u[:, None, :, None] * Bt
-    b = tl.where(t4 == 0, dBu + dA * h_start[None], dBu)
+    # (the checkpoint in its stored dtype until here: a conversion next to its prefetch would
+    # wait for the load there)
+    b = tl.where(t4 == 0, dBu + dA * h_start.to(tl.float32)[None], dBu)
     _, hs = tl.associative_scan((dA, b), 0, linear_combine)
 
     if HAS_Z:
@@ -389,7 +391,6 @@ def _scan_bwd_kernel(
         )  # fmt: skip
         dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=(t0 + t2 < seqlen) & dmask2, other=0.0)
         h_start = tl.load(ck_base + ci.to(tl.int64) * slab, mask=smask3, other=0.0)
-        h_start = h_start.to(tl.float32)
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
@@ -409,9 +410,7 @@ def _scan_bwd_kernel(
         HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
     )  # fmt: skip
     dout_n = tl.load(dout_ptrs + (t_n + t2) * s_ot, mask=(t_n + t2 < seqlen) & dmask2, other=0.0)
-    h_start_n = tl.load(
-        ck_base + (t_n // T).to(tl.int64) * slab, mask=smask3, other=0.0
-    ).to(tl.float32)
+    h_start_n = tl.load(ck_base + (t_n // T).to(tl.int64) * slab, mask=smask3, other=0.0)
     for c in range(0, n_full):
         ci = c_begin + n_full - 1 - c
         t0 = ci * T
@@ -425,9 +424,7 @@ def _scan_bwd_kernel(
             dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot)
         else:
             dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot, mask=dmask2, other=0.0)
-        h_start_n = tl.load(
-            ck_base + (tp // T).to(tl.int64) * slab, mask=smask3, other=0.0
-        ).to(tl.float32)
+        h_start_n = tl.load(ck_base + (tp // T).to(tl.int64) * slab, mask=smask3, other=0.0)
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
