@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mamba_compiled.ops import pdl
 from mamba_compiled.ops.checks import check_decode_linear_inputs
-from mamba_compiled.ops.scan import Opt, _lowering, _public_op
+from mamba_compiled.ops.registry import Opt, lowering, public_op
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -34,12 +34,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * weight.to(xf.dtype)).to(x.dtype)
 
 
-@_public_op("mamba_compiled::decode_linear", mutates_args=())
+@public_op("mamba_compiled::decode_linear", mutates_args=())
 def decode_linear_op(
     x: Tensor, weight: Tensor, bias: Opt, norm_weight: Opt, eps: float, residual: Opt
 ) -> Tensor:
     if x.device.type == "cuda":
-        return _lowering().decode_linear(x, weight, bias, norm_weight, eps, residual)
+        return lowering().decode_linear(x, weight, bias, norm_weight, eps, residual)
     h = x if norm_weight is None else rms_norm(x.to(norm_weight.dtype), norm_weight, eps)
     out = F.linear(h, weight, bias)
     return out if residual is None else (residual + out).to(residual.dtype)

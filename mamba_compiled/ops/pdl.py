@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-Opt = Tensor | None
+from mamba_compiled.ops.registry import Opt, empty, lowering
 
 _active = False
 
@@ -45,34 +45,24 @@ def use_pdl(x: Tensor) -> bool:
     return _active and x.is_cuda
 
 
-def _lowering():
-    from mamba_compiled import lowering
-
-    return lowering
-
-
-def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
 @custom_op("mamba_compiled::decode_linear_pdl", mutates_args=(), device_types="cuda")
 def decode_linear_pdl(
     x: Tensor, weight: Tensor, bias: Opt, norm_weight: Opt, eps: float, residual: Opt
 ) -> Tensor:
-    return _lowering().decode_linear(x, weight, bias, norm_weight, eps, residual, pdl_launch=True)
+    return lowering().decode_linear(x, weight, bias, norm_weight, eps, residual, pdl_launch=True)
 
 
 @decode_linear_pdl.register_fake
 def _(x, weight, bias, norm_weight, eps, residual):
     like = residual if residual is not None else weight
-    return _empty((x.shape[0], weight.shape[0]), x, like.dtype)
+    return empty((x.shape[0], weight.shape[0]), x, like.dtype)
 
 
 @custom_op("mamba_compiled::conv_x_proj_pdl", mutates_args=(), device_types="cuda")
 def conv_x_proj_pdl(
     conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt, x_proj_weight: Tensor
 ) -> Tensor:
-    return _lowering().conv_x_proj(
+    return lowering().conv_x_proj(
         conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch=True
     )
 
@@ -82,7 +72,7 @@ def _(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
     from mamba_compiled.lowering.decode_step import conv_x_proj_slices
 
     n_part = conv_x_proj_slices(conv_x.shape[1])[1]
-    return _empty((n_part, conv_x.shape[0], x_proj_weight.shape[0]), conv_x, torch.float32)
+    return empty((n_part, conv_x.shape[0], x_proj_weight.shape[0]), conv_x, torch.float32)
 
 
 @custom_op(
@@ -93,7 +83,7 @@ def ssm_decode_step_pdl(
     x_dbl: Tensor, dt_weight: Tensor, A: Tensor, D: Opt, z: Opt, dt_bias: Opt,
     dt_softplus: bool,
 ) -> Tensor:  # fmt: skip
-    return _lowering().state_update(
+    return lowering().state_update(
         state, None, None, A, None, None, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
         conv_x, conv_weight, conv_bias, x_dbl, pdl_launch=True,
     )  # fmt: skip
@@ -102,4 +92,4 @@ def ssm_decode_step_pdl(
 @ssm_decode_step_pdl.register_fake
 def _(state, conv_state, conv_x, conv_weight, conv_bias, x_dbl, dt_weight, A, D, z, dt_bias,
       dt_softplus):  # fmt: skip
-    return _empty(conv_x.shape, conv_x)
+    return empty(conv_x.shape, conv_x)

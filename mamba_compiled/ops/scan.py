@@ -39,12 +39,10 @@ The forward's autograd formula calls the registered backward op, so AOT autograd
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import custom_op, triton_op
+from torch.library import custom_op
 
 from mamba_compiled.ops import cpu, pdl
 from mamba_compiled.ops.checks import (
@@ -53,47 +51,7 @@ from mamba_compiled.ops.checks import (
     check_scan_inputs,
     check_state_update_inputs,
 )
-
-Opt = Tensor | None
-
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _public_op(name: str, mutates_args: tuple[str, ...]):
-    """Registers a public op whose body branches on the inputs' device.
-
-    With triton installed: a `triton_op`, so that compiled graphs see the CUDA branch's Triton
-    kernels. Without triton there are no Triton kernels to see, and the same body registered as a
-    `custom_op` with itself as the fake is the same op (torch's `triton_op` would log a warning
-    per op on every import); CUDA tensors then fail in `_lowering` with the install command.
-    """
-
-    def register(fn):
-        if HAS_TRITON:
-            return triton_op(name, mutates_args=mutates_args)(fn)
-        op = custom_op(name, mutates_args=mutates_args)(fn)
-        op.register_fake(fn)
-        return op
-
-    return register
-
-
-def _lowering():
-    """The Triton launchers, imported on the first CUDA call."""
-    if not HAS_TRITON:
-        raise RuntimeError(
-            "CUDA tensors run on Triton kernels, and triton is not installed: "
-            "pip install 'mamba-compiled[cuda]'"
-        )
-    from mamba_compiled import lowering
-
-    return lowering
-
-
-def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
+from mamba_compiled.ops.registry import Opt, empty, lowering, public_op
 
 # --------------------------------------------------------------------------------------------
 # CPU kernels as opaque ops, with their fakes (contiguous outputs, as the kernels return).
@@ -112,9 +70,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, seqlen = u.shape
     acc = cpu.acc_dtype(u.dtype)
     return (
-        _empty((batch, dim, seqlen), u),
-        _empty((batch, dim, A.shape[1]), u, acc),
-        _empty((cpu.n_checkpoints(seqlen), batch, dim, A.shape[1]), u, acc),
+        empty((batch, dim, seqlen), u),
+        empty((batch, dim, A.shape[1]), u, acc),
+        empty((cpu.n_checkpoints(seqlen), batch, dim, A.shape[1]), u, acc),
     )
 
 
@@ -123,15 +81,15 @@ def _bwd_fake(u, delta, A, B, C, z):
     batch, dim, _ = u.shape
     acc = cpu.acc_dtype(u.dtype)
     return (
-        _empty(u.shape, u),
-        _empty(delta.shape, delta),
-        _empty(A.shape, A),
-        _empty(B.shape, B),
-        _empty(C.shape, C),
-        _empty((dim,), u, acc),
-        _empty(z.shape, z) if z is not None else _empty((0,), u),
-        _empty((dim,), u, acc),
-        _empty((batch, dim, A.shape[1]), u, acc),
+        empty(u.shape, u),
+        empty(delta.shape, delta),
+        empty(A.shape, A),
+        empty(B.shape, B),
+        empty(C.shape, C),
+        empty((dim,), u, acc),
+        empty(z.shape, z) if z is not None else empty((0,), u),
+        empty((dim,), u, acc),
+        empty((batch, dim, A.shape[1]), u, acc),
     )
 
 
@@ -147,20 +105,20 @@ def _state_update_cpu(
 
 @_state_update_cpu.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    return _empty(x.shape, x)
+    return empty(x.shape, x)
 
 
 # --------------------------------------------------------------------------------------------
 # The public ops: one body for both devices.
 
 
-@_public_op("mamba_compiled::selective_scan_fwd", mutates_args=())
+@public_op("mamba_compiled::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
     delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if u.device.type == "cuda":
-        return _lowering().scan_fwd(
+        return lowering().scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
         )
     return torch.ops.mamba_compiled.selective_scan_fwd_cpu(
@@ -175,7 +133,7 @@ def selective_scan_bwd(
     delta_softplus: bool, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if u.device.type == "cuda":
-        return _lowering().scan_bwd(
+        return lowering().scan_bwd(
             dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
             delta_softplus, deterministic,
         )
@@ -192,37 +150,37 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, che
     return _bwd_fake(u, delta, A, B, C, z)
 
 
-@_public_op("mamba_compiled::selective_state_update", mutates_args=("state",))
+@public_op("mamba_compiled::selective_state_update", mutates_args=("state",))
 def selective_state_update_op(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
     dt_bias: Opt, dt_softplus: bool,
 ) -> Tensor:
     if x.device.type == "cuda":
-        return _lowering().state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return lowering().state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return torch.ops.mamba_compiled.selective_state_update_cpu(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus
     )
 
 
-@_public_op("mamba_compiled::conv_x_proj", mutates_args=())
+@public_op("mamba_compiled::conv_x_proj", mutates_args=())
 def conv_x_proj_op(
     conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt, x_proj_weight: Tensor
 ) -> Tensor:
     if conv_x.device.type == "cuda":
-        return _lowering().conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
+        return lowering().conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
     u = conv_step(conv_state, conv_x, conv_weight, conv_bias)
     acc = torch.float64 if conv_x.dtype == torch.float64 else torch.float32
     return (u.to(acc) @ x_proj_weight.to(acc).t())[None]  # one partial sum
 
 
-@_public_op("mamba_compiled::ssm_decode_step", mutates_args=("state", "conv_state"))
+@public_op("mamba_compiled::ssm_decode_step", mutates_args=("state", "conv_state"))
 def ssm_decode_step_op(
     state: Tensor, conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt,
     x_dbl: Tensor, dt_weight: Tensor, A: Tensor, D: Opt, z: Opt, dt_bias: Opt,
     dt_softplus: bool,
 ) -> Tensor:
     if conv_x.device.type == "cuda":
-        return _lowering().state_update(
+        return lowering().state_update(
             state, None, None, A, None, None, D, z, dt_bias, dt_softplus, dt_weight, conv_state,
             conv_x, conv_weight, conv_bias, x_dbl,
         )  # fmt: skip
