@@ -677,20 +677,21 @@ def _chain_layers(n_layer, d_model, d_inner, rank, N, width, dtype, device):
     ]
 
 
-def _chain_step(layers, x, convs, ssms):
-    """One decode step through `layers` with the package's kernels: x (1, d_model) float32."""
+def _chain_step(layers, x, convs, ssms, pdl=False):
+    """One decode step through `layers` with the package's kernels: x (1, d_model) float32;
+    `pdl`: the kernels launched with programmatic dependent launch."""
     from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
 
     for p, conv, ssm in zip(layers, convs, ssms, strict=True):
         d_inner = p["cw"].shape[0]
-        xz = decode_linear(x, p["in_w"], None, p["nw"], 1e-5, None)
+        xz = decode_linear(x, p["in_w"], None, p["nw"], 1e-5, None, pdl)
         u_in, z = xz[:, :d_inner], xz[:, d_inner:]
-        x_dbl = conv_x_proj(conv, u_in, p["cw"], p["cb"], p["xw"])
+        x_dbl = conv_x_proj(conv, u_in, p["cw"], p["cb"], p["xw"], pdl)
         y = state_update(
             ssm, None, None, p["A"], None, None, p["D"], z, p["bias"], True, p["dtw"], conv,
-            u_in, p["cw"], p["cb"], x_dbl,
+            u_in, p["cw"], p["cb"], x_dbl, pdl,
         )  # fmt: skip
-        x = decode_linear(y, p["out_w"], None, None, 1e-5, x)
+        x = decode_linear(y, p["out_w"], None, None, 1e-5, x, pdl)
     return x
 
 
@@ -698,11 +699,9 @@ def _decode_chain(rep: Report, dtype=torch.float16, N=16, width=4, device="cuda"
     """The model's decode step at batch 1 as the package's kernels alone, layer after layer
     (`decode_linear` with the norm for in_proj, `conv_x_proj`, the state update, `decode_linear`
     with the residual for out_proj), replayed from a CUDA graph: with and without programmatic
-    dependent launch (`common.set_override(pdl=True)`: each kernel loads its weights while the
+    dependent launch (`pdl_launch` of the launchers: each kernel loads its weights while the
     previous one finishes). Both must give the same hidden state before timing.
     No LM head, no embedding."""
-    from mamba_compiled.lowering import common
-
     rep("\n### The decode step's kernels alone, batch 1 (CUDA graph µs per step)\n")
     rep("| model | without PDL | with PDL | µs per kernel saved |")
     rep("|---|---|---|---|")
@@ -713,14 +712,10 @@ def _decode_chain(rep: Report, dtype=torch.float16, N=16, width=4, device="cuda"
         ssm0 = [torch.randn(1, d_inner, N, device=device) for _ in layers]
         results, times = [], []
         for on in (False, True):
-            common.set_override(pdl=on)
-            try:
-                convs, ssms = [c.clone() for c in conv0], [h.clone() for h in ssm0]
-                results.append(_chain_step(layers, x0, convs, ssms))
-                step = functools.partial(_chain_step, layers, x0, convs, ssms)
-                times.append(_graph_us(step, n=1))
-            finally:
-                common.set_override()
+            convs, ssms = [c.clone() for c in conv0], [h.clone() for h in ssm0]
+            results.append(_chain_step(layers, x0, convs, ssms, on))
+            step = functools.partial(_chain_step, layers, x0, convs, ssms, on)
+            times.append(_graph_us(step, n=1))
         # a race (a read before the previous kernel's write) gives garbage, not rounding
         torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
         saved = (times[0] - times[1]) / (4 * n_layer)

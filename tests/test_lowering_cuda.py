@@ -309,7 +309,7 @@ def test_decode_kernels_with_programmatic_dependent_launch():
     """The decode step's kernels launched with PDL (each loads its weights while the previous
     kernel runs, then waits for it) compute what they compute without, over a chain of layers
     where each kernel reads the previous one's output."""
-    from mamba_compiled.lowering import common, conv_x_proj, decode_linear, state_update
+    from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
@@ -326,18 +326,14 @@ def test_decode_kernels_with_programmatic_dependent_launch():
     ssm0 = torch.randn(len(layers), 1, d_inner, N, device=dev)
     results = []
     for on in (False, True):
-        common.set_override(pdl=on)
-        try:
-            x, convs, ssms = x0, conv0.clone(), ssm0.clone()
-            for i, (nw, in_w, cw, cb, xw, dtw, A, out_w) in enumerate(layers):
-                xz = decode_linear(x, in_w, None, nw, 1e-5, None)
-                u, z = xz[:, :d_inner], xz[:, d_inner:]
-                x_dbl = conv_x_proj(convs[i], u, cw, cb, xw)
-                y = state_update(ssms[i], None, None, A, None, None, None, z, None, True, dtw,
-                                 convs[i], u, cw, cb, x_dbl)  # fmt: skip
-                x = decode_linear(y, out_w, None, None, 1e-5, x)
-            results.append((x, convs, ssms))
-        finally:
-            common.set_override()
+        x, convs, ssms = x0, conv0.clone(), ssm0.clone()
+        for i, (nw, in_w, cw, cb, xw, dtw, A, out_w) in enumerate(layers):
+            xz = decode_linear(x, in_w, None, nw, 1e-5, None, on)
+            u, z = xz[:, :d_inner], xz[:, d_inner:]
+            x_dbl = conv_x_proj(convs[i], u, cw, cb, xw, on)
+            y = state_update(ssms[i], None, None, A, None, None, None, z, None, True, dtw,
+                             convs[i], u, cw, cb, x_dbl, on)  # fmt: skip
+            x = decode_linear(y, out_w, None, None, 1e-5, x, on)
+        results.append((x, convs, ssms))
     for without, with_pdl in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(with_pdl, without, rtol=1e-3, atol=1e-3)

@@ -254,7 +254,7 @@ _override: dict[str, object] = {}
 
 def set_override(**kw) -> None:
     """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
-    bc_atomics=bool, pdl=bool, ck_fp32=bool, decode=(BD, num_warps) of the decode step's state
+    bc_atomics=bool, ck_fp32=bool, decode=(BD, num_warps) of the decode step's state
     update. Call with no arguments to clear. Not for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
@@ -266,16 +266,14 @@ def bc_atomics() -> bool:
     return bool(_override.get("bc_atomics", True))
 
 
-def pdl(like: Tensor, launch: bool = False) -> dict:
+def pdl(like: Tensor, launch: bool) -> dict:
     """The decode kernels' launch options for programmatic dependent launch (PDL, sm_90+):
     {"GDC": False} without it. With it, each kernel loads its weights while the kernel before
     it finishes, then waits (`griddepcontrol.wait`) before reading anything an earlier kernel
-    writes: the decode step is a chain of short, latency-bound kernels. On when `launch` (the
-    opaque ops of `mamba_compiled.ops.pdl`) or a benchmark's `set_override(pdl=True)`; eager
-    launches only (the wait is inline assembly, which traced graphs cannot take: see
-    `traced`)."""
-    on = launch or bool(_override.get("pdl", False))
-    if not on or traced(like) or interpreting() or like.device.type != "cuda":
+    writes: the decode step is a chain of short, latency-bound kernels. On when the launcher is
+    asked (`pdl_launch`: the opaque ops of `mamba_compiled.ops.pdl`, benchmarks); eager launches
+    only (the wait is inline assembly, which traced graphs cannot take: see `traced`)."""
+    if not launch or traced(like) or interpreting() or like.device.type != "cuda":
         return {"GDC": False}
     return {"GDC": True, "launch_pdl": True}
 
