@@ -17,7 +17,8 @@
 # profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
-# task-step (perf/profile_task_step.py: the paper tasks' step time and its profile).
+# task-step (perf/profile_task_step.py: the paper tasks' step time and its profile), pdl-check
+# (perf/pdl_check.py).
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
@@ -114,6 +115,11 @@ run_lane() {  # run_lane LANE SECTION...
                 section "$lane" ncu-scan ncu --nvtx --nvtx-include 'mamba\/layers.0\/scan/' --clock-control none --set full -f \
                     -o "$w/ncu-scan-layer0" $PY -m mamba_compiled.cli profile --model 130m --mode prefill --seqlen 2048 \
                     --no-compile --nvtx --no-torch-profiler --warmup 0 ;;
+            pdl-check)  # compiled decoding with PDL against without (perf/pdl_check.py), with
+                # the compiled steps' Inductor code
+                mkdir -p "$w/pdl-check"
+                section "$lane" pdl-check env TORCH_LOGS=output_code TORCH_LOGS_OUT="$w/pdl-check/output_code.txt" \
+                    $PY perf/pdl_check.py --out "$w/pdl-check" ;;
             task-step)  # where a paper task's training step spends its time
                 for t in induction-heads selective-copying; do
                     section "$lane" "task-step-$t" $PY perf/profile_task_step.py --task "$t" --out "$w/task-step"
