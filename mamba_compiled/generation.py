@@ -242,8 +242,9 @@ class MambaGenerator:
     one weight row per one-warp program), and prompts of up to PREFILL_GRAPH_TOKENS tokens
     prefill as CUDA graphs. `decode_mode` replaces the decode step's settings with a
     torch.compile mode, e.g. "reduce-overhead" (graphs only) or "max-autotune", and turns the
-    prefill's graphs off. `pdl=True` (sm_90+, an experiment) runs the decode step's kernels with
-    programmatic dependent launch (`mamba_compiled.ops.pdl`).
+    prefill's graphs off. `pdl` runs the decode step's kernels with programmatic dependent
+    launch (`mamba_compiled.ops.pdl`): each kernel loads its weights while the one before it
+    finishes; None (default) turns it on for sm_90+ GPUs, True there only.
     """
 
     def __init__(
@@ -253,18 +254,19 @@ class MambaGenerator:
         *,
         compile: bool | None = None,
         decode_mode: str | None = None,
-        pdl: bool = False,
+        pdl: bool | None = None,
     ):
         if not isinstance(model, MambaLMHeadModel):
             raise TypeError(f"model must be a MambaLMHeadModel, got {type(model).__name__}")
         self.model = model
         weight = model.backbone.layers[0].mixer.in_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
-        if pdl and not (
+        hopper = (
             self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
-        ):
+        )
+        if pdl and not hopper:
             raise ValueError("pdl=True (programmatic dependent launch) needs an sm_90+ CUDA model")
-        self.pdl = bool(pdl)
+        self.pdl = hopper if pdl is None else bool(pdl)
         self.cache = MambaCache(model.config, max_batch_size, self.device, self.dtype)
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         if decode_mode is not None and not self.compiled:

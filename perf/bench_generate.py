@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--pdl",
-        action="store_true",
-        help="the decode step's kernels with programmatic dependent launch (sm_90+; an experiment)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the decode step's kernels with programmatic dependent launch (default: on sm_90+)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prompt {args.prompt_len} + {args.new_tokens} new, greedy, "
         f"{'compiled' if args.compile else 'eager'}"
         f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}"
-        f"{', programmatic dependent launch' if args.pdl else ''}; "
+        f"{', programmatic dependent launch' if gen.pdl else ''}; "
         f"{name}; torch {torch.__version__}"
     )
     table = (

@@ -62,9 +62,10 @@ def test_cache_is_buffers_updated_in_place(model):
     )
 
 
-def test_teacher_forced_decode_equals_full_forward(model):
-    ids = torch.randint(0, VOCAB, (3, 21))
-    gen = MambaGenerator(model, 3)
+@pytest.mark.parametrize("batch", [3, 10])  # 10: above GEMV_MAX_BATCH, `_ssm_step_batched`
+def test_teacher_forced_decode_equals_full_forward(model, batch):
+    ids = torch.randint(0, VOCAB, (batch, 21))
+    gen = MambaGenerator(model, batch)
     with torch.no_grad():
         full = model(ids).logits
         logits = [gen.prefill(ids[:, :2])]  # shorter than d_conv: the conv window is zero-padded
@@ -94,12 +95,13 @@ def test_fused_decode_step_equals_plain(model, monkeypatch):
 
 
 def test_pdl_needs_a_hopper_gpu_and_leaves_cpu_alone(model):
-    """pdl=True is refused off sm_90+ CUDA; the switch itself changes nothing for CPU tensors and
-    is restored on exit, also after an error."""
+    """pdl=True is refused off sm_90+ CUDA, and the default (None) is off there; the switch itself
+    changes nothing for CPU tensors and is restored on exit, also after an error."""
     from mamba_compiled.ops import pdl
 
     with pytest.raises(ValueError, match="pdl=True"):
         MambaGenerator(model, 1, pdl=True)
+    assert MambaGenerator(model, 1).pdl is False
     ids = torch.randint(0, VOCAB, (1, 6))
     with pytest.raises(RuntimeError, match="boom"), pdl.programmatic_dependent_launch():
         assert not pdl.use_pdl(ids.float())
@@ -169,20 +171,21 @@ def test_generate_reuses_the_cache_and_grows_it(model):
     assert model._mamba_generator.max_batch_size == 4
 
 
-def test_compiled_decode_equals_eager(model):
+@pytest.mark.parametrize("batch", [2, 10])  # 10: above GEMV_MAX_BATCH, `_ssm_step_batched`
+def test_compiled_decode_equals_eager(model, batch):
     """CPU: prefill compiled with dynamic length, the decode step compiled without graphs."""
     torch._dynamo.reset()
-    eager = MambaGenerator(model, 2, compile=False)
-    compiled = MambaGenerator(model, 2, compile=True)
+    eager = MambaGenerator(model, batch, compile=False)
+    compiled = MambaGenerator(model, batch, compile=True)
     for seqlen in (6, 11):
-        ids = torch.randint(0, VOCAB, (2, seqlen))
+        ids = torch.randint(0, VOCAB, (batch, seqlen))
         assert torch.equal(greedy(compiled, ids, 10), greedy(eager, ids, 10))
     kw = dict(max_new_tokens=10, temperature=0.8, top_k=20, seed=3)
     assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
     # slices of longer prompts, chunks and columns compile nothing new (the generator copies
     # views: a view's base and strides would be guards)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-        longer = torch.randint(0, VOCAB, (2, 30))
+        longer = torch.randint(0, VOCAB, (batch, 30))
         compiled.prefill(longer[:, :9])
         compiled.prefill(longer[:, 3:17])
         compiled.prefill(longer, chunk_size=7)

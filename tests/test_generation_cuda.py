@@ -43,14 +43,15 @@ def test_teacher_forced_decode_equals_forward_cuda():
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 9:], atol=2e-4, rtol=2e-3)
 
 
+@pytest.mark.parametrize("batch", [2, 12])  # 12: above GEMV_MAX_BATCH, `_ssm_step_batched`
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype):
+def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch):
     torch._dynamo.reset()
     counters.clear()
     model = model_on(dtype)
-    ids = torch.randint(0, VOCAB, (2, 40), device="cuda")
-    compiled = MambaGenerator(model, 2, compile=True)
-    eager = MambaGenerator(model, 2, compile=False)
+    ids = torch.randint(0, VOCAB, (batch, 40), device="cuda")
+    compiled = MambaGenerator(model, batch, compile=True)
+    eager = MambaGenerator(model, batch, compile=False)
     out = greedy(compiled, ids[:, :17], 48)
     again = greedy(compiled, ids[:, :17], 48)  # replays the recorded graph
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
@@ -141,21 +142,33 @@ def test_seeded_sampling_reproducible_cuda():
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_decode_with_programmatic_dependent_launch_equals_without(compile):
-    """Batch 1 (the step as the package's kernels): with pdl=True the decode ops are their
-    opaque twins launched with PDL; teacher-forced logits equal those without, and the compiled
-    step still records one CUDA graph without skips."""
+def test_decode_with_programmatic_dependent_launch_equals_without(compile, monkeypatch):
+    """Batch 1 (the step as the package's kernels; PDL is the default on sm_90+): teacher-forced
+    logits with PDL are bit-identical to the same opaque ops launched without it (PDL changes
+    when a kernel starts, never what it computes: a difference is a race), and the compiled step
+    still records one CUDA graph without skips. The twins and the registered ops need not agree
+    bit for bit under the compiler (one fp16 ulp on the H200: Inductor compiles the registered
+    ops' kernels itself), so that pair is held to the compiled-vs-eager tolerance."""
+    from mamba_compiled.lowering import decode_step, linear
+
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    torch._dynamo.reset()
-    counters.clear()
     model = model_on(torch.float16)
     ids = torch.randint(0, VOCAB, (1, 30), device="cuda")
-    gens = [MambaGenerator(model, 1, compile=compile, pdl=pdl) for pdl in (False, True)]
-    logits = []
-    for gen in gens:
+
+    def logits(pdl):
+        torch._dynamo.reset()
+        counters.clear()
+        gen = MambaGenerator(model, 1, compile=compile, pdl=pdl)
         steps = [gen.prefill(ids[:, :5]).float()]
         steps += [gen.step(ids[:, t]).float().clone() for t in range(5, 30)]
-        logits.append(torch.stack(steps, 1))
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-3, rtol=1e-3)
-    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        return torch.stack(steps, 1)
+
+    with_pdl, plain_ops = logits(None), logits(False)
+    with monkeypatch.context() as m:  # the twins, launched plainly
+        for module in (decode_step, linear):
+            m.setattr(module, "pdl", lambda like, launch: {"GDC": False})
+        twins = logits(True)
+    assert torch.equal(with_pdl, twins)
+    torch.testing.assert_close(with_pdl, plain_ops, atol=3e-2, rtol=3e-2)
