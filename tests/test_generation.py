@@ -62,8 +62,19 @@ def test_cache_is_buffers_updated_in_place(model):
     )
 
 
-@pytest.mark.parametrize("batch", [3, 10])  # 10: above GEMV_MAX_BATCH, `_ssm_step_batched`
-def test_teacher_forced_decode_equals_full_forward(model, batch):
+# batch 10: above GEMV_MAX_BATCH, in the decode kernel or with dt_proj as a product
+DECODE_PATHS = [(3, False), (10, False), (10, True)]
+
+
+def decode_path(monkeypatch, product: bool) -> None:
+    from mamba_compiled.models import mamba
+
+    monkeypatch.setattr(mamba, "DT_PROJ_PRODUCT_MIN", 0 if product else 2**62)
+
+
+@pytest.mark.parametrize("batch, product", DECODE_PATHS)
+def test_teacher_forced_decode_equals_full_forward(model, batch, product, monkeypatch):
+    decode_path(monkeypatch, product)
     ids = torch.randint(0, VOCAB, (batch, 21))
     gen = MambaGenerator(model, batch)
     with torch.no_grad():
@@ -171,9 +182,10 @@ def test_generate_reuses_the_cache_and_grows_it(model):
     assert model._mamba_generator.max_batch_size == 4
 
 
-@pytest.mark.parametrize("batch", [2, 10])  # 10: above GEMV_MAX_BATCH, `_ssm_step_batched`
-def test_compiled_decode_equals_eager(model, batch):
+@pytest.mark.parametrize("batch, product", DECODE_PATHS)
+def test_compiled_decode_equals_eager(model, batch, product, monkeypatch):
     """CPU: prefill compiled with dynamic length, the decode step compiled without graphs."""
+    decode_path(monkeypatch, product)
     torch._dynamo.reset()
     eager = MambaGenerator(model, batch, compile=False)
     compiled = MambaGenerator(model, batch, compile=True)

@@ -43,9 +43,13 @@ def test_teacher_forced_decode_equals_forward_cuda():
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 9:], atol=2e-4, rtol=2e-3)
 
 
-@pytest.mark.parametrize("batch", [2, 12])  # 12: above GEMV_MAX_BATCH, `_ssm_step_batched`
+# batch 12: above GEMV_MAX_BATCH, in the decode kernel or with dt_proj as a product
+@pytest.mark.parametrize("batch, product", [(2, False), (12, False), (12, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch):
+def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch, product, monkeypatch):
+    from mamba_compiled.models import mamba
+
+    monkeypatch.setattr(mamba, "DT_PROJ_PRODUCT_MIN", 0 if product else 2**62)
     torch._dynamo.reset()
     counters.clear()
     model = model_on(dtype)
