@@ -735,43 +735,65 @@ def _model_decode_step(state, conv, A, D, z, bias, dtw, cx, cw, x_dbl):
 
 
 def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cuda"):
-    """The model's decode step (the state update with x_proj's partial sums, dt_proj and the
-    conv; `ssm_decode_step`'s kernel) at the 130M and 1.4B sizes, batch 1 and 64, for every
-    (channels per program, warps) in DECODE_CONFIGS (`common.set_override(decode=...)`), each
-    checked against the default configuration first. CUDA graph µs per call; the default is
-    (32, 4). At batch 64 this kernel was 40 % of the 1.4B step (perf/NOTES.md, Run 7)."""
+    """The model's decode step as the model runs it at the 130M and 1.4B sizes, batch 1 and 64,
+    for every (channels per program, warps) in DECODE_CONFIGS (`common.set_override(decode=...)`),
+    each checked against the default configuration first. CUDA graph µs per call; the default is
+    (32, 4). Rows "fused": `ssm_decode_step`'s kernel (the conv, dt_proj and the state update)
+    with x_proj's output as `conv_x_proj`'s partial sums up to batch 8 and as one product above
+    (the sixth session's table passed 64 partial sums at batch 64 too, which the model never
+    does). Rows "dt given": `selective_state_update`, what the model runs above batch 8 when
+    dt_proj is a product (`DT_PROJ_PRODUCT_MIN`: 1.4B, not 130M)."""
     from mamba_compiled.lowering import common
     from mamba_compiled.lowering.decode_step import conv_x_proj_slices
+    from mamba_compiled.models.mamba import GEMV_MAX_BATCH
 
     rep("\n### The decode step's state-update kernel by (channels, warps), CUDA graph µs\n")
-    rep("| dim, dt_rank | batch | " + " | ".join(f"{bd}, {w}" for bd, w in DECODE_CONFIGS) + " |")
-    rep("|---|---|" + "---|" * len(DECODE_CONFIGS))
+    rep(
+        "| dim, dt_rank | kernel | batch | "
+        + " | ".join(f"{bd}, {w}" for bd, w in DECODE_CONFIGS)
+        + " |"
+    )
+    rep("|---|---|---|" + "---|" * len(DECODE_CONFIGS))
     g = dict(device=device)
     for dim, rank in ((1536, 48), (4096, 128)):
-        n_part = conv_x_proj_slices(dim)[1]
-        for batch in (1, 64):
+        for kernel, batch in (("fused", 1), ("fused", 64), ("dt given", 64)):
             state = torch.randn(batch, dim, N, **g)
             conv = torch.randn(batch, dim, width, **g).to(dtype)
             cx, z = (torch.randn(batch, dim, **g).to(dtype) for _ in range(2))
             cw = (0.5 * torch.randn(dim, width, **g)).to(dtype)
+            n_part = conv_x_proj_slices(dim)[1] if batch <= GEMV_MAX_BATCH else 1
             x_dbl = 0.1 * torch.randn(n_part, batch, rank + 2 * N, **g)
             dtw = (0.1 * torch.randn(dim, rank, **g)).to(dtype)
             A, D, bias = -torch.rand(dim, N, **g), torch.randn(dim, **g), torch.rand(dim, **g)
+            dt = torch.rand(batch, dim, **g).to(dtype)
+            B, C = (torch.randn(batch, N, **g).to(dtype) for _ in range(2))
 
-            rest = (A, D, z, bias, dtw, cx, cw, x_dbl)
-            want = _model_decode_step(state.clone(), conv.clone(), *rest)
+            if kernel == "fused":
+                rest = (A, D, z, bias, dtw, cx, cw, x_dbl)
+
+                def run(state, conv, rest=rest):
+                    return _model_decode_step(state, conv, *rest)
+            else:
+
+                def run(state, conv, cx=cx, dt=dt, A=A, B=B, C=C, D=D, z=z, bias=bias):
+                    return selective_state_update(state, cx, dt, A, B, C, D, z, bias, True)
+
+            want = run(state.clone(), conv.clone())
             times = []
             for cfg in DECODE_CONFIGS:
                 common.set_override(decode=cfg)
                 try:
-                    got = _model_decode_step(state.clone(), conv.clone(), *rest)
+                    got = run(state.clone(), conv.clone())
                     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
                     # timed on copies: every call advances the states
-                    step = functools.partial(_model_decode_step, state.clone(), conv.clone(), *rest)
-                    times.append(_graph_us(step))
+                    times.append(_graph_us(functools.partial(run, state.clone(), conv.clone())))
                 finally:
                     common.set_override()
-            rep(f"| {dim}, {rank} | {batch} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+            rep(
+                f"| {dim}, {rank} | {kernel} | {batch} | "
+                + " | ".join(f"{t:.2f}" for t in times)
+                + " |"
+            )
 
 
 def _time_decode(batch, dim, N, dtype, n=100):
