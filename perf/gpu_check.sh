@@ -13,7 +13,7 @@
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
 # at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m;
-# GENERATE_ARGS, e.g. --pdl, go to generate-<model>@<batch>),
+# GENERATE_ARGS, e.g. --no-pdl or "--decode-mode max-autotune", go to generate-<model>@<batch>),
 # profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
