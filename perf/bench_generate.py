@@ -26,7 +26,7 @@ import torch
 import torch._inductor.config
 
 from mamba_compiled.generation import MambaGenerator
-from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel, mamba
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -106,8 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the decode step's kernels with programmatic dependent launch (default: on sm_90+)",
     )
+    p.add_argument(
+        "--dot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batches 9-64 project with decode_linear's tl.dot kernel on CUDA (--no-dot: cuBLAS "
+        "and separate norms, as before the seventh session)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
+    if not args.dot:
+        mamba.DOT_MAX_BATCH = mamba.GEMV_MAX_BATCH
 
     device = torch.device(args.device)
     dtype = (
@@ -182,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         f"prompt {args.prompt_len} + {args.new_tokens} new, greedy, "
         f"{'compiled' if args.compile else 'eager'}"
         f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}"
-        f"{', programmatic dependent launch' if gen.pdl else ''}; "
+        f"{', programmatic dependent launch' if gen.pdl else ''}"
+        f"{'' if args.dot else ', no tl.dot projections'}; "
         f"{name}; torch {torch.__version__}"
     )
     table = (

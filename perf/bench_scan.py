@@ -576,12 +576,27 @@ L2_FLUSH_BYTES = 256 << 20  # weights cycled through per timing: several times t
 # (name, out_features, in_features, norm, residual): the decode step's linear layers
 LINEARS = [
     ("130M in_proj + norm", 3072, 768, True, False),
+    ("130M in_proj", 3072, 768, False, False),
     ("130M out_proj + residual", 768, 1536, False, True),
+    ("130M x_proj", 80, 1536, False, False),
     ("130M LM head + norm", 50280, 768, True, False),
     ("1.4B in_proj + norm", 8192, 2048, True, False),
+    ("1.4B in_proj", 8192, 2048, False, False),
     ("1.4B out_proj + residual", 2048, 4096, False, True),
+    ("1.4B x_proj", 160, 4096, False, False),
+    ("1.4B dt_proj", 4096, 128, False, False),
     ("1.4B LM head + norm", 50280, 2048, True, False),
 ]
+DOT_SWEEP_BATCH = 64
+
+
+def _dot_configs():
+    from mamba_compiled.lowering.linear import DotConfig
+
+    configs = [DotConfig(64, bn, 64, split) for bn in (16, 32, 64, 128) for split in (1, 2, 4, 8)]
+    return (
+        configs + [DotConfig(64, bn, 128) for bn in (16, 32, 64)] + [DotConfig(64, 32, 64, 1, 8, 3)]
+    )
 
 
 def _cycled(fn, argsets):
@@ -591,63 +606,102 @@ def _cycled(fn, argsets):
 
 
 def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
-    """`decode_linear` (one kernel: RMSNorm, the product, the residual add) against cuBLAS's
-    product alone and against what the compiled model did before (the norm and the product as
-    an Inductor reduction, `torch.compile`d), batch 1 and 8, in CUDA graphs; then its launch
-    configurations at batch 1. Checked against float64 first (`decode_linear_ref`). GB/s: the
-    weight's bytes over the time, each call on another copy of the weight (from HBM)."""
-    from mamba_compiled.lowering.linear import decode_linear, decode_linear_config
+    """`decode_linear` (one kernel: RMSNorm, the product, the residual add; a GEMV per row up to
+    batch 8, `tl.dot` tiles from 9 rows on) against cuBLAS's product alone and against what the
+    compiled model runs without it (the norm, the product, the residual add under
+    `torch.compile`: an Inductor reduction up to batch 8, cuBLAS above), batch 1, 8 and 64, in
+    CUDA graphs; then its launch configurations at batch 1 and at batch 64. Checked against
+    float64 first (`decode_linear_ref`). GB/s: the weight's bytes over the time, each call on
+    another copy of the weight (from HBM)."""
+    from triton.runtime.errors import OutOfResources
+
+    from mamba_compiled.lowering.linear import (
+        decode_dot_config,
+        decode_linear,
+        decode_linear_config,
+    )
     from mamba_compiled.ops.linear import rms_norm
     from mamba_compiled.ops.reference import decode_linear_ref
 
-    def inductor(x, w, nw, r):
+    def model_math(x, w, nw, r):
         h = x if nw is None else rms_norm(x.to(nw.dtype), nw, 1e-5)
-        out = (h[:, None, :] * w).sum(-1)
+        out = (h[:, None, :] * w).sum(-1) if h.shape[0] <= 8 else F.linear(h, w)
         return out if r is None else r + out
 
-    compiled = torch.compile(inductor, dynamic=False)
     configs = [(tile, warps) for tile in (8192, 16384, 32768) for warps in (4, 8)]
-    table = ["| layer | batch | decode_linear | cuBLAS product alone | Inductor reduction |",
+    dots = _dot_configs()
+    table = ["| layer | batch | decode_linear | cuBLAS product alone | compiled model math |",
              "|---|---|---|---|---|"]  # fmt: skip
     sweep = ["| layer | " + " | ".join(f"{t // 1024}K, {w} warps" for t, w in configs) + " |",
              "|---|" + "---|" * len(configs)]  # fmt: skip
+    dot_sweep = ["| layer | default | " + " | ".join(
+        f"{c.BN}x{c.BK}/{c.SPLIT}" + ("" if (c.num_warps, c.num_stages) == (4, 4)
+                                      else f" {c.num_warps}w{c.num_stages}s")
+        for c in dots) + " |", "|---|---|" + "---|" * len(dots)]  # fmt: skip
     g = dict(device=device)
     for name, N, K, norm, residual in LINEARS:
-        for batch in (1, 8):
+        for batch in (1, 8, DOT_SWEEP_BATCH):
             x = torch.randn(batch, K, **g)
             x = x if norm else x.to(dtype)
             w = (torch.randn(N, K, **g) / K**0.5).to(dtype)
             nw = (1 + 0.1 * torch.randn(K, **g)).to(dtype) if norm else None
             r = torch.randn(batch, N, **g) if residual else None
             want = decode_linear_ref(x, w, None, nw, 1e-5, r)
-            cfgs = [None] + [decode_linear_config(batch, N, K, t, nw_) for t, nw_ in configs]
-            for cfg in cfgs if batch == 1 else cfgs[:1]:
-                got = decode_linear(x, w, None, nw, 1e-5, r, cfg)
+            torch._dynamo.reset()  # a graph per shape, past the recompile limit
+            compiled = torch.compile(model_math, dynamic=False)
+            if batch == 1:
+                cfgs = [decode_linear_config(batch, N, K, t, nw_) for t, nw_ in configs]
+            else:
+                cfgs = dots if batch == DOT_SWEEP_BATCH and "LM head" not in name else []
+            for cfg in [None, *cfgs]:
+                try:
+                    got = decode_linear(x, w, None, nw, 1e-5, r, cfg)
+                except OutOfResources:
+                    continue
                 err = ((got.double() - want).abs().max() / want.abs().max()).item()
                 if not err < 1e-2:
-                    raise AssertionError(f"decode_linear {name} {cfg}: error {err:.2e}")
+                    raise AssertionError(
+                        f"decode_linear {name} batch {batch} {cfg}: error {err:.2e}"
+                    )
             # copies of the weight, cycled through, so that each call reads it from HBM as the
             # model does (one weight in the 50 MB L2, replayed, measured L2: up to 4.8 TB/s)
             ws = [w] + [w.clone() for _ in range(max(1, -(-L2_FLUSH_BYTES // w.nbytes) - 1))]
             times = [
                 _graph_us(_cycled(decode_linear, [(x, w_, None, nw, 1e-5, r) for w_ in ws])),
                 _graph_us(_cycled(F.linear, [(x.to(dtype), w_) for w_ in ws])),
-                _graph_us(_cycled(compiled, [(x, w_, nw, r) for w_ in ws])) if batch == 1 else 0,
+                _graph_us(_cycled(compiled, [(x, w_, nw, r) for w_ in ws])),
             ]
-            times[2] = times[2] or float("nan")
             gbs = [w.numel() * w.element_size() / (t * 1e3) for t in times]
             cells = " | ".join(f"{t:.2f} ({b:.0f})" for t, b in zip(times, gbs, strict=True))
             table.append(f"| {name} | {batch} | {cells} |")
+            us = []
+            for c in cfgs:
+                try:
+                    us.append(
+                        _graph_us(
+                            _cycled(decode_linear, [(x, w_, None, nw, 1e-5, r, c) for w_ in ws])
+                        )
+                    )
+                except OutOfResources:  # shared memory of the larger tiles
+                    us.append(float("nan"))
             if batch == 1:
-                us = [
-                    _graph_us(_cycled(decode_linear, [(x, w_, None, nw, 1e-5, r, c) for w_ in ws]))
-                    for c in cfgs[1:]
-                ]
                 sweep.append(f"| {name} | " + " | ".join(f"{t:.2f}" for t in us) + " |")
+            elif cfgs:
+                d = decode_dot_config(batch, N, K)
+                dot_sweep.append(
+                    f"| {name} | {d.BN}x{d.BK}/{d.SPLIT} {times[0]:.2f} | "
+                    + " | ".join(f"{t:.2f}" for t in us)
+                    + " |"
+                )
     rep(f"\n### Decoding's linear layers ({dtype}), CUDA graph µs per call (GB/s of the weight)\n")
     rep("\n".join(table))
     rep("\n### decode_linear's configurations at batch 1 (weight elements per program, warps)\n")
     rep("\n".join(sweep))
+    rep(
+        f"\n### decode_linear's tl.dot configurations at batch {DOT_SWEEP_BATCH} "
+        "(BN x BK / split-K; 4 warps, 4 stages unless said), CUDA graph µs\n"
+    )
+    rep("\n".join(dot_sweep))
 
 
 # (name, layers, d_model, d_inner, dt_rank): the models whose decode step `_decode_chain` runs

@@ -84,17 +84,19 @@ def test_teacher_forced_decode_equals_full_forward(model, batch, product, monkey
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 1:], atol=1e-4, rtol=1e-4)
 
 
-def test_fused_decode_step_equals_plain(model, monkeypatch):
+@pytest.mark.parametrize("batch", [2, 10])
+def test_fused_decode_step_equals_plain(model, batch, monkeypatch):
     """The decode step as CUDA runs it (the norms, in_proj, out_proj, the residual adds and the LM
-    head as `decode_linear`), here through the op's CPU body: the same logits and states as the
-    plain modules."""
-    from mamba_compiled.models import lm
+    head as `decode_linear`; at batch 10 x_proj too, and the norms before it), here through the
+    op's CPU body: the same logits and states as the plain modules."""
+    from mamba_compiled.models import lm, mamba
 
-    ids = torch.randint(0, VOCAB, (2, 5))
+    ids = torch.randint(0, VOCAB, (batch, 5))
     logits, states = [], []
     for fused in (False, True):
-        monkeypatch.setattr(lm, "fused_decoding", lambda x, fused=fused: fused)
-        cache = MambaCache(model.config, max_batch_size=2)
+        for module in (lm, mamba):
+            monkeypatch.setattr(module, "fused_decoding", lambda x, fused=fused: fused)
+        cache = MambaCache(model.config, max_batch_size=batch)
         cache.reset(model)
         with torch.no_grad():
             logits.append([generation.decode_step(model, cache, ids[:, t]) for t in range(5)])

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from mamba_compiled.generation import MambaGenerator
-from mamba_compiled.models import MambaConfig, MambaLMHeadModel
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel, mamba
 
 pytestmark = pytest.mark.cuda
 VOCAB = 64
@@ -33,10 +33,13 @@ def greedy(gen, ids, n, **kw):
     return gen.generate(ids, max_new_tokens=n, temperature=0.0, **kw)
 
 
-def test_teacher_forced_decode_equals_forward_cuda():
+# batch 12: the projections as decode_linear's tl.dot kernel, dt_proj in the decode kernel or not
+@pytest.mark.parametrize("batch, product", [(4, False), (12, False), (12, True)])
+def test_teacher_forced_decode_equals_forward_cuda(batch, product, monkeypatch):
+    monkeypatch.setattr(mamba, "DT_PROJ_PRODUCT_MIN", 0 if product else 2**62)
     model = model_on()
-    ids = torch.randint(0, VOCAB, (4, 40), device="cuda")
-    gen = MambaGenerator(model, 4, compile=False)
+    ids = torch.randint(0, VOCAB, (batch, 40), device="cuda")
+    gen = MambaGenerator(model, batch, compile=False)
     with torch.no_grad():
         full = model(ids).logits
         logits = [gen.prefill(ids[:, :10])] + [gen.step(ids[:, t]).clone() for t in range(10, 40)]
@@ -47,8 +50,6 @@ def test_teacher_forced_decode_equals_forward_cuda():
 @pytest.mark.parametrize("batch, product", [(2, False), (12, False), (12, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch, product, monkeypatch):
-    from mamba_compiled.models import mamba
-
     monkeypatch.setattr(mamba, "DT_PROJ_PRODUCT_MIN", 0 if product else 2**62)
     torch._dynamo.reset()
     counters.clear()

@@ -498,7 +498,9 @@ def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
     [
         (1, 70, 48, True, False, False),  # in_proj with the norm; K not a power of two
         (3, 33, 100, False, True, True),  # out_proj with the residual add; rows past the batch
-        (9, 17, 64, True, True, True),  # more rows than one program's 8
+        (9, 17, 64, True, True, True),  # tl.dot tiles from 9 rows on
+        (40, 100, 200, True, True, True),  # rows and K past the tiles
+        (64, 80, 1536, False, False, False),  # x_proj at batch 64: K split, partial sums
     ],
 )
 def test_decode_linear(dtype, batch, N, K, norm, bias, residual):
@@ -515,6 +517,21 @@ def test_decode_linear(dtype, batch, N, K, norm, bias, residual):
     got = decode_linear(x, w, b, nw, 1e-5, r)
     assert got.dtype == (torch.float32 if residual else dtype)
     _close("out", got, decode_linear_ref(x, w, b, nw, 1e-5, r), TOL[dtype])
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_decode_linear_dot_configs(split):
+    """decode_linear's tl.dot kernel in configurations its heuristic does not pick: several
+    row blocks, and K split in pieces that do not divide it (the last one short)."""
+    from mamba_compiled.lowering.linear import DotConfig, decode_linear
+
+    M, N, K = 40, 48, 300
+    x = torch.randn(M, K, device=DEVICE)
+    w = torch.randn(N, K, device=DEVICE) / K**0.5
+    b, r = torch.randn(N, device=DEVICE), torch.randn(M, N, device=DEVICE)
+    nw = 1 + 0.1 * torch.randn(K, device=DEVICE)
+    got = decode_linear(x, w, b, nw, 1e-5, r, DotConfig(16, 16, 64, split))
+    _close("out", got, decode_linear_ref(x, w, b, nw, 1e-5, r), TOL[torch.float32])
 
 
 def test_launchers_trace_with_a_symbolic_seqlen_and_no_guards():

@@ -279,12 +279,12 @@ def test_state_update_cuda_graph():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("batch", [1, 5, 8])
+@pytest.mark.parametrize("batch", [1, 5, 8, 16, 64])  # from 9 rows on, tl.dot tiles
 @pytest.mark.parametrize(
     "N,K,norm,residual",
     [(3072, 768, True, False), (768, 1536, False, True), (50280, 768, True, False),
-     (2048, 4096, False, True)],
-    ids=["in_proj", "out_proj", "lm_head", "out_proj_1.4b"],
+     (2048, 4096, False, True), (160, 4096, False, False)],
+    ids=["in_proj", "out_proj", "lm_head", "out_proj_1.4b", "x_proj_1.4b"],
 )  # fmt: skip
 def test_decode_linear(dtype, batch, N, K, norm, residual):
     """Decoding's linear layer at the models' sizes (the norm before it, the residual add after

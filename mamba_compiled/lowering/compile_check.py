@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 from . import common
 from .decode_step import _conv_x_proj_kernel, _state_update_kernel
-from .linear import _decode_linear_kernel
+from .linear import _decode_dot_kernel, _decode_linear_kernel, _split_epilogue_kernel
 from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
 
@@ -49,6 +49,8 @@ def jobs(dim: int = 4096, dstate: int = 16):
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_MATH=True, N=n)
     scan = dict(flags, B_SHARED=False, C_SHARED=False, EVEN_D=dim % 16 == 0, EVEN_N=n == dstate)
     ck = common.checkpoint_interval()
+    dot = dict(HAS_BIAS=False, NORM=False, RESIDUAL=False, PARTIAL=False, EVEN_K=True, BM=64,
+               BN=32, BK=64, PRECISION="tf32", DOT_F32=False, GDC=False)  # fmt: skip
     return [
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
@@ -78,6 +80,12 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(HAS_BIAS=False, NORM=True, RESIDUAL=False, BN=4, KP=2048, GDC=False), 4),
         ("decode_linear_residual_pdl", _decode_linear_kernel,
          dict(HAS_BIAS=True, NORM=False, RESIDUAL=True, BN=2, KP=4096, GDC=True), 4),
+        ("decode_dot_norm", _decode_dot_kernel, dict(dot, NORM=True), 4),
+        ("decode_dot_residual_pdl", _decode_dot_kernel,
+         dict(dot, HAS_BIAS=True, RESIDUAL=True, GDC=True), 4),
+        ("decode_dot_split", _decode_dot_kernel, dict(dot, PARTIAL=True, EVEN_K=False), 4),
+        ("split_epilogue_pdl", _split_epilogue_kernel,
+         dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, GDC=True), 4),
     ]  # fmt: skip
 
 
@@ -90,6 +98,8 @@ ROW1_INTS = dict(
     s_zd=2048, s_ob=4096 * 2048, s_od=2048, s_ot=1, s_Bb=16 * 2048, s_Bg=16 * 2048, s_Bn=2048,
     s_Cb=16 * 2048, s_Cg=16 * 2048, s_Cn=2048,
     N=8192, K=2048, s_xb=2048, s_wn=2048, s_rb=8192,  # decode_linear: 1.4B's in_proj
+    M=64, k_per_split=2048, s_xm=2048, s_rm=8192, s_om=8192, s_op=64 * 8192,  # at batch 64
+    n_split=4, s_pp=64 * 8192, s_pm=8192,
 )  # fmt: skip
 
 

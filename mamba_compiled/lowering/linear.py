@@ -1,5 +1,5 @@
-"""A linear layer for decoding's few rows (x (batch, K), batch <= 8), with the block's RMSNorm
-before it and its residual add after it: one Triton kernel.
+"""A linear layer for decoding's rows (x (batch, K)), with the block's RMSNorm before it and its
+residual add after it: one Triton kernel (two with split-K).
 
     h   = rms_norm(x) · norm_weight    (NORM: x cast to norm_weight's dtype, normalized in fp32,
                                         rounded back, as the model's RMSNorm)
@@ -14,18 +14,28 @@ itself (K values from L2), so the norm costs no kernel of its own. Made for batc
 of x reads the weight again (from L2 when it fits); with several weight-sharing rows per
 program, as first written, the H200 took 10x batch 1's time at batch 8 (cuBLAS: 1x).
 
+From DOT_MIN_ROWS rows on, a second kernel multiplies tiles with `tl.dot` instead: one program
+per (BN weight rows, BM rows of x), the weight streamed once along K in BK-wide chunks, the norm
+as a first pass over x's rows (from L2) and the residual add in the epilogue; when the tiles are
+too few to fill the SMs, SPLIT programs share K and a second kernel sums their fp32 partial
+products and applies the epilogue. At batch 64 on an H200, cuBLAS took 4.9 us for the 130M
+model's in_proj (4.7 MB, 1 TB/s) and 14 us for 1.4B's (2.4 TB/s), with the norm and the
+residual add as kernels of their own (perf/NOTES.md, Run 10).
+
 The configuration is fixed by a heuristic (autotuning a decode step's kernels adds nothing a
 heuristic misses here: the bound is bandwidth).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import launcher, pdl, wait_for_previous_kernel
+from .common import interpreting, launcher, pdl, wait_for_previous_kernel
 
 # weight elements per program, the fewest programs (two per SM of an H200), and the most programs
 # that take 8 warps (more take 4): the best of perf/bench_scan.py's sweep on the H200 at the
@@ -33,6 +43,10 @@ from .common import launcher, pdl, wait_for_previous_kernel
 TILE_ELEMENTS = 8192
 MIN_PROGRAMS = 264
 MAX_PROGRAMS_8_WARPS = 1023
+# rows of x from which `decode_linear` multiplies with tl.dot (below, each row is a GEMV that
+# reads the weight again, from L2 when it fits)
+DOT_MIN_ROWS = 9
+MIN_DOT_PROGRAMS = 128  # about one per SM of an H200 (132)
 
 
 @triton.jit
@@ -100,19 +114,23 @@ def decode_linear(
     norm_weight: Tensor | None,
     eps: float,
     residual: Tensor | None,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, int, int] | DotConfig | None = None,
     pdl_launch: bool = False,
 ) -> Tensor:
     """On CUDA (or under TRITON_INTERPRET=1): x (batch, K) with unit stride along K; weight
     (N, K) with unit stride along K; bias (N,); norm_weight (K,); residual (batch, N) with unit
     stride along N. Returns (batch, N) in residual's dtype with residual, else weight's.
-    `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s (benchmarks);
+    `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s, or a `DotConfig`
+    instead of `decode_dot_config`'s (benchmarks);
     `pdl_launch`: launched with programmatic dependent launch (`common.pdl`)."""
     batch, K = x.shape
     N = weight.shape[0]
-    BN, KP, num_warps = config or decode_linear_config(batch, N, K)
     out_dtype = residual.dtype if residual is not None else weight.dtype
     out = torch.empty((batch, N), dtype=out_dtype, device=x.device)
+    if isinstance(config, DotConfig) or (config is None and batch >= DOT_MIN_ROWS):
+        config = config or decode_dot_config(batch, N, K)
+        return decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_launch)
+    BN, KP, num_warps = config or decode_linear_config(batch, N, K)
     res = residual if residual is not None else out  # placeholders are never read
     grid = (triton.cdiv(N, BN), batch)
     launcher(_decode_linear_kernel, x)[grid](
@@ -123,4 +141,166 @@ def decode_linear(
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
         BN=BN, KP=KP, num_warps=num_warps, **pdl(x, pdl_launch),
     )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    """Launch configuration of `_decode_dot_kernel`: BM rows of x and BN rows of the weight per
+    program, BK columns per step along K; SPLIT programs share K (their fp32 partial products
+    summed by `_split_epilogue_kernel`)."""
+
+    BM: int
+    BN: int
+    BK: int = 64
+    SPLIT: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def decode_dot_config(batch: int, N: int, K: int) -> DotConfig:
+    """`_decode_dot_kernel`'s configuration for x (batch, K) and a (N, K) weight. Every program
+    reads its BM rows of x whole (from L2), so BN starts at 64 (x's traffic about the weight's)
+    and shrinks to 16 until there are MIN_DOT_PROGRAMS programs; if there are still fewer than
+    half as many, K is split (in pieces of at least four BK steps)."""
+    BM = min(64, max(16, triton.next_power_of_2(batch)))
+    BK = 64
+    m_blocks = triton.cdiv(batch, BM)
+    BN = 64
+    while BN > 16 and triton.cdiv(N, BN) * m_blocks < MIN_DOT_PROGRAMS:
+        BN //= 2
+    SPLIT = 1
+    programs = triton.cdiv(N, BN) * m_blocks
+    while programs * SPLIT < MIN_DOT_PROGRAMS // 2 and K // (2 * SPLIT * BK) >= 4:
+        SPLIT *= 2
+    return DotConfig(BM, BN, BK, SPLIT)
+
+
+@triton.jit
+def _decode_dot_kernel(
+    x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, out_ptr,
+    M, N, K, eps, k_per_split,
+    s_xm, s_wn, s_rm, s_om, s_op,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PARTIAL: tl.constexpr,
+    EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    m = pid_m * BM + tl.arange(0, BM)
+    n = pid_n * BN + tl.arange(0, BN)
+    mmask = m < M
+    nmask = n < N
+    kk = tl.arange(0, BK)
+    k_lo = pid_s * k_per_split
+    w_ptrs = w_ptr + n[:, None].to(tl.int64) * s_wn + kk[None, :]  # (BN, BK)
+    x_ptrs = x_ptr + m[:, None].to(tl.int64) * s_xm + kk[None, :]  # (BM, BK)
+    if HAS_BIAS and not PARTIAL:
+        bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    wait_for_previous_kernel(GDC)
+    if NORM:  # the model's RMSNorm over x's whole rows: x in the norm's dtype, fp32 sums
+        ss = tl.zeros((BM,), tl.float32)
+        for k0 in range(0, K, BK):
+            xk = tl.load(x_ptrs + k0, mask=mmask[:, None] & (kk + k0 < K)[None, :], other=0.0).to(
+                nw_ptr.dtype.element_ty
+            )
+            ss += tl.sum(xk.to(tl.float32) * xk.to(tl.float32), 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BK):
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
+            xk = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
+        else:
+            kmask = (kk + k0 < K)[None, :]
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask, other=0.0)
+            xk = tl.load(x_ptrs + k0, mask=mmask[:, None] & kmask, other=0.0)
+        if NORM:
+            nw = tl.load(nw_ptr + k0 + kk, mask=kk + k0 < K, other=0.0)
+            xf = xk.to(nw_ptr.dtype.element_ty).to(tl.float32)
+            xk = (xf * rstd[:, None] * nw.to(tl.float32)[None, :]).to(nw_ptr.dtype.element_ty)
+        if (
+            DOT_F32
+        ):  # the interpreter's bf16 dot is wrong (triton 3.9): bf16 products are exact in fp32
+            acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+    offs = m[:, None].to(tl.int64) * s_om + n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if PARTIAL:  # fp32 partial products, summed by _split_epilogue_kernel
+        tl.store(out_ptr + pid_s * s_op + offs, acc, mask=omask)
+    else:
+        if HAS_BIAS:
+            acc += bias[None, :]
+        out = acc.to(w_ptr.dtype.element_ty)  # the linear layer's output dtype
+        if RESIDUAL:
+            res = tl.load(res_ptr + m[:, None].to(tl.int64) * s_rm + n[None, :], mask=omask)
+            out = res.to(tl.float32) + out.to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _split_epilogue_kernel(
+    part_ptr, bias_ptr, res_ptr, out_ptr, w_ptr,
+    N, n_split, s_pp, s_pm, s_rm, s_om,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, S: tl.constexpr, BN: tl.constexpr,
+    GDC: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    s = tl.arange(0, S)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    wait_for_previous_kernel(GDC)
+    part = tl.load(
+        part_ptr + s[:, None] * s_pp + row * s_pm + n[None, :],
+        mask=(s < n_split)[:, None] & nmask[None, :],
+        other=0.0,
+    )
+    out = tl.sum(part, 0)
+    if HAS_BIAS:
+        out += bias
+    out = out.to(w_ptr.dtype.element_ty)
+    if RESIDUAL:
+        res = tl.load(res_ptr + row * s_rm + n, mask=nmask)
+        out = res.to(tl.float32) + out.to(tl.float32)
+    tl.store(out_ptr + row * s_om + n, out.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_launch):
+    """`decode_linear`'s product with tl.dot (arguments as there, `out` allocated)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    c = config
+    steps = triton.cdiv(K, c.BK)
+    k_per_split = triton.cdiv(steps, c.SPLIT) * c.BK
+    split = triton.cdiv(K, k_per_split)
+    res = residual if residual is not None else out  # placeholders are never read
+    fp32 = weight.dtype in (torch.float32, torch.float64)
+    flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None)
+    part = out
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, c.BN), triton.cdiv(M, c.BM), split)
+    launcher(_decode_dot_kernel, x)[grid](
+        x, weight, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight, res, part,
+        M, N, K, float(eps), k_per_split,
+        x.stride(0), weight.stride(0), res.stride(0), N, part.stride(0) if split > 1 else 0,
+        **flags, RESIDUAL=residual is not None, PARTIAL=split > 1, EVEN_K=K % c.BK == 0,
+        BM=c.BM, BN=c.BN, BK=c.BK, PRECISION="ieee" if fp32 else "tf32",
+        DOT_F32=interpreting() and weight.dtype == torch.bfloat16,
+        num_warps=c.num_warps, num_stages=c.num_stages, **pdl(x, pdl_launch),
+    )  # fmt: skip
+    if split > 1:
+        BN = min(256, triton.next_power_of_2(N))
+        launcher(_split_epilogue_kernel, x)[(triton.cdiv(N, BN), M)](
+            part, bias if bias is not None else weight, res, out, weight,
+            N, split, part.stride(0), part.stride(1), res.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+            S=triton.next_power_of_2(split), BN=BN, num_warps=4, **pdl(x, pdl_launch),
+        )  # fmt: skip
     return out

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mamba_compiled.models import checkpoints
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.models.mamba import Mamba, fused_decoding
+from mamba_compiled.models.mamba import GEMV_MAX_BATCH, Mamba, fused_decoding
 from mamba_compiled.ops import decode_linear
 from mamba_compiled.ops.linear import rms_norm
 
@@ -58,6 +58,16 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _decode_norm(x: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor | None]:
+    """(input, norm_weight) of a `decode_linear` after `norm`: the norm inside its kernel up to
+    GEMV_MAX_BATCH rows; above, each of its tl.dot programs would read x's whole float32 rows
+    for the norm (at batch 64, 4-8x the weight's bytes from L2), so the norm runs first, and
+    the kernel reads its output in the weight's dtype."""
+    if x.shape[0] <= GEMV_MAX_BATCH:
+        return x, norm.weight
+    return norm(x.to(norm.weight.dtype)), None
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)). The residual stream is float32 when
     residual_in_fp32 (as mamba_ssm's Block, without its fused add+norm kernel)."""
@@ -76,11 +86,12 @@ class Block(nn.Module):
     def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, constants=None) -> Tensor:
         mixer = self.mixer
         if isinstance(self.norm, RMSNorm) and fused_decoding(x):
-            # the norm with in_proj, and out_proj with the residual add: two kernels
+            # the norm with in_proj (before it above GEMV_MAX_BATCH rows), out_proj with the
+            # residual add
+            h, nw = _decode_norm(x, self.norm)
             xz = decode_linear(
-                x, mixer.in_proj.weight, mixer.in_proj.bias,
-                norm_weight=self.norm.weight, eps=self.norm.eps,
-            )  # fmt: skip
+                h, mixer.in_proj.weight, mixer.in_proj.bias, norm_weight=nw, eps=self.norm.eps
+            )
             y = mixer.ssm_step(xz, conv_state, ssm_state, constants)
             return decode_linear(y, mixer.out_proj.weight, mixer.out_proj.bias, residual=x)
         h = self.norm(x.to(self.norm.weight.dtype))
@@ -211,8 +222,9 @@ class MambaLMHeadModel(nn.Module):
         x = self.backbone.step_residual(input_ids, states, constants)
         norm = self.backbone.norm_f
         if isinstance(norm, RMSNorm) and fused_decoding(x):  # the final norm with the LM head
+            h, nw = _decode_norm(x, norm)
             return decode_linear(
-                x, self.lm_head.weight, self.lm_head.bias, norm_weight=norm.weight, eps=norm.eps
+                h, self.lm_head.weight, self.lm_head.bias, norm_weight=nw, eps=norm.eps
             )
         return self.lm_head(norm(x.to(norm.weight.dtype)))
 

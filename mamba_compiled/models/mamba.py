@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import (
     conv_x_proj,
+    decode_linear,
     selective_scan_fn,
     selective_state_update,
     ssm_decode_step,
@@ -41,17 +42,28 @@ GEMV_MAX_BATCH = 8
 # Above GEMV_MAX_BATCH, mixers whose dt_proj weight has at least this many elements run dt_proj
 # as a matrix product (`Mamba._ssm_step_batched`); smaller ones inside the decode kernel.
 DT_PROJ_PRODUCT_MIN = 2**18
-# Decoding batches up to this size run their projections as `decode_linear` on CUDA (see
-# `fused_decoding`): one row of x per program, so larger batches read the weights once per row.
+# Decoding batches up to FUSED_MAX_BATCH, and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH, run their
+# projections as `decode_linear` on CUDA (see `fused_decoding`). Its batch-1 kernel reads the
+# weights once per row, so batches 2 to 8 stay with the compiler's reductions (`_gemv`); from 9
+# rows on it multiplies tiles with tl.dot and reads each weight once for 64 rows.
 FUSED_MAX_BATCH = 1
+DOT_MAX_BATCH = 64
 
 
 def fused_decoding(x: Tensor) -> bool:
     """Whether a decode step on x (b, d_model) runs each block's RMSNorm and in_proj, and its
     out_proj and residual add, as `decode_linear` (two kernels per block, and the final norm
-    with the LM head as one): on CUDA, up to FUSED_MAX_BATCH rows, where each product is bound
-    by reading its weight once. Otherwise the modules' own math (`_gemv` under the compiler)."""
-    return x.is_cuda and x.shape[0] <= FUSED_MAX_BATCH
+    with the LM head as one; above GEMV_MAX_BATCH x_proj and dt_proj too): on CUDA, for batches
+    up to FUSED_MAX_BATCH and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH. Otherwise the modules'
+    own math (`_gemv` under the compiler, cuBLAS above DOT_MAX_BATCH)."""
+    b = x.shape[0]
+    return x.is_cuda and (b <= FUSED_MAX_BATCH or GEMV_MAX_BATCH < b <= DOT_MAX_BATCH)
+
+
+def _product(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T for a decode step above GEMV_MAX_BATCH: `decode_linear` where
+    `fused_decoding` says so, else `F.linear`."""
+    return decode_linear(x, weight) if fused_decoding(x) else F.linear(x, weight)
 
 
 def set_recompute(model: nn.Module, on: bool = True) -> nn.Module:
@@ -298,7 +310,7 @@ class Mamba(nn.Module):
             return self._ssm_step_batched(x, z, w, conv_state, ssm_state, A, D, dt_bias)
         else:  # the conv under the compiler, x_proj a matrix product
             u = conv_step(conv_state, x, w, self.conv1d.bias).to(xz.dtype)
-            x_dbl = F.linear(u, self.x_proj.weight)[None]
+            x_dbl = _product(u, self.x_proj.weight)[None]
         # x_proj's sum, the conv, dt_proj (its weight; the bias in the softplus), the state
         # update, the gate and the conv shift
         y = ssm_decode_step(
@@ -329,6 +341,6 @@ class Mamba(nn.Module):
         u = conv_step(conv_state, x, w, self.conv1d.bias).to(z.dtype)
         conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
         R, N = self.dt_rank, self.d_state
-        dt_low, B, C = torch.split(F.linear(u, self.x_proj.weight), [R, N, N], dim=-1)
-        dt = F.linear(dt_low, self.dt_proj.weight)  # its bias is added in the softplus
+        dt_low, B, C = torch.split(_product(u, self.x_proj.weight), [R, N, N], dim=-1)
+        dt = _product(dt_low, self.dt_proj.weight)  # its bias is added in the softplus
         return selective_state_update(ssm_state, u, dt, A, B, C, D, z, dt_bias, dt_softplus=True)

@@ -63,7 +63,8 @@ def decode_linear(
     normalized as the model's RMSNorm does (`rms_norm(x, norm_weight, eps)`); without it, x must
     have weight's dtype. The product accumulates in float32 and is rounded to weight's dtype;
     with residual, out = residual + that, in residual's dtype. Returns (batch, out_features).
-    Made for batch <= 8 (a few rows: the weight is read once per 8 rows); correct for any.
+    On CUDA, batches up to 8 run one row per program (each row reads the weight, from L2 after
+    the first), larger ones `tl.dot` tiles of up to 64 rows; correct for any batch.
     """
     args = check_decode_linear_inputs(x, weight, bias, norm_weight, eps, residual)
     if pdl.use_pdl(x):
