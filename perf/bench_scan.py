@@ -580,6 +580,7 @@ LINEARS = [
     ("130M out_proj + residual", 768, 1536, False, True),
     ("130M x_proj", 80, 1536, False, False),
     ("130M LM head + norm", 50280, 768, True, False),
+    ("130M LM head", 50280, 768, False, False),
     ("1.4B in_proj + norm", 8192, 2048, True, False),
     ("1.4B in_proj", 8192, 2048, False, False),
     ("1.4B out_proj + residual", 2048, 4096, False, True),

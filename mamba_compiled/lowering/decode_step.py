@@ -203,9 +203,12 @@ def state_update(
     batch, dim = like.shape
     dstate = A.shape[1]
     N = triton.next_power_of_2(dstate)
-    # fixed config: about 512 state elements per program, 4 warps (never autotuned, see above;
-    # a benchmark may set common.set_override(decode=(BD, num_warps)))
-    BD = max(1, min(triton.next_power_of_2(dim), 512 // N))
+    # fixed config (never autotuned, see above; a benchmark may set
+    # common.set_override(decode=(BD, num_warps))): about 512 state elements per program and 4
+    # warps, 1024 above batch 8 (H200, batch 64, dim 1536 and 4096: 8.7 -> 7.4 us with dt_proj
+    # in the kernel, 11.4 -> 8.4 us with dt given; perf/RESULTS.md, seventh session)
+    per_program = 1024 if batch > 8 else 512
+    BD = max(1, min(triton.next_power_of_2(dim), per_program // N))
     num_warps = 4 if BD * N >= 512 else 1
     BD, num_warps = decode_config_override() or (BD, num_warps)
     out = torch.empty((batch, dim), dtype=like.dtype, device=like.device)
