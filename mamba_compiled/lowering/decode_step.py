@@ -337,3 +337,125 @@ def conv_x_proj(
         num_warps=max(1, min(8, ROWS * BE // 2048)), **pdl(conv_x, pdl_launch),
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _conv_x_proj_shift_kernel(
+    conv_ptr, cx_ptr, cw_ptr, cb_ptr, wx_ptr, u_ptr, part_ptr,
+    batch, dim, rows, width,
+    s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk, s_wr, s_ub, s_op, s_om,
+    HAS_CB: tl.constexpr, W: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr,
+    CH: tl.constexpr, ROWS: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr,
+):  # fmt: skip
+    pid_e = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    m = pid_m * BM + tl.arange(0, BM)  # (BM,) batch rows
+    k = tl.arange(0, W)
+    r = tl.arange(0, ROWS)
+    mmask = m < batch
+    wait_for_previous_kernel(GDC)
+    part = tl.zeros((BM, ROWS), tl.float32)
+    for c in range(CH):  # CH chunks of BE channels (a loop: unrolled, they spill)
+        e = (pid_e * CH + c) * BE + tl.arange(0, BE)
+        emask = e < dim
+        cw = tl.load(
+            cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+            mask=emask[:, None] & (k < width)[None, :],
+            other=0.0,
+        )  # (BE, W)
+        wx = tl.load(
+            wx_ptr + r[None, :].to(tl.int64) * s_wr + e[:, None],
+            mask=emask[:, None] & (r < rows)[None, :],
+            other=0.0,
+        )  # (BE, ROWS): x_proj's weight, transposed
+        me = mmask[:, None, None] & emask[None, :, None]
+        conv_ptrs = (
+            conv_ptr
+            + m[:, None, None].to(tl.int64) * s_cb
+            + e[None, :, None].to(tl.int64) * s_cd
+            + k[None, None, :] * s_ck
+        )  # (BM, BE, W)
+        nxt = tl.load(conv_ptrs + s_ck, mask=me & (k + 1 < width)[None, None, :], other=0.0)
+        cx = tl.load(
+            cx_ptr + m[:, None].to(tl.int64) * s_cxb + e[None, :] * s_cxd,
+            mask=mmask[:, None] & emask[None, :],
+            other=0.0,
+        )  # (BM, BE)
+        # the window shifted left by one, the new input last; written back as the conv state
+        window = tl.where((k == width - 1)[None, None, :], cx[:, :, None], nxt)
+        tl.debug_barrier()  # every thread has read the old window before any writes it
+        tl.store(conv_ptrs, window, mask=me & (k < width)[None, None, :])
+        u = tl.sum(window.to(tl.float32) * cw.to(tl.float32)[None, :, :], 2)  # (BM, BE)
+        if HAS_CB:
+            u += tl.load(cb_ptr + e, mask=emask, other=0.0).to(tl.float32)[None, :]
+        u = u * sigmoid(u)
+        u = u.to(cx_ptr.dtype.element_ty)  # as the model rounds it
+        umask = mmask[:, None] & emask[None, :]
+        tl.store(u_ptr + m[:, None].to(tl.int64) * s_ub + e[None, :], u, mask=umask)
+        if DOT_F32:  # the interpreter's bf16 dot is wrong (triton 3.9)
+            part = tl.dot(u.to(tl.float32), wx.to(tl.float32), part, input_precision="ieee")
+        elif wx.dtype == tl.float32:
+            part = tl.dot(u.to(wx.dtype), wx, part, input_precision="ieee")
+        else:
+            part = tl.dot(u.to(wx.dtype), wx, part)
+    tl.store(
+        part_ptr + pid_e * s_op + m[:, None].to(tl.int64) * s_om + r[None, :],
+        part,
+        mask=mmask[:, None] & (r < rows)[None, :],
+    )
+
+
+def conv_x_proj_shift(
+    conv_state: Tensor,
+    conv_x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    x_proj_weight: Tensor,
+    pdl_launch: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The conv's step with its window's shift, and x_proj, for a batch of rows, on CUDA (or
+    under TRITON_INTERPRET=1). Arguments as `conv_x_proj`'s. Returns u (batch, dim), the
+    conv's output after its SiLU in conv_x's dtype, and x_dbl = u @ x_proj_weight.T (batch,
+    rows), accumulated in fp32 and rounded to conv_x's dtype; conv_state becomes the window
+    (its last width - 1 columns, then conv_x).
+
+    One program per (slice of CH x BE channels, BM rows) computes u for its tile, BE channels at
+    a time, writes it and the shifted window, and multiplies u with its columns of x_proj's
+    weight (`tl.dot`); a second kernel
+    sums the slices' fp32 partial products (`linear._split_epilogue_kernel`). Made for the
+    decode step above batch 8, where the compiler ran the conv, the shift (two kernels) and
+    x_proj as four kernels.
+    """
+    from .linear import _split_epilogue_kernel, split_epilogue_config
+
+    batch, dim = conv_x.shape
+    rows, width = x_proj_weight.shape[0], conv_state.shape[2]
+    # 32 rows and 32 channels per step, 2048+ channels per slice in CH steps (64 slices at
+    # 1.4B, their partial products summed after): 255 registers at 8 warps on sm_90, no spills
+    # (64 rows spilled with CH 2; 64 channels took 246 registers at CH 1)
+    BM = min(32, max(16, triton.next_power_of_2(batch)))
+    BE = 32
+    CH = max(1, dim // (BE * 64))
+    n_part = triton.cdiv(dim, BE * CH)
+    ROWS = max(16, triton.next_power_of_2(rows))
+    u = torch.empty((batch, dim), dtype=conv_x.dtype, device=conv_x.device)
+    part = torch.empty((n_part, batch, rows), dtype=torch.float32, device=conv_x.device)
+    x_dbl = torch.empty((batch, rows), dtype=conv_x.dtype, device=conv_x.device)
+    cb = conv_bias if conv_bias is not None else conv_weight
+    launcher(_conv_x_proj_shift_kernel, conv_x)[(n_part, triton.cdiv(batch, BM))](
+        conv_state, conv_x, conv_weight, cb, x_proj_weight, u, part,
+        batch, dim, rows, width,
+        *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(), x_proj_weight.stride(0),
+        u.stride(0), part.stride(0), part.stride(1),
+        HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BM=BM, BE=BE, CH=CH,
+        ROWS=ROWS,
+        DOT_F32=interpreting() and x_proj_weight.dtype == torch.bfloat16,
+        num_warps=8, **pdl(conv_x, pdl_launch),
+    )  # fmt: skip
+    epilogue = split_epilogue_config(rows, n_part)
+    launcher(_split_epilogue_kernel, conv_x)[(triton.cdiv(rows, epilogue["BN"]), batch)](
+        part, x_dbl, x_dbl, x_dbl, x_dbl,
+        rows, n_part, part.stride(0), part.stride(1), 0, x_dbl.stride(0),
+        HAS_BIAS=False, RESIDUAL=False, **epilogue, num_warps=4, **pdl(conv_x, pdl_launch),
+    )  # fmt: skip
+    return u, x_dbl
