@@ -543,7 +543,24 @@ def cuda_host_overhead(rep: Report):
     pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(14)
 
 
-def cuda_decode(rep: Report):
+DECODE_TABLES = ("step", "linear", "conv", "chain", "configs")
+
+
+def cuda_decode(rep: Report, tables=DECODE_TABLES):
+    """The decode tables named in `tables` (`--decode-tables`), then the host overhead."""
+    if "linear" in tables:
+        _decode_linear(rep)
+    if "conv" in tables:
+        _conv_x_proj_rows(rep)
+    if "chain" in tables:
+        _decode_chain(rep)
+    if "configs" in tables:
+        _decode_configs(rep)
+    if "step" in tables:
+        _decode_step_table(rep)
+
+
+def _decode_step_table(rep: Report):
     dim, N, dtype = 4096, 16, torch.float16
     rep(f"\n### Decode step (selective_state_update, dim {dim}, dstate {N}, fp16)\n")
     rep(
@@ -554,10 +571,6 @@ def cuda_decode(rep: Report):
     for batch in (1, 64):
         eager_us, graph_us = _time_decode(batch, dim, N, dtype)
         rep(f"| {batch} | {eager_us:.1f} | {graph_us:.2f} |")
-    _decode_linear(rep)
-    _conv_x_proj_rows(rep)
-    _decode_chain(rep)
-    _decode_configs(rep)
 
 
 def _graph_us(step, n=100) -> float:
@@ -979,6 +992,11 @@ def main() -> int:
     parser.add_argument("--skip-refs", action="store_true")
     parser.add_argument("--skip-plot", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument(
+        "--decode-tables",
+        default=",".join(DECODE_TABLES),
+        help=f"the decode tables to run, of {','.join(DECODE_TABLES)}",
+    )
     parser.add_argument("--quick", action="store_true", help="CPU: a small shape")
     parser.add_argument("--workers", type=int, default=8, help="--sweep: checking processes")
     parser.add_argument("--wait-for", type=pathlib.Path, default=None)
@@ -1002,9 +1020,10 @@ def main() -> int:
             cuda_table(rep, [int(r) for r in args.rows.split(",") if r])
         if not args.skip_decode:
             with rep.section("decode step"):
-                cuda_decode(rep)
-            with rep.section("host overhead"):
-                cuda_host_overhead(rep)
+                cuda_decode(rep, args.decode_tables.split(","))
+            if "step" in args.decode_tables.split(","):
+                with rep.section("host overhead"):
+                    cuda_host_overhead(rep)
         if not args.skip_plot:
             with rep.section("time against L"):
                 cuda_plot(rep, args.out)
