@@ -344,7 +344,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = eval_batches(task, sequences, args.batch_size, seed, env)
     result = {"checkpoint": str(path), "task": config.task, "seq_len": config.seq_len}
     result["precision"] = args.precision if env.device.type == "cuda" else "fp32"
-    result.update(evaluate(model, batches, env, isinstance(task, ByteLM), precision=args.precision))
+    result.update(
+        evaluate(model, batches, env, isinstance(task, ByteLM), precision=args.precision)
+    )
     line = f"{config.task}, length {config.seq_len}: accuracy {100 * result['accuracy']:.2f}%"
     line += f", loss {result['loss']:.4f} ({result['sequences']} sequences)"
     if "bits_per_byte" in result:

@@ -543,15 +543,13 @@ def cuda_host_overhead(rep: Report):
     pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(14)
 
 
-DECODE_TABLES = ("step", "linear", "conv", "chain", "configs")
+DECODE_TABLES = ("step", "linear", "chain", "configs")
 
 
 def cuda_decode(rep: Report, tables=DECODE_TABLES):
     """The decode tables named in `tables` (`--decode-tables`), then the host overhead."""
     if "linear" in tables:
         _decode_linear(rep)
-    if "conv" in tables:
-        _conv_x_proj_rows(rep)
     if "chain" in tables:
         _decode_chain(rep)
     if "configs" in tables:
@@ -790,41 +788,6 @@ def _decode_chain(rep: Report, dtype=torch.float16, N=16, width=4, device="cuda"
         torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
         saved = (times[0] - times[1]) / (4 * n_layer)
         rep(f"| {name} ({n_layer} layers) | {times[0]:.1f} | {times[1]:.1f} | {saved:.2f} |")
-
-
-def _conv_x_proj_rows(rep: Report, batch=64, width=4, dtype=torch.float16, device="cuda"):
-    """The decode step's conv, its window's shift and x_proj above batch 8: `conv_x_proj_shift`
-    (two kernels) against the same under torch.compile with x_proj as `decode_linear` (what the
-    model ran in the seventh session's measurements: the conv, the shift as two kernels, the
-    product and its split-K epilogue). Checked against each other first; CUDA graph µs."""
-    from mamba_compiled.ops import conv_x_proj_shift, decode_linear
-    from mamba_compiled.ops.scan import conv_step
-
-    def compiled_math(conv_state, x, cw, cb, wx):
-        u = conv_step(conv_state, x, cw, cb)
-        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
-        return u, decode_linear(u, wx)
-
-    rep(f"\n### The conv's step, its shift and x_proj at batch {batch}, CUDA graph µs\n")
-    rep("| dim, rows | conv_x_proj_shift | compiled, x_proj as decode_linear |")
-    rep("|---|---|---|")
-    g = dict(device=device)
-    for dim, rows in ((1536, 80), (4096, 160)):
-        torch._dynamo.reset()
-        compiled = torch.compile(compiled_math, dynamic=False)
-        conv = torch.randn(batch, dim, width, **g).to(dtype)
-        x = torch.randn(batch, dim, **g).to(dtype)
-        cw, cb = (0.5 * torch.randn(dim, width, **g)).to(dtype), torch.randn(dim, **g).to(dtype)
-        wx = (torch.randn(rows, dim, **g) / dim**0.5).to(dtype)
-        c1, c2 = conv.clone(), conv.clone()
-        got, want = conv_x_proj_shift(c1, x, cw, wx, cb), compiled(c2, x, cw, cb, wx)
-        for a, b in zip((*got, c1), (*want, c2), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
-        times = [
-            _graph_us(functools.partial(conv_x_proj_shift, conv.clone(), x, cw, wx, cb)),
-            _graph_us(functools.partial(compiled, conv.clone(), x, cw, cb, wx)),
-        ]
-        rep(f"| {dim}, {rows} | {times[0]:.2f} | {times[1]:.2f} |")
 
 
 DECODE_CONFIGS = [(bd, w) for bd in (8, 16, 32, 64) for w in (1, 2, 4, 8) if bd * 16 >= 32 * w]

@@ -8,7 +8,7 @@
 #   perf/gpu_check.sh tests 2:ddp sc ih        # "N:" gives a lane N GPUs (4 GPUs here)
 #
 # Sections: tests (pytest -m cuda), scan, scan-sweep, scan-decode (perf/bench_scan.py;
-# scan-decode-<table>[+<table>] for some of its tables, e.g. scan-decode-conv+linear), train
+# scan-decode-<table>[+<table>] for some of its tables, e.g. scan-decode-linear+configs), train
 # (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one; train-1.4b-recompute
 # with the conv and projections recomputed), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
@@ -76,7 +76,7 @@ run_lane() {  # run_lane LANE SECTION...
             scan-decode)  # the decode-step tables alone (no scan rows, plot or references)
                 section "$lane" scan-decode $PY perf/bench_scan.py --out "$w/scan-decode" --rows "" --skip-refs --skip-plot ;;
             scan-decode-*)  # scan-decode-<table>[+<table>...]: some decode tables (bench_scan's
-                # --decode-tables: step, linear, conv, chain, configs)
+                # --decode-tables: step, linear, chain, configs)
                 t=${s#scan-decode-}
                 section "$lane" "$s" $PY perf/bench_scan.py --out "$w/$s" --rows "" --skip-refs --skip-plot --decode-tables "${t//+/,}" ;;
             scan-sweep)

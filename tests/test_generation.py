@@ -87,9 +87,9 @@ def test_teacher_forced_decode_equals_full_forward(model, batch, product, monkey
 @pytest.mark.parametrize("batch, product", [(2, False), *DECODE_PATHS[1:]])
 def test_fused_decode_step_equals_plain(model, batch, product, monkeypatch):
     """The decode step as CUDA runs it (the norms, in_proj, out_proj, the residual adds and the LM
-    head as `decode_linear`; at batch 10 x_proj too, and the norms before it; with dt_proj as
-    a product, the conv and x_proj as `conv_x_proj_shift`), here through the ops' CPU bodies:
-    the same logits and states as the plain modules."""
+    head as `decode_linear`; at batch 10 x_proj too, dt_proj where it is a product, and the
+    norms before them), here through the ops' CPU bodies: the same logits and states as the
+    plain modules."""
     from mamba_compiled.models import lm, mamba
 
     decode_path(monkeypatch, product)

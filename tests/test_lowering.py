@@ -494,34 +494,6 @@ def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "batch,dim,rows,width,conv_bias",
-    [(3, 40, 11, 4, True), (20, 100, 70, 3, False), (12, 4100, 48, 4, True)],
-)
-def test_conv_x_proj_shift(dtype, batch, dim, rows, width, conv_bias):
-    """The conv's step with its window's shift, and x_proj, for a batch (rows and channels past
-    the tiles; at dim 4100, slices of 64 channels in two steps, 65 partial products): u is
-    silu(conv) rounded to the activation dtype, x_dbl is u times x_proj's weight in float64
-    rounded to it, and the conv state becomes the window, exactly."""
-    from mamba_compiled.lowering import conv_x_proj_shift
-
-    act = dict(device=DEVICE, dtype=dtype)
-    conv_state, conv_x = torch.randn(batch, dim, width, **act), torch.randn(batch, dim, **act)
-    conv_w = 0.5 * torch.randn(dim, width, **act)
-    conv_b = torch.randn(dim, **act) if conv_bias else None
-    x_proj_w = torch.randn(rows, dim, **act) / dim**0.5
-    window = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
-    u, x_dbl = conv_x_proj_shift(conv_state, conv_x, conv_w, conv_b, x_proj_w)
-    f = lambda t: t.double()  # noqa: E731
-    ref_u = (f(window) * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)
-    ref_u = torch.nn.functional.silu(ref_u)
-    assert u.dtype == dtype and x_dbl.dtype == dtype and x_dbl.shape == (batch, rows)
-    _close("u", u, ref_u, TOL[dtype])
-    _close("x_dbl", x_dbl, f(u) @ f(x_proj_w).t(), TOL[dtype])
-    assert torch.equal(conv_state, window), "conv window not shifted exactly"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
     "batch,N,K,norm,bias,residual",
     [
         (1, 70, 48, True, False, False),  # in_proj with the norm; K not a power of two

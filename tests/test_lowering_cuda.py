@@ -305,30 +305,6 @@ def test_decode_linear(dtype, batch, N, K, norm, residual):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("batch,dim,rows", [(12, 1536, 80), (64, 4096, 160)], ids=["130m", "1.4b"])
-@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
-def test_conv_x_proj_shift(dtype, batch, dim, rows, pdl):
-    """The conv's step with its window's shift, and x_proj, at the models' sizes (with PDL as
-    the decode step launches it on sm_90+) against float64 with the model's roundings."""
-    from mamba_compiled.lowering import conv_x_proj_shift
-
-    if pdl and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm_90")
-    act = dict(device="cuda", dtype=dtype)
-    conv_state, conv_x = torch.randn(batch, dim, 4, **act), torch.randn(batch, dim, **act)
-    conv_w, conv_b = 0.5 * torch.randn(dim, 4, **act), torch.randn(dim, **act)
-    x_proj_w = torch.randn(rows, dim, **act) / dim**0.5
-    window = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
-    u, x_dbl = conv_x_proj_shift(conv_state, conv_x, conv_w, conv_b, x_proj_w, pdl)
-    f = lambda t: t.double()  # noqa: E731
-    ref_u = torch.nn.functional.silu((f(window) * f(conv_w)).sum(-1) + f(conv_b))
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(u.double(), ref_u, rtol=rtol, atol=atol)
-    torch.testing.assert_close(x_dbl.double(), f(u) @ f(x_proj_w).t(), rtol=rtol, atol=atol)
-    assert torch.equal(conv_state, window)
-
-
 def test_decode_kernels_with_programmatic_dependent_launch():
     """The decode step's kernels launched with PDL (each loads its weights while the previous
     kernel runs, then waits for it) compute what they compute without, over a chain of layers

@@ -271,14 +271,13 @@ def test_opcheck(device):
                 *linear_args[2:3], None, 1e-5, torch.randn(16, 5, device=device))
     cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
              (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
-             (ops.conv_x_proj, xproj_args), (ops.conv_x_proj_shift, xproj_args),
-             (ops.decode_linear, linear_args),
+             (ops.conv_x_proj, xproj_args), (ops.decode_linear, linear_args),
              (ops.decode_linear, dot_args)]
     if device == "cpu":
         cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
     elif torch.cuda.get_device_capability()[0] >= 9:  # the opaque twins launched with PDL
         cases += [(ops.decode_linear_pdl, linear_args), (ops.decode_linear_pdl, dot_args),
-                  (ops.conv_x_proj_pdl, xproj_args), (ops.conv_x_proj_shift_pdl, xproj_args),
+                  (ops.conv_x_proj_pdl, xproj_args),
                   (ops.ssm_decode_step_pdl, dec_args)]
     for op, args in cases:
         torch.library.opcheck(op.default, args)

@@ -18,10 +18,8 @@ work) where triton is not installed.
         from x_proj's partial sums (the model's decode step)
     conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
         -> (P, batch, rows) float32 partial sums of x_proj applied to the conv's step
-    conv_x_proj_shift(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
-        -> (u, x_dbl): the conv's step (its window shifted in place) and x_proj, for a batch
-    (state_update, conv_x_proj, conv_x_proj_shift and decode_linear take pdl_launch=True:
-    launched with programmatic dependent launch, for `mamba_compiled.ops.pdl`)
+    (state_update, conv_x_proj and decode_linear take pdl_launch=True: launched with
+    programmatic dependent launch, for `mamba_compiled.ops.pdl`)
     decode_linear(x, weight, bias, norm_weight, eps, residual)
         -> [residual +] linear([rms_norm] x): a linear layer for decoding's few rows
 
@@ -33,9 +31,7 @@ they trace under FakeTensorMode with a dynamic seqlen.
 
 from __future__ import annotations
 
-__all__ = [
-    "scan_fwd", "scan_bwd", "state_update", "conv_x_proj", "conv_x_proj_shift", "decode_linear",
-]  # fmt: skip
+__all__ = ["scan_fwd", "scan_bwd", "state_update", "conv_x_proj", "decode_linear"]
 
 # The kernel modules (scan_forward, scan_backward, decode_step, linear) are named apart from these
 # functions: importing a submodule sets an attribute of the package with the submodule's name.
@@ -73,14 +69,6 @@ def state_update(
 
 def conv_x_proj(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch=False):
     from .decode_step import conv_x_proj as launch
-
-    return launch(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch)
-
-
-def conv_x_proj_shift(
-    conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch=False
-):  # fmt: skip
-    from .decode_step import conv_x_proj_shift as launch
 
     return launch(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch)
 

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .decode_step import _conv_x_proj_kernel, _conv_x_proj_shift_kernel, _state_update_kernel
+from .decode_step import _conv_x_proj_kernel, _state_update_kernel
 from .linear import _decode_dot_kernel, _decode_linear_kernel, _split_epilogue_kernel
 from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
@@ -76,8 +76,6 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(HAS_CB=True, W=4, BE=64, ROWS=256, GDC=False), 8),
         ("conv_x_proj_pdl", _conv_x_proj_kernel,
          dict(HAS_CB=True, W=4, BE=64, ROWS=256, GDC=True), 8),
-        ("conv_x_proj_shift_pdl", _conv_x_proj_shift_kernel,
-         dict(HAS_CB=True, W=4, BM=32, BE=32, CH=2, ROWS=256, DOT_F32=False, GDC=True), 8),
         ("decode_linear_norm", _decode_linear_kernel,
          dict(HAS_BIAS=False, NORM=True, RESIDUAL=False, BN=4, KP=2048, GDC=False), 4),
         ("decode_linear_residual_pdl", _decode_linear_kernel,
@@ -87,7 +85,7 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(dot, HAS_BIAS=True, RESIDUAL=True, GDC=True), 4),
         ("decode_dot_split", _decode_dot_kernel, dict(dot, PARTIAL=True, EVEN_K=False), 4),
         ("split_epilogue_pdl", _split_epilogue_kernel,
-         dict(HAS_BIAS=True, RESIDUAL=True, S=16, BN=128, GDC=True), 4),
+         dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, GDC=True), 4),
     ]  # fmt: skip
 
 

@@ -263,14 +263,12 @@ def _split_epilogue_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     wait_for_previous_kernel(GDC)
-    out = tl.zeros((BN,), tl.float32)
-    for s0 in range(0, n_split, S):  # S partial products at a time
-        part = tl.load(
-            part_ptr + (s0 + s[:, None]).to(tl.int64) * s_pp + row * s_pm + n[None, :],
-            mask=(s0 + s < n_split)[:, None] & nmask[None, :],
-            other=0.0,
-        )
-        out += tl.sum(part, 0)
+    part = tl.load(
+        part_ptr + s[:, None] * s_pp + row * s_pm + n[None, :],
+        mask=(s < n_split)[:, None] & nmask[None, :],
+        other=0.0,
+    )
+    out = tl.sum(part, 0)
     if HAS_BIAS:
         out += bias
     out = out.to(w_ptr.dtype.element_ty)
@@ -278,11 +276,6 @@ def _split_epilogue_kernel(
         res = tl.load(res_ptr + row * s_rm + n, mask=nmask)
         out = res.to(tl.float32) + out.to(tl.float32)
     tl.store(out_ptr + row * s_om + n, out.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-def split_epilogue_config(N: int, n_split: int) -> dict:
-    """`_split_epilogue_kernel`'s tile: up to 16 partial products by up to 128 columns."""
-    return dict(S=min(16, triton.next_power_of_2(n_split)), BN=min(128, triton.next_power_of_2(N)))
 
 
 def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_launch):
@@ -311,11 +304,11 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl(x, pdl_launch),
     )  # fmt: skip
     if split > 1:
-        epilogue = split_epilogue_config(N, split)
-        launcher(_split_epilogue_kernel, x)[(triton.cdiv(N, epilogue["BN"]), M)](
+        BN = min(256, triton.next_power_of_2(N))
+        launcher(_split_epilogue_kernel, x)[(triton.cdiv(N, BN), M)](
             part, bias if bias is not None else weight, res, out, weight,
             N, split, part.stride(0), part.stride(1), res.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, RESIDUAL=residual is not None, **epilogue,
-            num_warps=4, **pdl(x, pdl_launch),
+            HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+            S=triton.next_power_of_2(split), BN=BN, num_warps=4, **pdl(x, pdl_launch),
         )  # fmt: skip
     return out

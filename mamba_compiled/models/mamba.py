@@ -29,7 +29,6 @@ from torch.utils.checkpoint import checkpoint
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import (
     conv_x_proj,
-    conv_x_proj_shift,
     decode_linear,
     selective_scan_fn,
     selective_state_update,
@@ -332,21 +331,16 @@ class Mamba(nn.Module):
 
     def _ssm_step_batched(self, x, z, w, conv_state, ssm_state, A, D, dt_bias):
         """`_ssm_step` for batches above GEMV_MAX_BATCH and large dt_proj weights: the conv's
-        step, its window's shift and x_proj (`conv_x_proj_shift` where `fused_decoding`, else
-        under the compiler), dt_proj as a matrix product (each weight read once for all rows),
-        then `selective_state_update`; dt is rounded to
+        step and its window's shift under the compiler, x_proj and dt_proj as matrix products
+        (each weight read once for all rows), then `selective_state_update`; dt is rounded to
         the model's dtype, as the prefill rounds it. The decode kernel reads dt_proj's weight
         once per row: at 1.4B and batch 64 it took 40 % of the step, and this path took the
         step from 3.66 to 3.24 ms per token; at 130M (a weight 7x smaller) this path was slower,
         0.821 -> 0.866 ms (H200, perf/RESULTS.md, sixth session): DT_PROJ_PRODUCT_MIN sits
         between the two, and the sizes between them are not measured."""
-        if fused_decoding(x):  # the conv, its window's shift and x_proj: two kernels on CUDA
-            u, x_dbl = conv_x_proj_shift(conv_state, x, w, self.x_proj.weight, self.conv1d.bias)
-        else:
-            u = conv_step(conv_state, x, w, self.conv1d.bias).to(z.dtype)
-            conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
-            x_dbl = F.linear(u, self.x_proj.weight)
+        u = conv_step(conv_state, x, w, self.conv1d.bias).to(z.dtype)
+        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
         R, N = self.dt_rank, self.d_state
-        dt_low, B, C = torch.split(x_dbl, [R, N, N], dim=-1)
+        dt_low, B, C = torch.split(_product(u, self.x_proj.weight), [R, N, N], dim=-1)
         dt = _product(dt_low, self.dt_proj.weight)  # its bias is added in the softplus
         return selective_state_update(ssm_state, u, dt, A, B, C, D, z, dt_bias, dt_softplus=True)

@@ -9,7 +9,6 @@ from mamba_compiled.ops.linear import decode_linear
 from mamba_compiled.ops.pdl import programmatic_dependent_launch
 from mamba_compiled.ops.scan import (
     conv_x_proj,
-    conv_x_proj_shift,
     selective_scan_fn,
     selective_state_update,
     ssm_decode_step,
@@ -17,7 +16,6 @@ from mamba_compiled.ops.scan import (
 
 __all__ = [
     "conv_x_proj",
-    "conv_x_proj_shift",
     "decode_linear",
     "programmatic_dependent_launch",
     "selective_scan_fn",

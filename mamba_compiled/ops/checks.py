@@ -31,9 +31,7 @@ def _shape(name: str, t: Tensor, expected: tuple, names: str) -> None:
     if t.dim() != len(expected) or any(
         e is not None and s != e for s, e in zip(t.shape, expected, strict=False)
     ):
-        raise ValueError(
-            f"{name} must have shape {names} = {_spell(expected)}, got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must have shape {names} = {_spell(expected)}, got {tuple(t.shape)}")
 
 
 def _spell(expected: tuple) -> str:
@@ -67,15 +65,8 @@ def _same_device(named: dict[str, Tensor | None], lead: str, device: torch.devic
         raise ValueError(f"inputs are on {device}: the selective scan runs on cpu and cuda only")
 
 
-def _check_bc(
-    name: str,
-    M: Tensor,
-    batch: int,
-    dim: int,
-    dstate: int,
-    seqlen: int | None,
-    act_dtype: torch.dtype,
-) -> Tensor:
+def _check_bc(name: str, M: Tensor, batch: int, dim: int, dstate: int, seqlen: int | None,
+              act_dtype: torch.dtype) -> Tensor:
     """B or C in any of its layouts; returns the shared (dim, dstate) or grouped form."""
     tail = () if seqlen is None else (seqlen,)
     step = "" if seqlen is None else ", seqlen"
@@ -102,14 +93,8 @@ def _check_bc(
 def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     """Validates the scan's inputs; returns them normalized for the kernels."""
     for name, t, opt in (
-        ("u", u, False),
-        ("delta", delta, False),
-        ("A", A, False),
-        ("B", B, False),
-        ("C", C, False),
-        ("D", D, True),
-        ("z", z, True),
-        ("delta_bias", delta_bias, True),
+        ("u", u, False), ("delta", delta, False), ("A", A, False), ("B", B, False),
+        ("C", C, False), ("D", D, True), ("z", z, True), ("delta_bias", delta_bias, True),
         ("initial_state", initial_state, True),
     ):
         _is_tensor(name, t, opt)
@@ -117,22 +102,15 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
         raise ValueError(f"u must have shape (batch, dim, seqlen), got {tuple(u.shape)}")
     batch, dim, seqlen = u.shape
     if batch == 0 or dim == 0 or seqlen == 0:
-        raise ValueError(f"u must have a non-empty (batch, dim, seqlen), got {tuple(u.shape)}")
+        raise ValueError(
+            f"u must have a non-empty (batch, dim, seqlen), got {tuple(u.shape)}"
+        )
     if u.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"u must be float32, float16 or bfloat16, got {u.dtype}")
     _same_device(
-        {
-            "delta": delta,
-            "A": A,
-            "B": B,
-            "C": C,
-            "D": D,
-            "z": z,
-            "delta_bias": delta_bias,
-            "initial_state": initial_state,
-        },
-        "u",
-        u.device,
+        {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+         "initial_state": initial_state},
+        "u", u.device,
     )
     _shape("A", A, (dim, None), "(dim, dstate)")
     dstate = A.shape[1]
@@ -156,17 +134,10 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     B = _check_bc("B", B, batch, dim, dstate, seqlen, u.dtype)
     C = _check_bc("C", C, batch, dim, dstate, seqlen, u.dtype)
     if u.device.type == "cuda" and u.dtype == torch.float64:
-        raise TypeError(
-            "u is float64 on cuda: the Triton kernels take float32, float16 or bfloat16"
-        )
+        raise TypeError("u is float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
     return (
-        _unit_stride(u),
-        _unit_stride(delta),
-        A.contiguous(),
-        B,
-        C,
-        None if D is None else D.contiguous(),
-        _unit_stride(z),
+        _unit_stride(u), _unit_stride(delta), A.contiguous(), B, C,
+        None if D is None else D.contiguous(), _unit_stride(z),
         None if delta_bias is None else delta_bias.contiguous(),
         None if initial_state is None else initial_state.contiguous(),
     )
@@ -187,22 +158,14 @@ def _decode_activation(name: str, t: Tensor) -> tuple[int, int]:
 def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
     """Validates one decode step's inputs; returns them normalized (B, C as (batch, groups, dstate))."""
     for name, t, opt in (
-        ("state", state, False),
-        ("x", x, False),
-        ("dt", dt, False),
-        ("A", A, False),
-        ("B", B, False),
-        ("C", C, False),
-        ("D", D, True),
-        ("z", z, True),
-        ("dt_bias", dt_bias, True),
+        ("state", state, False), ("x", x, False), ("dt", dt, False), ("A", A, False),
+        ("B", B, False), ("C", C, False), ("D", D, True), ("z", z, True), ("dt_bias", dt_bias, True),
     ):
         _is_tensor(name, t, opt)
     batch, dim = _decode_activation("x", x)
     _same_device(
         {"state": state, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias},
-        "x",
-        x.device,
+        "x", x.device,
     )
     _shape("A", A, (dim, None), "(dim, dstate)")
     dstate = A.shape[1]
@@ -227,17 +190,10 @@ def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
     B = _check_bc("B", B, batch, dim, dstate, None, x.dtype)
     C = _check_bc("C", C, batch, dim, dstate, None, x.dtype)
     if x.device.type == "cuda" and x.dtype == torch.float64:
-        raise TypeError(
-            "x is float64 on cuda: the Triton kernels take float32, float16 or bfloat16"
-        )
+        raise TypeError("x is float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
     return (
-        _unit_stride(x),
-        _unit_stride(dt),
-        A.contiguous(),
-        B,
-        C,
-        None if D is None else D.contiguous(),
-        _unit_stride(z),
+        _unit_stride(x), _unit_stride(dt), A.contiguous(), B, C,
+        None if D is None else D.contiguous(), _unit_stride(z),
         None if dt_bias is None else dt_bias.contiguous(),
     )
 
@@ -257,9 +213,7 @@ def _check_conv_step_inputs(conv_state, conv_x, conv_weight, conv_bias):
     if width == 0:
         raise ValueError("conv_state must have shape (batch, dim, d_conv) with d_conv > 0")
     if conv_state.dtype != conv_x.dtype:
-        raise TypeError(
-            f"conv_state must have conv_x's dtype {conv_x.dtype}, got {conv_state.dtype}"
-        )
+        raise TypeError(f"conv_state must have conv_x's dtype {conv_x.dtype}, got {conv_state.dtype}")
     _shape("conv_weight", conv_weight, (dim, width), "(dim, d_conv) like conv_state")
     if conv_bias is not None:
         _shape("conv_bias", conv_bias, (dim,), "(dim,)")

@@ -6,14 +6,14 @@ still running, then waits for it (`griddepcontrol.wait`) before reading what it 
 launch the registered ops' Triton kernels that way: Inductor launches a `triton_op`'s kernels
 itself, with no PDL option (torch 2.11), and the wait is inline assembly, which traced graphs
 cannot take (see `lowering.common.traced`). These opaque twins (`decode_linear_pdl`,
-`conv_x_proj_pdl`, `conv_x_proj_shift_pdl`, `ssm_decode_step_pdl`; same arguments, CUDA only)
-launch their kernels themselves, with PDL, also inside a compiled graph and its CUDA graph.
+`conv_x_proj_pdl`, `ssm_decode_step_pdl`; same arguments, CUDA only) launch their kernels
+themselves, with PDL, also inside a compiled graph and its CUDA graph.
 
 While `programmatic_dependent_launch()` is open, the public wrappers (`decode_linear`,
-`conv_x_proj`, `conv_x_proj_shift`, `ssm_decode_step`) pick the twins for CUDA tensors; a graph
-compiled inside the block keeps them (Dynamo guards on the switch). `MambaGenerator` opens it on
-sm_90+ GPUs by default: on an H200 the 130M model's step took 0.374 -> 0.321 ms per token
-(perf/RESULTS.md, sixth session), with logits bit-identical to the twins launched without PDL.
+`conv_x_proj`, `ssm_decode_step`) pick the twins for CUDA tensors; a graph compiled inside the
+block keeps them (Dynamo guards on the switch). `MambaGenerator` opens it on sm_90+ GPUs by
+default: on an H200 the 130M model's step took 0.374 -> 0.321 ms per token (perf/RESULTS.md,
+sixth session), with logits bit-identical to the twins launched without PDL.
 """
 
 from __future__ import annotations
@@ -74,22 +74,6 @@ def _(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
 
     n_part = conv_x_proj_slices(conv_x.shape[1])[1]
     return empty((n_part, conv_x.shape[0], x_proj_weight.shape[0]), conv_x, torch.float32)
-
-
-@custom_op(
-    "mamba_compiled::conv_x_proj_shift_pdl", mutates_args=("conv_state",), device_types="cuda"
-)
-def conv_x_proj_shift_pdl(
-    conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt, x_proj_weight: Tensor
-) -> tuple[Tensor, Tensor]:
-    return lowering().conv_x_proj_shift(
-        conv_state, conv_x, conv_weight, conv_bias, x_proj_weight, pdl_launch=True
-    )
-
-
-@conv_x_proj_shift_pdl.register_fake
-def _(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
-    return empty(conv_x.shape, conv_x), empty((conv_x.shape[0], x_proj_weight.shape[0]), conv_x)
 
 
 @custom_op(

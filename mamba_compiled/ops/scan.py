@@ -10,11 +10,8 @@ Registered ops:
     selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> out
     conv_x_proj(conv_state, conv_x, conv_weight, conv_bias?, x_proj_weight) -> x_dbl
                     (the conv's step and x_proj, as (P, batch, rows) partial sums: one kernel)
-    conv_x_proj_shift(conv_state!, conv_x, conv_weight, conv_bias?, x_proj_weight) -> (u, x_dbl)
-                    (the conv's step with its window's shift, and x_proj, for the decode step
-                    above batch 8: two kernels on CUDA)
-    (conv_x_proj_pdl, conv_x_proj_shift_pdl and ssm_decode_step_pdl: opaque CUDA twins
-    launched with programmatic dependent launch, in `mamba_compiled.ops.pdl`)
+    (conv_x_proj_pdl and ssm_decode_step_pdl: opaque CUDA twins launched with programmatic
+    dependent launch, in `mamba_compiled.ops.pdl`)
     ssm_decode_step(state!, conv_state!, conv_x, conv_weight, conv_bias?, x_dbl, dt_weight, A,
                     D?, z?, dt_bias?, dt_softplus) -> out
                     (the model's decode step after x_proj: x_proj's partial sums summed, the
@@ -62,16 +59,8 @@ from mamba_compiled.ops.registry import Opt, empty, lowering, public_op
 
 @custom_op("mamba_compiled::selective_scan_fwd_cpu", mutates_args=(), device_types="cpu")
 def _scan_fwd_cpu(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Opt,
-    z: Opt,
-    delta_bias: Opt,
-    initial_state: Opt,
-    delta_softplus: bool,
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return cpu.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
 
@@ -108,16 +97,8 @@ def _bwd_fake(u, delta, A, B, C, z):
     "mamba_compiled::selective_state_update_cpu", mutates_args=("state",), device_types="cpu"
 )
 def _state_update_cpu(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Opt,
-    z: Opt,
-    dt_bias: Opt,
-    dt_softplus: bool,
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    dt_bias: Opt, dt_softplus: bool,
 ) -> Tensor:
     return cpu.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
@@ -133,16 +114,8 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 
 @public_op("mamba_compiled::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Opt,
-    z: Opt,
-    delta_bias: Opt,
-    initial_state: Opt,
-    delta_softplus: bool,
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if u.device.type == "cuda":
         return lowering().scan_fwd(
@@ -155,88 +128,32 @@ def selective_scan_fwd(
 
 @custom_op("mamba_compiled::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(
-    dout: Tensor,
-    dlast_state: Opt,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Opt,
-    z: Opt,
-    delta_bias: Opt,
-    initial_state: Opt,
-    checkpoints: Tensor,
-    delta_softplus: bool,
-    deterministic: bool,
+    dout: Tensor, dlast_state: Opt, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
+    delta_softplus: bool, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if u.device.type == "cuda":
         return lowering().scan_bwd(
-            dout,
-            dlast_state,
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            initial_state,
-            checkpoints,
-            delta_softplus,
-            deterministic,
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+            delta_softplus, deterministic,
         )
     # The CPU kernel has no atomics: it is deterministic either way.
     return cpu.scan_bwd(
-        dout,
-        dlast_state,
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
-        initial_state,
-        checkpoints,
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
         delta_softplus,
     )
 
 
 @selective_scan_bwd.register_fake
-def _(
-    dout,
-    dlast_state,
-    u,
-    delta,
-    A,
-    B,
-    C,
-    D,
-    z,
-    delta_bias,
-    initial_state,
-    checkpoints,
-    delta_softplus,
-    deterministic,
-):
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+      delta_softplus, deterministic):
     return _bwd_fake(u, delta, A, B, C, z)
 
 
 @public_op("mamba_compiled::selective_state_update", mutates_args=("state",))
 def selective_state_update_op(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Opt,
-    z: Opt,
-    dt_bias: Opt,
-    dt_softplus: bool,
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
+    dt_bias: Opt, dt_softplus: bool,
 ) -> Tensor:
     if x.device.type == "cuda":
         return lowering().state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -256,33 +173,10 @@ def conv_x_proj_op(
     return (u.to(acc) @ x_proj_weight.to(acc).t())[None]  # one partial sum
 
 
-@public_op("mamba_compiled::conv_x_proj_shift", mutates_args=("conv_state",))
-def conv_x_proj_shift_op(
-    conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt, x_proj_weight: Tensor
-) -> tuple[Tensor, Tensor]:
-    if conv_x.device.type == "cuda":
-        return lowering().conv_x_proj_shift(
-            conv_state, conv_x, conv_weight, conv_bias, x_proj_weight
-        )
-    u = conv_step(conv_state, conv_x, conv_weight, conv_bias)
-    conv_state.copy_(torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1))
-    acc = torch.float64 if conv_x.dtype == torch.float64 else torch.float32
-    return u, (u.to(acc) @ x_proj_weight.to(acc).t()).to(conv_x.dtype)
-
-
 @public_op("mamba_compiled::ssm_decode_step", mutates_args=("state", "conv_state"))
 def ssm_decode_step_op(
-    state: Tensor,
-    conv_state: Tensor,
-    conv_x: Tensor,
-    conv_weight: Tensor,
-    conv_bias: Opt,
-    x_dbl: Tensor,
-    dt_weight: Tensor,
-    A: Tensor,
-    D: Opt,
-    z: Opt,
-    dt_bias: Opt,
+    state: Tensor, conv_state: Tensor, conv_x: Tensor, conv_weight: Tensor, conv_bias: Opt,
+    x_dbl: Tensor, dt_weight: Tensor, A: Tensor, D: Opt, z: Opt, dt_bias: Opt,
     dt_softplus: bool,
 ) -> Tensor:
     if conv_x.device.type == "cuda":
@@ -339,28 +233,12 @@ def _backward(ctx, dout, dlast_state, _dcheckpoints):
         dlast_state = dlast_state.contiguous()
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = (
         torch.ops.mamba_compiled.selective_scan_bwd(
-            dout,
-            dlast_state,
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            initial_state,
-            checkpoints,
-            ctx.delta_softplus,
-            torch.are_deterministic_algorithms_enabled(),
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+            ctx.delta_softplus, torch.are_deterministic_algorithms_enabled(),
         )
     )
     return (
-        du,
-        ddelta,
-        dA,
-        dB,
-        dC,
+        du, ddelta, dA, dB, dC,
         dD if D is not None else None,
         dz if z is not None else None,
         ddelta_bias if delta_bias is not None else None,
@@ -448,27 +326,6 @@ def conv_x_proj(
     if pdl.use_pdl(conv_x):
         return torch.ops.mamba_compiled.conv_x_proj_pdl(*args)
     return torch.ops.mamba_compiled.conv_x_proj(*args)
-
-
-def conv_x_proj_shift(
-    conv_state: Tensor,
-    conv_x: Tensor,
-    conv_weight: Tensor,
-    x_proj_weight: Tensor,
-    conv_bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The conv's step, its window's shift and x_proj for one decoding step of a batch (two
-    kernels on CUDA; above batch 8 the compiled decode step ran four for this).
-
-    Arguments as `conv_x_proj`'s. Returns u = `conv_step(conv_state, conv_x, conv_weight,
-    conv_bias)` (batch, dim) and x_dbl = u @ x_proj_weight.T (batch, rows), accumulated in
-    float32 (float64 for float64) and rounded to conv_x's dtype, as `F.linear` rounds; then
-    conv_state (batch, dim, d_conv) holds its last d_conv - 1 columns followed by conv_x.
-    """
-    args = check_conv_x_proj_inputs(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight)
-    if pdl.use_pdl(conv_x):
-        return torch.ops.mamba_compiled.conv_x_proj_shift_pdl(*args)
-    return torch.ops.mamba_compiled.conv_x_proj_shift(*args)
 
 
 def ssm_decode_step(
