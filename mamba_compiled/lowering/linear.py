@@ -16,11 +16,13 @@ program, as first written, the H200 took 10x batch 1's time at batch 8 (cuBLAS: 
 
 From DOT_MIN_ROWS rows on, a second kernel multiplies tiles with `tl.dot` instead: one program
 per (BN weight rows, BM rows of x), the weight streamed once along K in BK-wide chunks, the norm
-as a first pass over x's rows (from L2) and the residual add in the epilogue; when the tiles are
-too few to fill the SMs, SPLIT programs share K and a second kernel sums their fp32 partial
-products and applies the epilogue. At batch 64 on an H200, cuBLAS took 4.9 us for the 130M
-model's in_proj (4.7 MB, 1 TB/s) and 14 us for 1.4B's (2.4 TB/s), with the norm and the
-residual add as kernels of their own (perf/NOTES.md, Run 10).
+as a first pass over x's rows and the residual add in the epilogue; when the tiles are too few
+to fill the SMs, SPLIT programs share K and a second kernel sums their fp32 partial products
+and applies the epilogue. On an H200 at batch 64 it equals cuBLAS on the models' large products
+and beats it on the skinny ones (x_proj), and it launches with PDL and adds the residual in its
+epilogue: 130M's decode step 0.866 -> 0.693 ms per token with the state-update configuration of
+the same session (perf/RESULTS.md, seventh session). The norm inside it is correct but slow at
+64 rows (every program reads x's whole fp32 rows): the model normalizes first there.
 
 The configuration is fixed by a heuristic (autotuning a decode step's kernels adds nothing a
 heuristic misses here: the bound is bandwidth).
@@ -228,9 +230,8 @@ def _decode_dot_kernel(
             nw = tl.load(nw_ptr + k0 + kk, mask=kk + k0 < K, other=0.0)
             xf = xk.to(nw_ptr.dtype.element_ty).to(tl.float32)
             xk = (xf * rstd[:, None] * nw.to(tl.float32)[None, :]).to(nw_ptr.dtype.element_ty)
-        if (
-            DOT_F32
-        ):  # the interpreter's bf16 dot is wrong (triton 3.9): bf16 products are exact in fp32
+        # DOT_F32: the interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32
+        if DOT_F32:
             acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
