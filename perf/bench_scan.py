@@ -554,6 +554,7 @@ def cuda_decode(rep: Report, tables=DECODE_TABLES):
         _decode_chain(rep)
     if "configs" in tables:
         _decode_configs(rep)
+        _decode_rows(rep)
     if "step" in tables:
         _decode_step_table(rep)
 
@@ -824,7 +825,7 @@ def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cud
     rep("|---|---|---|" + "---|" * len(DECODE_CONFIGS))
     g = dict(device=device)
     for dim, rank in ((1536, 48), (4096, 128)):
-        for kernel, batch in (("fused", 1), ("fused", 64), ("dt given", 64)):
+        for kernel, batch in (("fused", 1), ("dt given", 64)):
             state = torch.randn(batch, dim, N, **g)
             conv = torch.randn(batch, dim, width, **g).to(dtype)
             cx, z = (torch.randn(batch, dim, **g).to(dtype) for _ in range(2))
@@ -862,6 +863,65 @@ def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cud
                 + " | ".join(f"{t:.2f}" for t in times)
                 + " |"
             )
+
+
+ROWS_CONFIGS = [(bd, w) for bd in (16, 32, 64) for w in (4, 8)]
+
+
+def _decode_rows(
+    rep: Report, N=16, width=4, dtype=torch.float16, device="cuda",
+    sizes=((1536, 48), (4096, 128)), batches=(16, 64),
+):  # fmt: skip
+    """The model's decode step above batch 8 (`_state_update_rows_kernel`: the conv's step,
+    dt_proj as tl.dot over 16 rows, the state update, the window's shift) for every (channels
+    per program, warps) in ROWS_CONFIGS (`common.set_override(decode_rows=...)`), each checked
+    against the default first, and what it replaced at 1.4B (seventh session): dt_proj as
+    `decode_linear`, the window's shift as cat + copy, `selective_state_update`. CUDA graph µs
+    per call, inputs as the model passes them (x_proj's output as one sum in fp16)."""
+    from mamba_compiled.lowering import common, decode_linear
+    from mamba_compiled.lowering.decode_step import rows_config
+
+    rep("\n### The decode step for many rows by (channels, warps), CUDA graph µs\n")
+    heads = " | ".join(f"{bd}, {w}" for bd, w in ROWS_CONFIGS)
+    rep(f"| dim, dt_rank | batch | default | {heads} | before (3 kernels + shift) |")
+    rep("|---|---|---|" + "---|" * (len(ROWS_CONFIGS) + 1))
+    g = dict(device=device)
+    for dim, rank in sizes:
+        for batch in batches:
+            state = torch.randn(batch, dim, N, **g)
+            conv = torch.randn(batch, dim, width, **g).to(dtype)
+            cx, z = (torch.randn(batch, dim, **g).to(dtype) for _ in range(2))
+            cw = (0.5 * torch.randn(dim, width, **g)).to(dtype)
+            x_dbl = (0.1 * torch.randn(1, batch, rank + 2 * N, **g)).to(dtype)
+            dtw = (0.1 * torch.randn(dim, rank, **g)).to(dtype)
+            A, D, bias = -torch.rand(dim, N, **g), torch.randn(dim, **g), torch.rand(dim, **g)
+            rest = (A, D, z, bias, dtw, cx, cw, x_dbl)
+
+            def run(state, conv, rest=rest):
+                return _model_decode_step(state, conv, *rest)
+
+            want = run(state.clone(), conv.clone())
+            times = [_graph_us(functools.partial(run, state.clone(), conv.clone()))]
+            for cfg in ROWS_CONFIGS:
+                common.set_override(decode_rows=cfg)
+                try:
+                    got = run(state.clone(), conv.clone())
+                    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+                    times.append(_graph_us(functools.partial(run, state.clone(), conv.clone())))
+                finally:
+                    common.set_override()
+            u = torch.randn(batch, dim, **g).to(dtype)
+            dt_low, B, C = torch.split(x_dbl[0], [rank, N, N], dim=-1)
+
+            def before(state, conv, a=(u, dt_low, B, C, dtw, A, D, z, bias, cx)):
+                u, dt_low, B, C, dtw, A, D, z, bias, cx = a
+                dt = decode_linear(dt_low, dtw, None, None, 1e-5, None)
+                conv.copy_(torch.cat([conv[:, :, 1:], cx[:, :, None]], dim=-1))
+                return selective_state_update(state, u, dt, A, B, C, D, z, bias, True)
+
+            times.append(_graph_us(functools.partial(before, state.clone(), conv.clone())))
+            default = "{}, {}".format(*rows_config(batch, dim, N))
+            rep(f"| {dim}, {rank} | {batch} | {default} | " + " | ".join(f"{t:.2f}" for t in times) + " |")  # noqa: E501  # fmt: skip
 
 
 def _time_decode(batch, dim, N, dtype, n=100):

@@ -96,3 +96,24 @@ def joint_loss(result, weights) -> torch.Tensor:
 def loss_weights(result) -> list[torch.Tensor]:
     rs = result if isinstance(result, tuple) else (result,)
     return [torch.randn(r.shape, dtype=torch.float64, device=r.device) for r in rs]
+
+
+def decode_step_reference(state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D,
+                          bias):  # fmt: skip
+    """The model's decode step (`ssm_decode_step`, softplus on) in float64, each value rounded
+    where the model rounds it (the conv's output and x_proj's summed output in conv_x's dtype):
+    (out, state after, conv window after). The inputs are not changed."""
+    from mamba_compiled.ops.reference import selective_state_update_ref
+
+    f = lambda t: t.double()  # noqa: E731
+    dtype, rank, n = conv_x.dtype, dt_weight.shape[1], A.shape[1]
+    window = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
+    u = (f(window) * f(conv_w)).sum(-1) + (f(conv_b) if conv_b is not None else 0)
+    u = torch.nn.functional.silu(u).to(dtype)
+    xd = f(x_dbl).sum(0).to(dtype)
+    dt_low, B, C = torch.split(xd, [rank, n, n], dim=-1)
+    dt = f(dt_low) @ f(dt_weight).t()
+    out, new_state = selective_state_update_ref(
+        f(state), f(u), dt, f(A), f(B)[:, None], f(C)[:, None], f(D), f(z), f(bias), True
+    )
+    return out, new_state, window

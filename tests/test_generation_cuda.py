@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from mamba_compiled.generation import MambaGenerator
-from mamba_compiled.models import MambaConfig, MambaLMHeadModel, mamba
+from mamba_compiled.models import MambaConfig, MambaLMHeadModel
 
 pytestmark = pytest.mark.cuda
 VOCAB = 64
@@ -33,10 +33,9 @@ def greedy(gen, ids, n, **kw):
     return gen.generate(ids, max_new_tokens=n, temperature=0.0, **kw)
 
 
-# batch 12: the projections as decode_linear's tl.dot kernel, dt_proj in the decode kernel or not
-@pytest.mark.parametrize("batch, product", [(4, False), (12, False), (12, True)])
-def test_teacher_forced_decode_equals_forward_cuda(batch, product, monkeypatch):
-    monkeypatch.setattr(mamba, "DT_PROJ_PRODUCT_MIN", 0 if product else 2**62)
+# batch 12: the projections as decode_linear's tl.dot kernel, the decode kernel for many rows
+@pytest.mark.parametrize("batch", [4, 12])
+def test_teacher_forced_decode_equals_forward_cuda(batch):
     model = model_on()
     ids = torch.randint(0, VOCAB, (batch, 40), device="cuda")
     gen = MambaGenerator(model, batch, compile=False)
@@ -46,11 +45,10 @@ def test_teacher_forced_decode_equals_forward_cuda(batch, product, monkeypatch):
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 9:], atol=2e-4, rtol=2e-3)
 
 
-# batch 12: above GEMV_MAX_BATCH, in the decode kernel or with dt_proj as a product
-@pytest.mark.parametrize("batch, product", [(2, False), (12, False), (12, True)])
+# batch 12: above GEMV_MAX_BATCH (the decode kernel for many rows)
+@pytest.mark.parametrize("batch", [2, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch, product, monkeypatch):
-    monkeypatch.setattr(mamba, "DT_PROJ_PRODUCT_MIN", 0 if product else 2**62)
+def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch):
     torch._dynamo.reset()
     counters.clear()
     model = model_on(dtype)

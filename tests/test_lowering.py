@@ -14,6 +14,7 @@ import importlib.util
 
 import pytest
 import torch
+from scan_inputs import decode_step_reference
 
 from mamba_compiled.ops.reference import (
     decode_linear_ref,
@@ -435,26 +436,19 @@ def _decode_inputs(batch, d, n, width, rank, parts, dtype, conv_bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rank,width,conv_bias,parts", [(3, 4, True, 3), (5, 2, False, 1)])
-def test_decode_step_fused(dtype, rank, width, conv_bias, parts):
+@pytest.mark.parametrize("batch,dim", [(3, 12), (20, 40)], ids=["one-row", "rows"])
+def test_decode_step_fused(dtype, rank, width, conv_bias, parts, batch, dim):
     """x_proj's partial sums summed, the conv's step, dt_proj, the state update and the
     conv-window shift in one kernel: equal to the oracle's state update fed with the conv
     output, dt, B and C computed in float64 (each rounded where the model rounds it), and to
-    the window shifted by torch."""
+    the window shifted by torch. Batch 20 runs the many-rows kernel (two row blocks, the
+    second partial; three channel blocks, the last partial)."""
     from mamba_compiled.lowering import state_update
 
     n = 4
-    inputs = _decode_inputs(3, 12, n, width, rank, parts, dtype, conv_bias)
+    inputs = _decode_inputs(batch, dim, n, width, rank, parts, dtype, conv_bias)
     state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
-    f = lambda t: t.double()  # noqa: E731
-    ref_conv = torch.cat([conv_state[:, :, 1:], conv_x[:, :, None]], dim=-1)
-    u = (f(ref_conv) * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)
-    u = torch.nn.functional.silu(u).to(dtype)  # the kernel rounds u as the model does
-    xd = f(x_dbl).sum(0).to(dtype)  # and x_proj's output
-    dt_low, B, C = torch.split(xd, [rank, n, n], dim=-1)
-    dt = f(dt_low) @ f(dt_weight).t()
-    ref_out, ref_state = selective_state_update_ref(
-        f(state), f(u), dt, f(A), f(B)[:, None], f(C)[:, None], f(D), f(z), f(bias), True
-    )
+    ref_out, ref_state, ref_conv = decode_step_reference(*inputs)
     out = state_update(
         state, None, None, A, None, None, D, z, bias, True, dt_weight, conv_state, conv_x,
         conv_w, conv_b, x_dbl,

@@ -278,6 +278,44 @@ def test_state_update_cuda_graph():
         torch.testing.assert_close(graph_state, eager_state, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 12, 64])  # from 9 rows on, the many-rows kernel
+@pytest.mark.parametrize("dim, rank", [(1536, 48), (4096, 128)], ids=["130m", "1.4b"])
+def test_decode_step_model_sizes(dtype, batch, dim, rank):
+    """The model's decode step (`ssm_decode_step`'s kernels) at the 130M and 1.4B sizes, x_proj's
+    output given as one sum in the model's dtype (as above batch 8) or as fp32 partial sums,
+    against float64 with the model's roundings; the conv window shifted exactly."""
+    from scan_inputs import decode_step_reference
+
+    from mamba_compiled.lowering import state_update
+
+    dev, N, width = "cuda", 16, 4
+    act = dict(device=dev, dtype=dtype)
+    parts = 1 if batch > 8 else 24
+    x_dbl = 0.3 * torch.randn(parts, batch, rank + 2 * N, device=dev)
+    x_dbl = x_dbl.to(dtype) if parts == 1 else x_dbl
+    inputs = (
+        torch.randn(batch, dim, N, device=dev), torch.randn(batch, dim, width, **act),
+        torch.randn(batch, dim, **act), torch.randn(batch, dim, **act),
+        (0.5 * torch.randn(dim, width, device=dev)).to(dtype), torch.randn(dim, **act), x_dbl,
+        (0.3 * torch.randn(dim, rank, device=dev)).to(dtype),
+        -0.5 * torch.rand(dim, N, device=dev), torch.randn(dim, device=dev),
+        torch.rand(dim, device=dev),
+    )  # fmt: skip
+    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
+    ref_out, ref_state, ref_conv = decode_step_reference(*inputs)
+    out = state_update(
+        state, None, None, A, None, None, D, z, bias, True, dt_weight, conv_state, conv_x,
+        conv_w, conv_b, x_dbl,
+    )  # fmt: skip
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol)
+    # a 16-bit u may round the other way than float64's (one ulp), and the state moves with it
+    rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (rtol, atol)
+    torch.testing.assert_close(state.double(), ref_state, rtol=rtol, atol=atol)
+    assert torch.equal(conv_state, ref_conv), "conv window not shifted exactly"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("batch", [1, 5, 8, 16, 64])  # from 9 rows on, tl.dot tiles
 @pytest.mark.parametrize(
@@ -305,11 +343,15 @@ def test_decode_linear(dtype, batch, N, K, norm, residual):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 
 
-def test_decode_kernels_with_programmatic_dependent_launch():
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_kernels_with_programmatic_dependent_launch(batch):
     """The decode step's kernels launched with PDL (each loads its weights while the previous
     kernel runs, then waits for it) compute what they compute without, over a chain of layers
-    where each kernel reads the previous one's output."""
+    where each kernel reads the previous one's output. At batch 64 as the model runs it there:
+    the conv's step in torch, x_proj as decode_linear's tl.dot kernel (split-K), the state
+    update's kernel for many rows."""
     from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
+    from mamba_compiled.ops.scan import conv_step
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
@@ -321,16 +363,20 @@ def test_decode_kernels_with_programmatic_dependent_launch():
          -torch.rand(d_inner, N, device=dev), h(d_model, d_inner, scale=0.03))
         for _ in range(3)
     ]  # fmt: skip
-    x0 = torch.randn(1, d_model, device=dev)
-    conv0 = h(len(layers), 1, d_inner, width)
-    ssm0 = torch.randn(len(layers), 1, d_inner, N, device=dev)
+    x0 = torch.randn(batch, d_model, device=dev)
+    conv0 = h(len(layers), batch, d_inner, width)
+    ssm0 = torch.randn(len(layers), batch, d_inner, N, device=dev)
     results = []
     for on in (False, True):
         x, convs, ssms = x0, conv0.clone(), ssm0.clone()
         for i, (nw, in_w, cw, cb, xw, dtw, A, out_w) in enumerate(layers):
             xz = decode_linear(x, in_w, None, nw, 1e-5, None, on)
             u, z = xz[:, :d_inner], xz[:, d_inner:]
-            x_dbl = conv_x_proj(convs[i], u, cw, cb, xw, on)
+            if batch == 1:
+                x_dbl = conv_x_proj(convs[i], u, cw, cb, xw, on)
+            else:
+                u_conv = conv_step(convs[i], u, cw, cb)
+                x_dbl = decode_linear(u_conv, xw, None, None, 1e-5, None, on)[None]
             y = state_update(ssms[i], None, None, A, None, None, None, z, None, True, dtw,
                              convs[i], u, cw, cb, x_dbl, on)  # fmt: skip
             x = decode_linear(y, out_w, None, None, 1e-5, x, on)

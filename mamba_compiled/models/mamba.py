@@ -31,7 +31,6 @@ from mamba_compiled.ops import (
     conv_x_proj,
     decode_linear,
     selective_scan_fn,
-    selective_state_update,
     ssm_decode_step,
 )
 from mamba_compiled.ops.scan import conv_step
@@ -39,9 +38,6 @@ from mamba_compiled.ops.scan import conv_step
 # Decoding batches up to this size project with reductions under the compiler (see `_gemv`), and
 # the conv's step and x_proj with `conv_x_proj`; larger ones see `Mamba._ssm_step`.
 GEMV_MAX_BATCH = 8
-# Above GEMV_MAX_BATCH, mixers whose dt_proj weight has at least this many elements run dt_proj
-# as a matrix product (`Mamba._ssm_step_batched`); smaller ones inside the decode kernel.
-DT_PROJ_PRODUCT_MIN = 2**18
 # Decoding batches up to FUSED_MAX_BATCH, and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH, run their
 # projections as `decode_linear` on CUDA (see `fused_decoding`). Its batch-1 kernel reads the
 # weights once per row, so batches 2 to 8 stay with the compiler's reductions (`_gemv`); from 9
@@ -306,13 +302,14 @@ class Mamba(nn.Module):
             # which the decode kernel sums (one kernel each on CUDA, where Inductor stored the
             # conv's output in a kernel of its own before x_proj's reduction)
             x_dbl = conv_x_proj(conv_state, x, w, self.x_proj.weight, self.conv1d.bias)
-        elif self.dt_proj.weight.numel() >= DT_PROJ_PRODUCT_MIN:
-            return self._ssm_step_batched(x, z, w, conv_state, ssm_state, A, D, dt_bias)
         else:  # the conv under the compiler, x_proj a matrix product
             u = conv_step(conv_state, x, w, self.conv1d.bias).to(xz.dtype)
             x_dbl = _product(u, self.x_proj.weight)[None]
         # x_proj's sum, the conv, dt_proj (its weight; the bias in the softplus), the state
-        # update, the gate and the conv shift
+        # update, the gate and the conv shift: one kernel on CUDA, which above batch 8 reads
+        # dt_proj's weight once per 16 rows (at 1.4B and batch 64 this replaced dt_proj as a
+        # product, `selective_state_update` and the window's shift as `cat` + copy, see
+        # perf/RESULTS.md, eighth session)
         y = ssm_decode_step(
             ssm_state,
             conv_state,
@@ -328,19 +325,3 @@ class Mamba(nn.Module):
             conv_bias=self.conv1d.bias,
         )
         return y  # (b, d_inner)
-
-    def _ssm_step_batched(self, x, z, w, conv_state, ssm_state, A, D, dt_bias):
-        """`_ssm_step` for batches above GEMV_MAX_BATCH and large dt_proj weights: the conv's
-        step and its window's shift under the compiler, x_proj and dt_proj as matrix products
-        (each weight read once for all rows), then `selective_state_update`; dt is rounded to
-        the model's dtype, as the prefill rounds it. The decode kernel reads dt_proj's weight
-        once per row: at 1.4B and batch 64 it took 40 % of the step, and this path took the
-        step from 3.66 to 3.24 ms per token; at 130M (a weight 7x smaller) this path was slower,
-        0.821 -> 0.866 ms (H200, perf/RESULTS.md, sixth session): DT_PROJ_PRODUCT_MIN sits
-        between the two, and the sizes between them are not measured."""
-        u = conv_step(conv_state, x, w, self.conv1d.bias).to(z.dtype)
-        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
-        R, N = self.dt_rank, self.d_state
-        dt_low, B, C = torch.split(_product(u, self.x_proj.weight), [R, N, N], dim=-1)
-        dt = _product(dt_low, self.dt_proj.weight)  # its bias is added in the softplus
-        return selective_state_update(ssm_state, u, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
