@@ -865,26 +865,26 @@ def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cud
             )
 
 
-ROWS_CONFIGS = [(bd, w) for bd in (16, 32, 64) for w in (4, 8)]
+BATCHED_CONFIGS = [(16, 2), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
 
 
 def _decode_rows(
     rep: Report, N=16, width=4, dtype=torch.float16, device="cuda",
     sizes=((1536, 48), (4096, 128)), batches=(16, 64),
 ):  # fmt: skip
-    """The model's decode step above batch 8 (`_state_update_rows_kernel`: the conv's step,
-    dt_proj as tl.dot over 16 rows, the state update, the window's shift) for every (channels
-    per program, warps) in ROWS_CONFIGS (`common.set_override(decode_rows=...)`), each checked
-    against the default first, and what it replaced at 1.4B (seventh session): dt_proj as
-    `decode_linear`, the window's shift as cat + copy, `selective_state_update`. CUDA graph µs
-    per call, inputs as the model passes them (x_proj's output as one sum in fp16)."""
+    """The model's decode step above batch 8 (`state_update` with conv_weight and x_dbl: dt_proj
+    as `decode_linear`'s tl.dot product in fp32, then the state-update kernel with the conv's
+    step and the window's shift) for every (channels per program, warps) in BATCHED_CONFIGS
+    (`common.set_override(decode=...)`), each checked against the default first, and what it
+    replaced at 1.4B (seventh session): dt_proj rounded to fp16, the window's shift as cat +
+    copy, `selective_state_update`. CUDA graph µs per call, inputs as the model passes them
+    (x_proj's output as one sum in fp16)."""
     from mamba_compiled.lowering import common, decode_linear
-    from mamba_compiled.lowering.decode_step import rows_config
 
-    rep("\n### The decode step for many rows by (channels, warps), CUDA graph µs\n")
-    heads = " | ".join(f"{bd}, {w}" for bd, w in ROWS_CONFIGS)
+    rep("\n### The decode step above batch 8 by (channels, warps), CUDA graph µs\n")
+    heads = " | ".join(f"{bd}, {w}" for bd, w in BATCHED_CONFIGS)
     rep(f"| dim, dt_rank | batch | default | {heads} | before (3 kernels + shift) |")
-    rep("|---|---|---|" + "---|" * (len(ROWS_CONFIGS) + 1))
+    rep("|---|---|---|" + "---|" * (len(BATCHED_CONFIGS) + 1))
     g = dict(device=device)
     for dim, rank in sizes:
         for batch in batches:
@@ -902,8 +902,8 @@ def _decode_rows(
 
             want = run(state.clone(), conv.clone())
             times = [_graph_us(functools.partial(run, state.clone(), conv.clone()))]
-            for cfg in ROWS_CONFIGS:
-                common.set_override(decode_rows=cfg)
+            for cfg in BATCHED_CONFIGS:
+                common.set_override(decode=cfg)
                 try:
                     got = run(state.clone(), conv.clone())
                     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
@@ -920,8 +920,7 @@ def _decode_rows(
                 return selective_state_update(state, u, dt, A, B, C, D, z, bias, True)
 
             times.append(_graph_us(functools.partial(before, state.clone(), conv.clone())))
-            default = "{}, {}".format(*rows_config(batch, dim, N))
-            rep(f"| {dim}, {rank} | {batch} | {default} | " + " | ".join(f"{t:.2f}" for t in times) + " |")  # noqa: E501  # fmt: skip
+            rep(f"| {dim}, {rank} | {batch} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
 
 
 def _time_decode(batch, dim, N, dtype, n=100):

@@ -436,13 +436,13 @@ def _decode_inputs(batch, d, n, width, rank, parts, dtype, conv_bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rank,width,conv_bias,parts", [(3, 4, True, 3), (5, 2, False, 1)])
-@pytest.mark.parametrize("batch,dim", [(3, 12), (20, 40)], ids=["one-row", "rows"])
+@pytest.mark.parametrize("batch,dim", [(3, 12), (20, 40)], ids=["batch3", "batch20"])
 def test_decode_step_fused(dtype, rank, width, conv_bias, parts, batch, dim):
     """x_proj's partial sums summed, the conv's step, dt_proj, the state update and the
     conv-window shift in one kernel: equal to the oracle's state update fed with the conv
     output, dt, B and C computed in float64 (each rounded where the model rounds it), and to
-    the window shifted by torch. Batch 20 runs the many-rows kernel (two row blocks, the
-    second partial; three channel blocks, the last partial)."""
+    the window shifted by torch. From batch 9 (here 20) dt_proj runs first as decode_linear's
+    tl.dot kernel (fp32 out) and the state-update kernel takes dt."""
     from mamba_compiled.lowering import state_update
 
     n = 4
@@ -493,6 +493,7 @@ def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
         (1, 70, 48, True, False, False),  # in_proj with the norm; K not a power of two
         (3, 33, 100, False, True, True),  # out_proj with the residual add; rows past the batch
         (9, 17, 64, True, True, True),  # tl.dot tiles from 9 rows on
+        (12, 70, 48, True, False, False),  # in_proj above 8 rows: the norm's kernel, then tl.dot
         (40, 100, 200, True, True, True),  # rows and K past the tiles
         (64, 80, 1536, False, False, False),  # x_proj at batch 64: K split, partial sums
     ],

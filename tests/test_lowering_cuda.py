@@ -279,7 +279,7 @@ def test_state_update_cuda_graph():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch", [1, 12, 64])  # from 9 rows on, the many-rows kernel
+@pytest.mark.parametrize("batch", [1, 12, 64])  # from 9 rows on, dt_proj as tl.dot first
 @pytest.mark.parametrize("dim, rank", [(1536, 48), (4096, 128)], ids=["130m", "1.4b"])
 def test_decode_step_model_sizes(dtype, batch, dim, rank):
     """The model's decode step (`ssm_decode_step`'s kernels) at the 130M and 1.4B sizes, x_proj's
@@ -348,8 +348,8 @@ def test_decode_kernels_with_programmatic_dependent_launch(batch):
     """The decode step's kernels launched with PDL (each loads its weights while the previous
     kernel runs, then waits for it) compute what they compute without, over a chain of layers
     where each kernel reads the previous one's output. At batch 64 as the model runs it there:
-    the conv's step in torch, x_proj as decode_linear's tl.dot kernel (split-K), the state
-    update's kernel for many rows."""
+    the conv's step in torch, x_proj as decode_linear's tl.dot kernel (split-K), dt_proj as
+    another, the state-update kernel."""
     from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
     from mamba_compiled.ops.scan import conv_step
 

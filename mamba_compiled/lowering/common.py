@@ -255,8 +255,7 @@ _override: dict[str, object] = {}
 def set_override(**kw) -> None:
     """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
     bc_atomics=bool, ck_fp32=bool, decode=(BD, num_warps) of the decode step's state
-    update, decode_rows=(BD, num_warps) of its kernel for many rows. Call with no arguments
-    to clear. Not for model code."""
+    update. Call with no arguments to clear. Not for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
 
@@ -292,12 +291,6 @@ def wait_for_previous_kernel(GDC: tl.constexpr):
 def decode_config_override() -> tuple[int, int] | None:
     """(BD, num_warps) of the state-update kernel when a benchmark sets one, else None."""
     return _override.get("decode")
-
-
-def decode_rows_override() -> tuple[int, int] | None:
-    """(BD, num_warps) of the model's decode step from `decode_step.ROWS_MIN_BATCH` rows
-    (`_state_update_rows_kernel`) when a benchmark sets one, else None."""
-    return _override.get("decode_rows")
 
 
 def checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:

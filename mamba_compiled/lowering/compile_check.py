@@ -27,8 +27,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .decode_step import _conv_x_proj_kernel, _state_update_kernel, _state_update_rows_kernel
-from .linear import _decode_dot_kernel, _decode_linear_kernel, _split_epilogue_kernel
+from .decode_step import _conv_x_proj_kernel, _state_update_kernel
+from .linear import (
+    _decode_dot_kernel,
+    _decode_linear_kernel,
+    _rms_norm_rows_kernel,
+    _split_epilogue_kernel,
+)
 from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
 
@@ -49,10 +54,8 @@ def jobs(dim: int = 4096, dstate: int = 16):
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_MATH=True, N=n)
     scan = dict(flags, B_SHARED=False, C_SHARED=False, EVEN_D=dim % 16 == 0, EVEN_N=n == dstate)
     ck = common.checkpoint_interval()
-    dot = dict(HAS_BIAS=False, NORM=False, RESIDUAL=False, PARTIAL=False, EVEN_K=True, BM=64,
-               BN=32, BK=64, PRECISION="tf32", DOT_F32=False, GDC=False)  # fmt: skip
-    rows = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_CB=True, R=128, W=4,
-                N=n, BM=16, FAST_MATH=True)  # fmt: skip
+    dot = dict(HAS_BIAS=False, RESIDUAL=False, PARTIAL=False, EVEN_K=True, BM=64, BN=32, BK=64,
+               PRECISION="tf32", DOT_F32=False, ROUND=True, GDC=False)  # fmt: skip
     return [
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
@@ -74,10 +77,9 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("decode_step_pdl", _state_update_kernel,
          dict(flags, BD=max(1, 512 // n), DT_PROJ=True, R=128, CONV=True, W=4, CONV_U=True,
               HAS_CB=True, XDBL=True, P=64, GDC=True), 4),
-        ("decode_step_rows", _state_update_rows_kernel,
-         dict(rows, BD=32, DOT_F32=False, GDC=False), 8),
-        ("decode_step_rows_pdl_f32", _state_update_rows_kernel,
-         dict(rows, BD=16, DOT_F32=True, GDC=True), 4),
+        ("decode_step_dt_given_pdl", _state_update_kernel,
+         dict(flags, BD=max(1, 1024 // n), DT_PROJ=False, R=1, CONV=True, W=4, CONV_U=True,
+              HAS_CB=True, XDBL=True, P=1, GDC=True), 4),
         ("conv_x_proj", _conv_x_proj_kernel,
          dict(HAS_CB=True, W=4, BE=64, ROWS=256, GDC=False), 8),
         ("conv_x_proj_pdl", _conv_x_proj_kernel,
@@ -86,12 +88,13 @@ def jobs(dim: int = 4096, dstate: int = 16):
          dict(HAS_BIAS=False, NORM=True, RESIDUAL=False, BN=4, KP=2048, GDC=False), 4),
         ("decode_linear_residual_pdl", _decode_linear_kernel,
          dict(HAS_BIAS=True, NORM=False, RESIDUAL=True, BN=2, KP=4096, GDC=True), 4),
-        ("decode_dot_norm", _decode_dot_kernel, dict(dot, NORM=True), 4),
+        ("rms_norm_rows", _rms_norm_rows_kernel, dict(KP=2048, GDC=False), 4),
+        ("rms_norm_rows_pdl", _rms_norm_rows_kernel, dict(KP=4096, GDC=True), 4),
         ("decode_dot_residual_pdl", _decode_dot_kernel,
          dict(dot, HAS_BIAS=True, RESIDUAL=True, GDC=True), 4),
         ("decode_dot_split", _decode_dot_kernel, dict(dot, PARTIAL=True, EVEN_K=False), 4),
         ("split_epilogue_pdl", _split_epilogue_kernel,
-         dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, GDC=True), 4),
+         dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, ROUND=True, GDC=True), 4),
     ]  # fmt: skip
 
 

@@ -30,7 +30,6 @@ from torch import Tensor
 from .common import (
     LOG2E,
     decode_config_override,
-    decode_rows_override,
     interpreting,
     launcher,
     pdl,
@@ -38,6 +37,7 @@ from .common import (
     softplus,
     wait_for_previous_kernel,
 )
+from .linear import decode_linear
 
 
 @triton.jit
@@ -161,129 +161,12 @@ def _state_update_kernel(
     tl.store(out_ptr + pid_b * dim + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-@triton.jit
-def _state_update_rows_kernel(
-    state_ptr, A_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, dtw_ptr, conv_ptr, cx_ptr, cw_ptr, cb_ptr,
-    xdbl_ptr,
-    batch, dim, dstate, rank, width, n_part,
-    s_sb, s_sd, s_sn, s_zb, s_zd, s_wd, s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk,
-    s_xdp, s_xdb,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_CB: tl.constexpr, R: tl.constexpr, W: tl.constexpr, N: tl.constexpr, BM: tl.constexpr,
-    BD: tl.constexpr, DOT_F32: tl.constexpr, FAST_MATH: tl.constexpr, GDC: tl.constexpr,
-):  # fmt: skip
-    """`_state_update_kernel` in the model's form (CONV_U, XDBL, DT_PROJ) for BM rows at once:
-    dt_proj's (BD, R) weight tile is read once per program and multiplied with the rows' dt_low
-    by tl.dot (the one-row kernel reads it once per row)."""
-    pid_d = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    m = pid_m * BM + tl.arange(0, BM)  # (BM,)
-    n = tl.arange(0, N)
-    r = tl.arange(0, R)
-    k = tl.arange(0, W)
-    dmask = d < dim
-    mmask = m < batch
-    rmask = r < rank
-    nmask = n < dstate
-    # the parameters first (with PDL they load while the previous kernel finishes)
-    wT = tl.load(
-        dtw_ptr + d[None, :].to(tl.int64) * s_wd + r[:, None],
-        mask=rmask[:, None] & dmask[None, :],
-        other=0.0,
-    )  # (R, BD)
-    cw = tl.load(
-        cw_ptr + d[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
-        mask=dmask[:, None] & (k < width)[None, :],
-        other=0.0,
-    ).to(tl.float32)  # (BD, W)
-    if HAS_CB:
-        cb = tl.load(cb_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt_bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
-    A = tl.load(
-        A_ptr + d[:, None] * dstate + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0
-    )  # (BD, N)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0)
-    wait_for_previous_kernel(GDC)
-    # x_proj's output for these rows, summed over its partial sums and rounded as the model
-    # rounds it: dt_low (BM, R), B and C (BM, N)
-    rows = xdbl_ptr + m[:, None].to(tl.int64) * s_xdb
-    dt_low = tl.zeros((BM, R), tl.float32)
-    B = tl.zeros((BM, N), tl.float32)
-    C = tl.zeros((BM, N), tl.float32)
-    for p in range(n_part):
-        part = rows + p * s_xdp
-        dt_low += tl.load(part + r[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
-        bc_mask = mmask[:, None] & nmask[None, :]
-        B += tl.load(part + rank + n[None, :], mask=bc_mask, other=0.0)
-        C += tl.load(part + rank + dstate + n[None, :], mask=bc_mask, other=0.0)
-    dt_low = dt_low.to(out_ptr.dtype.element_ty)
-    B = B.to(out_ptr.dtype.element_ty).to(tl.float32)
-    C = C.to(out_ptr.dtype.element_ty).to(tl.float32)
-    # the conv windows (BM, BD, W), shifted left by one, and this step's inputs
-    md = mmask[:, None] & dmask[None, :]  # (BM, BD)
-    m3 = m[:, None, None].to(tl.int64)
-    d3 = d[None, :, None].to(tl.int64)
-    conv_ptrs = conv_ptr + m3 * s_cb + d3 * s_cd + k[None, None, :] * s_ck
-    nxt = tl.load(conv_ptrs + s_ck, mask=md[:, :, None] & (k + 1 < width)[None, None, :], other=0.0)
-    cx = tl.load(
-        cx_ptr + m[:, None].to(tl.int64) * s_cxb + d[None, :] * s_cxd, mask=md, other=0.0
-    )  # (BM, BD)
-    state_ptrs = state_ptr + m3 * s_sb + d3 * s_sd + n[None, None, :] * s_sn
-    smask = md[:, :, None] & nmask[None, None, :]
-    h = tl.load(state_ptrs, mask=smask, other=0.0)  # (BM, BD, N)
-    if HAS_Z:
-        z = tl.load(
-            z_ptr + m[:, None].to(tl.int64) * s_zb + d[None, :] * s_zd, mask=md, other=0.0
-        ).to(tl.float32)
-
-    # dt = dt_low @ dt_weight.T, fp32 accumulation (DOT_F32: fp32 inputs, exact products)
-    if DOT_F32:
-        dt = tl.dot(dt_low.to(tl.float32), wT.to(tl.float32), input_precision="ieee")
-    else:
-        dt = tl.dot(dt_low.to(wT.dtype), wT)  # (BM, BD)
-    window = tl.where((k == width - 1)[None, None, :], cx[:, :, None].to(nxt.dtype), nxt)
-    tl.debug_barrier()  # every thread has read the old windows before any writes them
-    tl.store(conv_ptrs, window, mask=md[:, :, None] & (k < width)[None, None, :])
-    x = tl.sum(window.to(tl.float32) * cw[None, :, :], 2)  # (BM, BD): the conv's output
-    if HAS_CB:
-        x += cb[None, :]
-    x = x * sigmoid(x)
-    x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
-    if HAS_BIAS:
-        dt += dt_bias[None, :]
-    if SOFTPLUS:
-        dt = softplus(dt, FAST_MATH)
-    dA = tl.exp2(dt[:, :, None] * A[None, :, :] * LOG2E)  # Ā: (BM, BD, N)
-    h = dA * h + (dt * x)[:, :, None] * B[:, None, :]
-    tl.store(state_ptrs, h, mask=smask)
-
-    y = tl.sum(h * C[:, None, :], 2)  # (BM, BD)
-    if HAS_D:
-        y += Dv[None, :] * x
-    if HAS_Z:
-        y = y * z * sigmoid(z)
-    out_ptrs = out_ptr + m[:, None].to(tl.int64) * dim + d[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=md)
-
-
-# From this many rows the model's decode step (`ssm_decode_step`) runs `_state_update_rows_kernel`
-ROWS_MIN_BATCH = 9
-ROWS_BM = 16  # rows per program (tl.dot's smallest M)
-
-
-def rows_config(batch: int, dim: int, dstate: int) -> tuple[int, int]:
-    """(BD, num_warps) of `_state_update_rows_kernel`: the widest channel block (16 to 64) that
-    still gives at least two programs per SM of an H200, and 8 warps from 8192 state elements
-    per program (the bench's `rows` table sweeps them)."""
-    rows = triton.cdiv(batch, ROWS_BM)
-    BD = 64
-    while BD > 16 and triton.cdiv(dim, BD) * rows < 264:
-        BD //= 2
-    elements = ROWS_BM * BD * triton.next_power_of_2(dstate)
-    return BD, 8 if elements >= 8192 else 4
+# From this many rows, the model's decode step (`state_update` with conv_weight and x_dbl) runs
+# dt_proj as a tl.dot product first (`decode_linear`, fp32 out), and the state update takes dt
+# from there: the per-row kernel read dt_proj's weight once per row (64 MB of L2 reads per 1.4B
+# layer at batch 64), and a kernel holding 16 rows' states (for one tl.dot over them) measured
+# 13-18 against 8 µs for the state update alone (H200, perf/RESULTS.md, eighth session).
+DT_DOT_MIN_BATCH = 9
 
 
 def state_update(
@@ -328,11 +211,17 @@ def state_update(
     like = conv_x if x is None else x
     batch, dim = like.shape
     dstate = A.shape[1]
-    if conv_weight is not None and x_dbl is not None and _rows(batch, like, dt_weight):
-        return _state_update_rows(
-            state, A, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x, conv_weight,
-            conv_bias, x_dbl, pdl_launch,
-        )  # fmt: skip
+    dt_dot = batch >= DT_DOT_MIN_BATCH and like.dtype != torch.float64
+    if conv_weight is not None and x_dbl is not None and dt_dot:
+        # x_proj's output summed and rounded as the model rounds it (a view when the model
+        # passes it summed, P = 1), then dt = dt_low @ dt_weight.T in fp32 by tl.dot
+        xd = x_dbl[0] if x_dbl.shape[0] == 1 else x_dbl.to(torch.float32).sum(0)
+        xd = xd.to(like.dtype)
+        rank = dt_weight.shape[1]
+        dt = decode_linear(
+            xd[:, :rank], dt_weight, None, None, 0.0, None, pdl_launch=pdl_launch, out_fp32=True
+        )
+        x_dbl, dt_weight = xd[None], None
     N = triton.next_power_of_2(dstate)
     # fixed config (never autotuned, see above; a benchmark may set
     # common.set_override(decode=(BD, num_warps))): about 512 state elements per program and 4
@@ -348,7 +237,9 @@ def state_update(
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     x_ = x if x is not None else like  # placeholders are never read (or written)
     z_ = z if z is not None else like
+    # dt_proj's rank, or dt_low's columns in x_dbl (dt_low, B, C) when dt is given
     rank = dt_weight.shape[1] if dt_weight is not None else 1
+    rank = x_dbl.shape[2] - 2 * dstate if x_dbl is not None else rank
     n_part = x_dbl.shape[0] if x_dbl is not None else 1
     xdbl = x_dbl if x_dbl is not None else A
     xdbl_strides = (x_dbl.stride(0), x_dbl.stride(1)) if x_dbl is not None else (0, 0)
@@ -379,47 +270,6 @@ def state_update(
         HAS_CB=conv_bias is not None, XDBL=x_dbl is not None,
         P=triton.next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
         num_warps=num_warps, **pdl(like, pdl_launch),
-    )  # fmt: skip
-    return out
-
-
-def _rows(batch: int, like: Tensor, dt_weight: Tensor) -> bool:
-    """Whether the model's decode step runs `_state_update_rows_kernel` (tl.dot takes fp16,
-    bf16 and fp32)."""
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    return batch >= ROWS_MIN_BATCH and like.dtype in dtypes and dt_weight.dtype in dtypes
-
-
-def _state_update_rows(
-    state, A, D, z, dt_bias, dt_softplus, dt_weight, conv_state, conv_x, conv_weight, conv_bias,
-    x_dbl, pdl_launch,
-):  # fmt: skip
-    """`state_update` in the model's form (conv_weight and x_dbl given) from ROWS_MIN_BATCH
-    rows: `_state_update_rows_kernel`."""
-    batch, dim = conv_x.shape
-    dstate, rank, width = A.shape[1], dt_weight.shape[1], conv_state.shape[2]
-    BD, num_warps = decode_rows_override() or rows_config(batch, dim, dstate)
-    out = torch.empty((batch, dim), dtype=conv_x.dtype, device=conv_x.device)
-    A = A.contiguous()
-    D = D.contiguous() if D is not None else None
-    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
-    z_ = z if z is not None else conv_x  # placeholders are never read
-    dtw = dt_weight.contiguous()
-    cb = conv_bias if conv_bias is not None else A
-    same = dtw.dtype == conv_x.dtype and conv_x.dtype != torch.float32
-    grid = (triton.cdiv(dim, BD), triton.cdiv(batch, ROWS_BM))
-    launcher(_state_update_rows_kernel, conv_x)[grid](
-        state, A, D if D is not None else A, z_, dt_bias if dt_bias is not None else A, out,
-        dtw, conv_state, conv_x, conv_weight, cb, x_dbl,
-        batch, dim, dstate, rank, width, x_dbl.shape[0],
-        *state.stride(), z_.stride(0), z_.stride(1), dtw.stride(0), *conv_state.stride(),
-        *conv_x.stride(), *conv_weight.stride(), x_dbl.stride(0), x_dbl.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus), HAS_CB=conv_bias is not None,
-        R=max(16, triton.next_power_of_2(rank)), W=triton.next_power_of_2(width),
-        N=triton.next_power_of_2(dstate), BM=ROWS_BM, BD=BD,
-        DOT_F32=interpreting() or not same, FAST_MATH=not interpreting(),
-        num_warps=num_warps, **pdl(conv_x, pdl_launch),
     )  # fmt: skip
     return out
 

@@ -1,5 +1,6 @@
 """A linear layer for decoding's rows (x (batch, K)), with the block's RMSNorm before it and its
-residual add after it: one Triton kernel (two with split-K).
+residual add after it: one Triton kernel below DOT_MIN_ROWS rows; from there on up to three (the
+norm, the product, a split-K epilogue).
 
     h   = rms_norm(x) · norm_weight    (NORM: x cast to norm_weight's dtype, normalized in fp32,
                                         rounded back, as the model's RMSNorm)
@@ -15,14 +16,16 @@ of x reads the weight again (from L2 when it fits); with several weight-sharing 
 program, as first written, the H200 took 10x batch 1's time at batch 8 (cuBLAS: 1x).
 
 From DOT_MIN_ROWS rows on, a second kernel multiplies tiles with `tl.dot` instead: one program
-per (BN weight rows, BM rows of x), the weight streamed once along K in BK-wide chunks, the norm
-as a first pass over x's rows and the residual add in the epilogue; when the tiles are too few
-to fill the SMs, SPLIT programs share K and a second kernel sums their fp32 partial products
-and applies the epilogue. On an H200 at batch 64 it equals cuBLAS on the models' large products
-and beats it on the skinny ones (x_proj), and it launches with PDL and adds the residual in its
-epilogue: 130M's decode step 0.866 -> 0.693 ms per token with the state-update configuration of
-the same session (perf/RESULTS.md, seventh session). The norm inside it is correct but slow at
-64 rows (every program reads x's whole fp32 rows): the model normalizes first there.
+per (BN weight rows, BM rows of x), the weight streamed once along K in BK-wide chunks, the
+residual add in the epilogue; when the tiles are too few to fill the SMs, SPLIT programs share K
+and a second kernel sums their fp32 partial products and applies the epilogue. On an H200 at
+batch 64 it equals cuBLAS on the models' large products and beats it on the skinny ones
+(x_proj), and it launches with PDL and adds the residual in its epilogue: 130M's decode step
+0.866 -> 0.693 ms per token with the state-update configuration of the same session
+(perf/RESULTS.md, seventh session). The norm runs before it as its own small kernel
+(`_rms_norm_rows_kernel`, one program per row of x, writing h in the norm's dtype): inside the
+tl.dot kernel every program re-read x's whole fp32 rows (130M in_proj at batch 64: 18.9 µs with
+the norm inside against 5.1 without, H200, perf/RESULTS.md seventh session).
 
 The configuration is fixed by a heuristic (autotuning a decode step's kernels adds nothing a
 heuristic misses here: the bound is bandwidth).
@@ -117,19 +120,30 @@ def decode_linear(
     residual: Tensor | None,
     config: tuple[int, int, int] | DotConfig | None = None,
     pdl_launch: bool = False,
+    out_fp32: bool = False,
 ) -> Tensor:
     """On CUDA (or under TRITON_INTERPRET=1): x (batch, K) with unit stride along K; weight
     (N, K) with unit stride along K; bias (N,); norm_weight (K,); residual (batch, N) with unit
     stride along N. Returns (batch, N) in residual's dtype with residual, else weight's.
     `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s, or a `DotConfig`
     instead of `decode_dot_config`'s (benchmarks);
-    `pdl_launch`: launched with programmatic dependent launch (`common.pdl`)."""
+    `pdl_launch`: launched with programmatic dependent launch (`common.pdl`);
+    `out_fp32` (no residual, from DOT_MIN_ROWS rows): the fp32 product, not rounded.
+    From DOT_MIN_ROWS rows (or with a DotConfig) the norm runs as its own small kernel before
+    the tl.dot product: inside that kernel every program re-read x's whole fp32 rows (130M
+    in_proj 18.9 against 5.1 µs, H200, perf/RESULTS.md seventh session)."""
     batch, K = x.shape
     N = weight.shape[0]
     out_dtype = residual.dtype if residual is not None else weight.dtype
+    if out_fp32:
+        if residual is not None or not (batch >= DOT_MIN_ROWS or isinstance(config, DotConfig)):
+            raise ValueError(f"out_fp32 needs {DOT_MIN_ROWS}+ rows and no residual")
+        out_dtype = torch.float32
     out = torch.empty((batch, N), dtype=out_dtype, device=x.device)
     if isinstance(config, DotConfig) or (config is None and batch >= DOT_MIN_ROWS):
-        config = config or decode_dot_config(batch, N, K, x.element_size(), weight.element_size())
+        # the tl.dot kernel's x tiles are the norm's output when there is one
+        h_bytes = (norm_weight if norm_weight is not None else x).element_size()
+        config = config or decode_dot_config(batch, N, K, h_bytes, weight.element_size())
         return decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_launch)
     BN, KP, num_warps = config or decode_linear_config(batch, N, K)
     res = residual if residual is not None else out  # placeholders are never read
@@ -188,12 +202,12 @@ def _pow2_floor(n: int) -> int:
 
 @triton.jit
 def _decode_dot_kernel(
-    x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, out_ptr,
-    M, N, K, eps, k_per_split,
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K, k_per_split,
     s_xm, s_wn, s_rm, s_om, s_op,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PARTIAL: tl.constexpr,
     EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, GDC: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -209,14 +223,6 @@ def _decode_dot_kernel(
     if HAS_BIAS and not PARTIAL:
         bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     wait_for_previous_kernel(GDC)
-    if NORM:  # the model's RMSNorm over x's whole rows: x in the norm's dtype, fp32 sums
-        ss = tl.zeros((BM,), tl.float32)
-        for k0 in range(0, K, BK):
-            xk = tl.load(x_ptrs + k0, mask=mmask[:, None] & (kk + k0 < K)[None, :], other=0.0).to(
-                nw_ptr.dtype.element_ty
-            )
-            ss += tl.sum(xk.to(tl.float32) * xk.to(tl.float32), 1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BK):
         if EVEN_K:
@@ -226,10 +232,6 @@ def _decode_dot_kernel(
             kmask = (kk + k0 < K)[None, :]
             w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask, other=0.0)
             xk = tl.load(x_ptrs + k0, mask=mmask[:, None] & kmask, other=0.0)
-        if NORM:
-            nw = tl.load(nw_ptr + k0 + kk, mask=kk + k0 < K, other=0.0)
-            xf = xk.to(nw_ptr.dtype.element_ty).to(tl.float32)
-            xk = (xf * rstd[:, None] * nw.to(tl.float32)[None, :]).to(nw_ptr.dtype.element_ty)
         # DOT_F32: the interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32
         if DOT_F32:
             acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -242,7 +244,9 @@ def _decode_dot_kernel(
     else:
         if HAS_BIAS:
             acc += bias[None, :]
-        out = acc.to(w_ptr.dtype.element_ty)  # the linear layer's output dtype
+        out = acc
+        if ROUND:
+            out = acc.to(w_ptr.dtype.element_ty)  # the linear layer's output dtype
         if RESIDUAL:
             res = tl.load(res_ptr + m[:, None].to(tl.int64) * s_rm + n[None, :], mask=omask)
             out = res.to(tl.float32) + out.to(tl.float32)
@@ -254,7 +258,7 @@ def _split_epilogue_kernel(
     part_ptr, bias_ptr, res_ptr, out_ptr, w_ptr,
     N, n_split, s_pp, s_pm, s_rm, s_om,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, S: tl.constexpr, BN: tl.constexpr,
-    GDC: tl.constexpr,
+    ROUND: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -272,11 +276,34 @@ def _split_epilogue_kernel(
     out = tl.sum(part, 0)
     if HAS_BIAS:
         out += bias
-    out = out.to(w_ptr.dtype.element_ty)
+    if ROUND:
+        out = out.to(w_ptr.dtype.element_ty)
     if RESIDUAL:
         res = tl.load(res_ptr + row * s_rm + n, mask=nmask)
         out = res.to(tl.float32) + out.to(tl.float32)
     tl.store(out_ptr + row * s_om + n, out.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _rms_norm_rows_kernel(
+    x_ptr, nw_ptr, h_ptr,
+    K, eps, s_xm,
+    KP: tl.constexpr, GDC: tl.constexpr,
+):  # fmt: skip
+    """h (rows of K, contiguous) = the model's RMSNorm of x, one row per program, as
+    `_decode_linear_kernel`'s NORM computes it, for `_decode_dot_kernel`: normalizing inside
+    that kernel made each of its programs read x's whole fp32 rows."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, KP)
+    kmask = k < K
+    nw = tl.load(nw_ptr + k, mask=kmask, other=0.0)
+    wait_for_previous_kernel(GDC)
+    x = tl.load(x_ptr + row * s_xm + k, mask=kmask, other=0.0)
+    # x in the norm's dtype, normalized in fp32, rounded back
+    xf = x.to(nw_ptr.dtype.element_ty).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
+    h = (xf * rstd * nw.to(tl.float32)).to(nw_ptr.dtype.element_ty)
+    tl.store(h_ptr + row * K + k, h, mask=kmask)
 
 
 def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_launch):
@@ -287,21 +314,28 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
     steps = triton.cdiv(K, c.BK)
     k_per_split = triton.cdiv(steps, c.SPLIT) * c.BK
     split = triton.cdiv(K, k_per_split)
+    if norm_weight is not None:  # h = the norm of x, (M, K) contiguous in the norm's dtype
+        h = torch.empty((M, K), dtype=norm_weight.dtype, device=x.device)
+        launcher(_rms_norm_rows_kernel, x)[(M,)](
+            x, norm_weight, h, K, float(eps), x.stride(0),
+            KP=triton.next_power_of_2(K), num_warps=4, **pdl(x, pdl_launch),
+        )  # fmt: skip
+        x = h
     res = residual if residual is not None else out  # placeholders are never read
     fp32 = weight.dtype in (torch.float32, torch.float64)
-    flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None)
+    # an fp32 `out` for a 16-bit weight takes the product unrounded (`decode_linear`'s out_fp32)
+    round_out = residual is not None or out.dtype != torch.float32 or fp32
     part = out
     if split > 1:
         part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, c.BN), triton.cdiv(M, c.BM), split)
     launcher(_decode_dot_kernel, x)[grid](
-        x, weight, bias if bias is not None else weight,
-        norm_weight if norm_weight is not None else weight, res, part,
-        M, N, K, float(eps), k_per_split,
+        x, weight, bias if bias is not None else weight, res, part,
+        M, N, K, k_per_split,
         x.stride(0), weight.stride(0), res.stride(0), N, part.stride(0) if split > 1 else 0,
-        **flags, RESIDUAL=residual is not None, PARTIAL=split > 1, EVEN_K=K % c.BK == 0,
-        BM=c.BM, BN=c.BN, BK=c.BK, PRECISION="ieee" if fp32 else "tf32",
-        DOT_F32=interpreting() and weight.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, PARTIAL=split > 1,
+        EVEN_K=K % c.BK == 0, BM=c.BM, BN=c.BN, BK=c.BK, PRECISION="ieee" if fp32 else "tf32",
+        DOT_F32=interpreting() and weight.dtype == torch.bfloat16, ROUND=round_out,
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl(x, pdl_launch),
     )  # fmt: skip
     if split > 1:
@@ -310,6 +344,7 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
             part, bias if bias is not None else weight, res, out, weight,
             N, split, part.stride(0), part.stride(1), res.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-            S=triton.next_power_of_2(split), BN=BN, num_warps=4, **pdl(x, pdl_launch),
+            S=triton.next_power_of_2(split), BN=BN, ROUND=round_out, num_warps=4,
+            **pdl(x, pdl_launch),
         )  # fmt: skip
     return out

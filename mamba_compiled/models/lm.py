@@ -58,16 +58,6 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def _decode_norm(x: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor | None]:
-    """(input, norm_weight) of a `decode_linear` after `norm`: the norm inside its kernel up to
-    GEMV_MAX_BATCH rows; above, each of its tl.dot programs would read x's whole float32 rows
-    for the norm (at batch 64, 4-8x the weight's bytes from L2), so the norm runs first, and
-    the kernel reads its output in the weight's dtype."""
-    if x.shape[0] <= GEMV_MAX_BATCH:
-        return x, norm.weight
-    return norm(x.to(norm.weight.dtype)), None
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)). The residual stream is float32 when
     residual_in_fp32 (as mamba_ssm's Block, without its fused add+norm kernel)."""
@@ -86,12 +76,12 @@ class Block(nn.Module):
     def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, constants=None) -> Tensor:
         mixer = self.mixer
         if isinstance(self.norm, RMSNorm) and fused_decoding(x):
-            # the norm with in_proj (before it above GEMV_MAX_BATCH rows), out_proj with the
-            # residual add
-            h, nw = _decode_norm(x, self.norm)
+            # the norm with in_proj (inside its kernel up to GEMV_MAX_BATCH rows, a kernel of
+            # its own before the product above), out_proj with the residual add
             xz = decode_linear(
-                h, mixer.in_proj.weight, mixer.in_proj.bias, norm_weight=nw, eps=self.norm.eps
-            )
+                x, mixer.in_proj.weight, mixer.in_proj.bias, norm_weight=self.norm.weight,
+                eps=self.norm.eps,
+            )  # fmt: skip
             y = mixer.ssm_step(xz, conv_state, ssm_state, constants)
             return decode_linear(y, mixer.out_proj.weight, mixer.out_proj.bias, residual=x)
         h = self.norm(x.to(self.norm.weight.dtype))
