@@ -299,11 +299,13 @@ def model_config(name: str) -> MambaConfig:
 
 
 def build_step(
-    model: MambaLMHeadModel, mode: str, batch: int, seqlen: int, compile: bool
-) -> Callable[[], None]:
+    model: MambaLMHeadModel, mode: str, batch: int, seqlen: int, compile: bool,
+    pdl: bool | None = None,
+) -> Callable[[], None]:  # fmt: skip
     """What one step runs, as the project runs it: the training objective (compiled whole, as
     `mamba-compiled train` does) with backward and AdamW; or MambaGenerator's prefill of `seqlen`
-    tokens, or its decode step (CUDA graphs when compiled on CUDA) from a zeroed cache."""
+    tokens, or its decode step (CUDA graphs when compiled on CUDA) from a zeroed cache; `pdl`
+    as MambaGenerator's."""
     device = model.lm_head.weight.device
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen + 1), device=device)
     if mode == "train":
@@ -326,7 +328,7 @@ def build_step(
         return train_step
     from mamba_compiled.generation import MambaGenerator
 
-    generator = MambaGenerator(model, batch, compile=compile)
+    generator = MambaGenerator(model, batch, compile=compile, pdl=pdl)
     if mode == "prefill":
         prompt = ids[:, :seqlen]
         return lambda: generator.prefill(prompt)
@@ -354,6 +356,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled one")
     parser.add_argument("--nvtx", action=argparse.BooleanOptionalAction, default=None,
                         help=f"ranges around the model's parts (default: {ENV_VAR})")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode kernels with programmatic dependent launch (default: on "
+                        "sm_90+). Under PDL a kernel starts before the previous one ends and "
+                        "waits inside, so the trace's per-kernel times include that wait: "
+                        "profile with --no-pdl to attribute time to kernels")
     parser.add_argument("--torch-profiler", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-torch-profiler only runs the steps (under nsys or ncu)")
     parser.add_argument("--out", type=Path, default=None,
@@ -385,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     with inductor_config.patch(readable_kernels(device.type, args.mode == "train")):
         model = MambaLMHeadModel(config, device=device, dtype=dtype)
         with nvtx_ranges(model, enabled=args.nvtx):
-            step = build_step(model, args.mode, batch, args.seqlen, args.compile)
+            step = build_step(model, args.mode, batch, args.seqlen, args.compile, args.pdl)
             start = time.perf_counter()
             for _ in range(args.warmup):  # compiles, autotunes, records CUDA graphs
                 step()

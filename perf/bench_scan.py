@@ -804,14 +804,13 @@ def _model_decode_step(state, conv, A, D, z, bias, dtw, cx, cw, x_dbl):
 
 
 def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cuda"):
-    """The model's decode step as the model runs it at the 130M and 1.4B sizes, batch 1 and 64,
-    for every (channels per program, warps) in DECODE_CONFIGS (`common.set_override(decode=...)`),
-    each checked against the default configuration first. CUDA graph µs per call; the default is
-    (32, 4). Rows "fused": `ssm_decode_step`'s kernel (the conv, dt_proj and the state update)
-    with x_proj's output as `conv_x_proj`'s partial sums up to batch 8 and as one product above
-    (the sixth session's table passed 64 partial sums at batch 64 too, which the model never
-    does). Rows "dt given": `selective_state_update`, what the model runs above batch 8 when
-    dt_proj is a product (`DT_PROJ_PRODUCT_MIN`: 1.4B, not 130M)."""
+    """The state-update kernel at the 130M and 1.4B sizes for every (channels per program,
+    warps) in DECODE_CONFIGS (`common.set_override(decode=...)`), each checked against the
+    default configuration first; CUDA graph µs per call. Rows "fused", batch 1:
+    `ssm_decode_step`'s kernel as the model runs it (the conv, dt_proj and the state update,
+    x_proj's output as `conv_x_proj`'s partial sums). Rows "dt given", batch 64:
+    `selective_state_update` (the seventh session's 1.4B path above batch 8; `_decode_rows`
+    times the model's step there now)."""
     from mamba_compiled.lowering import common
     from mamba_compiled.lowering.decode_step import conv_x_proj_slices
     from mamba_compiled.models.mamba import GEMV_MAX_BATCH

@@ -13,7 +13,8 @@
 # with the conv and projections recomputed), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
-# at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m;
+# at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m, with
+# PROFILE_ARGS, e.g. --no-pdl;
 # GENERATE_ARGS, e.g. --no-pdl or "--decode-mode max-autotune", go to generate-<model>@<batch>),
 # profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
@@ -112,7 +113,9 @@ run_lane() {  # run_lane LANE SECTION...
                 mode=${m%@*} shape=${m#*@} pm=${PROFILE_MODEL:-130m}
                 extra=(--batch "${shape%x*}")
                 [[ $shape == *x* ]] && extra+=(--seqlen "${shape#*x}")
-                section "$lane" "$s" $PY -m mamba_compiled.cli profile --model "$pm" --mode "$mode" "${extra[@]}" --out "$w/profile-$pm-$mode-$shape" ;;
+                # PROFILE_ARGS, e.g. --no-pdl (per-kernel times under PDL include the wait)
+                # shellcheck disable=SC2086
+                section "$lane" "$s" $PY -m mamba_compiled.cli profile --model "$pm" --mode "$mode" "${extra[@]}" ${PROFILE_ARGS:-} --out "$w/profile-$pm-$mode-$shape" ;;
             profile-decode-eager)
                 section "$lane" profile-decode-eager $PY -m mamba_compiled.cli profile --model 130m --mode decode --no-compile --out "$w/profile-130m-decode-eager" ;;
             ncu)

@@ -14,7 +14,9 @@ rounds x_proj's output), then splits dt_low (dt_proj's input), B and C. `conv_x_
 those partial sums: one program per (slice of BE channels, batch element) computes the conv's
 step for its channels and multiplies them with its columns of x_proj's weight, so the conv and
 x_proj take one kernel without atomics or a second pass (the model's decode step at small
-batch: two kernels from in_proj's output to the gated output).
+batch: two kernels from in_proj's output to the gated output). From DT_DOT_MIN_BATCH rows the
+launcher first runs dt_proj as `decode_linear`'s tl.dot product (fp32, each weight read once
+for all rows) and the kernel takes dt.
 
 The launch configuration is fixed by a heuristic and never autotuned: autotuning would run the
 kernel several times and apply the update several times.
@@ -200,7 +202,9 @@ def state_update(
     model's decode step: one kernel for dt_proj, the conv, the state update and the gate).
     With x_dbl (P, batch, rank + 2·dstate), partial sums of x_proj's output (`conv_x_proj`),
     dt, B and C are None: the kernel sums x_dbl over P, rounds it to the output dtype and splits
-    it into dt (dt_proj's low-rank input, with dt_weight), B and C (one group).
+    it into dt (dt_proj's low-rank input, with dt_weight), B and C (one group); from
+    DT_DOT_MIN_BATCH rows with conv_weight too, dt_proj runs first as a tl.dot product (two or
+    three kernels).
     """
     if conv_weight is not None:
         if conv_state is None or conv_x is None or x is not None:
