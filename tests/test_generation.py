@@ -62,7 +62,7 @@ def test_cache_is_buffers_updated_in_place(model):
     )
 
 
-# batch 10: above GEMV_MAX_BATCH (x_proj as a product)
+# batch 10: above GEMV_MAX_BATCH (x_proj and dt_proj as tl.dot products on CUDA)
 @pytest.mark.parametrize("batch", [3, 10])
 def test_teacher_forced_decode_equals_full_forward(model, batch):
     ids = torch.randint(0, VOCAB, (batch, 21))
@@ -77,9 +77,8 @@ def test_teacher_forced_decode_equals_full_forward(model, batch):
 @pytest.mark.parametrize("batch", [2, 10])
 def test_fused_decode_step_equals_plain(model, batch, monkeypatch):
     """The decode step as CUDA runs it (the norms, in_proj, out_proj, the residual adds and the LM
-    head as `decode_linear`; at batch 10 x_proj too, and the
-    norms before them), here through the ops' CPU bodies: the same logits and states as the
-    plain modules."""
+    head as `decode_linear`; at batch 10 the LM head's norm before it), here through the ops'
+    CPU bodies: the same logits and states as the plain modules."""
     from mamba_compiled.models import lm, mamba
 
     ids = torch.randint(0, VOCAB, (batch, 5))

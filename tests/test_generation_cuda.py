@@ -33,7 +33,7 @@ def greedy(gen, ids, n, **kw):
     return gen.generate(ids, max_new_tokens=n, temperature=0.0, **kw)
 
 
-# batch 12: the projections as decode_linear's tl.dot kernel, the decode kernel for many rows
+# batch 12: the projections as decode_linear's tl.dot kernel
 @pytest.mark.parametrize("batch", [4, 12])
 def test_teacher_forced_decode_equals_forward_cuda(batch):
     model = model_on()
@@ -45,7 +45,7 @@ def test_teacher_forced_decode_equals_forward_cuda(batch):
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 9:], atol=2e-4, rtol=2e-3)
 
 
-# batch 12: above GEMV_MAX_BATCH (the decode kernel for many rows)
+# batch 12: above GEMV_MAX_BATCH (the projections as tl.dot products)
 @pytest.mark.parametrize("batch", [2, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_cuda_graph_decode_has_no_skips_and_equals_eager(dtype, batch):

@@ -461,15 +461,15 @@ def test_decode_step_fused(dtype, rank, width, conv_bias, parts, batch, dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dim,rows,width,conv_bias", [(40, 11, 4, True), (100, 70, 3, False)])
-def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
+@pytest.mark.parametrize("b", [2, 12])  # from 9 rows on, the conv's kernel, then tl.dot
+def test_conv_x_proj(dtype, dim, rows, width, conv_bias, b):
     """The conv's step and x_proj as partial sums over slices of channels (a partial slice at
     the end when 32 does not divide dim, rows beyond one 64-row block): their sum equals
     silu(conv) rounded to the activation dtype, times x_proj's weight, in float64; the conv
     state is read, not changed."""
     from mamba_compiled.lowering import conv_x_proj
-    from mamba_compiled.lowering.decode_step import conv_x_proj_slices
+    from mamba_compiled.lowering.decode_step import conv_x_proj_parts
 
-    b = 2
     act = dict(device=DEVICE, dtype=dtype)
     conv_state, conv_x = torch.randn(b, dim, width, **act), torch.randn(b, dim, **act)
     conv_w = 0.5 * torch.randn(dim, width, **act)
@@ -477,7 +477,7 @@ def test_conv_x_proj(dtype, dim, rows, width, conv_bias):
     x_proj_w = 0.3 * torch.randn(rows, dim, **act)
     before = conv_state.clone()
     parts = conv_x_proj(conv_state, conv_x, conv_w, conv_b, x_proj_w)
-    assert parts.shape == (conv_x_proj_slices(dim)[1], b, rows) and parts.dtype == torch.float32
+    assert parts.shape == (conv_x_proj_parts(b, dim), b, rows) and parts.dtype == torch.float32
     f = lambda t: t.double()  # noqa: E731
     window = torch.cat([f(conv_state[:, :, 1:]), f(conv_x)[:, :, None]], dim=-1)
     u = (window * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)

@@ -316,6 +316,29 @@ def test_decode_step_model_sizes(dtype, batch, dim, rank):
     assert torch.equal(conv_state, ref_conv), "conv window not shifted exactly"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 12, 64])  # from 9 rows on, a conv kernel, then tl.dot
+@pytest.mark.parametrize("dim, rows", [(1536, 80), (4096, 160)], ids=["130m", "1.4b"])
+def test_conv_x_proj_model_sizes(dtype, batch, dim, rows):
+    """The conv's step and x_proj (`conv_x_proj`) at the models' sizes: the partial sums' sum
+    equals silu(conv) rounded to the activation dtype, times x_proj's weight, in float64."""
+    from mamba_compiled.lowering import conv_x_proj
+
+    dev, width = "cuda", 4
+    act = dict(device=dev, dtype=dtype)
+    conv_state, conv_x = torch.randn(batch, dim, width, **act), torch.randn(batch, dim, **act)
+    conv_w, conv_b = 0.5 * torch.randn(dim, width, **act), torch.randn(dim, **act)
+    x_proj_w = torch.randn(rows, dim, **act) / dim**0.5
+    before = conv_state.clone()
+    parts = conv_x_proj(conv_state, conv_x, conv_w, conv_b, x_proj_w)
+    f = lambda t: t.double()  # noqa: E731
+    window = torch.cat([f(conv_state[:, :, 1:]), f(conv_x)[:, :, None]], dim=-1)
+    u = F.silu((window * f(conv_w)).sum(-1) + f(conv_b)).to(dtype)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(parts.sum(0).double(), f(u) @ f(x_proj_w).t(), rtol=rtol, atol=atol)
+    assert torch.equal(conv_state, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("batch", [1, 5, 8, 16, 64])  # from 9 rows on, tl.dot tiles
 @pytest.mark.parametrize(
@@ -348,10 +371,9 @@ def test_decode_kernels_with_programmatic_dependent_launch(batch):
     """The decode step's kernels launched with PDL (each loads its weights while the previous
     kernel runs, then waits for it) compute what they compute without, over a chain of layers
     where each kernel reads the previous one's output. At batch 64 as the model runs it there:
-    the conv's step in torch, x_proj as decode_linear's tl.dot kernel (split-K), dt_proj as
-    another, the state-update kernel."""
+    the norm's kernel, the conv's kernel, x_proj and dt_proj as decode_linear's tl.dot kernel,
+    the state-update kernel."""
     from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
-    from mamba_compiled.ops.scan import conv_step
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
@@ -372,11 +394,7 @@ def test_decode_kernels_with_programmatic_dependent_launch(batch):
         for i, (nw, in_w, cw, cb, xw, dtw, A, out_w) in enumerate(layers):
             xz = decode_linear(x, in_w, None, nw, 1e-5, None, on)
             u, z = xz[:, :d_inner], xz[:, d_inner:]
-            if batch == 1:
-                x_dbl = conv_x_proj(convs[i], u, cw, cb, xw, on)
-            else:
-                u_conv = conv_step(convs[i], u, cw, cb)
-                x_dbl = decode_linear(u_conv, xw, None, None, 1e-5, None, on)[None]
+            x_dbl = conv_x_proj(convs[i], u, cw, cb, xw, on)
             y = state_update(ssms[i], None, None, A, None, None, None, z, None, True, dtw,
                              convs[i], u, cw, cb, x_dbl, on)  # fmt: skip
             x = decode_linear(y, out_w, None, None, 1e-5, x, on)

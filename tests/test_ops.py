@@ -269,16 +269,26 @@ def test_opcheck(device):
     # 16 rows: decode_linear's tl.dot kernel on CUDA, K split in two (partial sums, epilogue)
     dot_args = (torch.randn(16, 512, device=device), torch.randn(5, 512, device=device),
                 *linear_args[2:3], None, 1e-5, torch.randn(16, 5, device=device))
+    # 12 rows: on CUDA the conv's kernel and x_proj as tl.dot (one partial sum), dt_proj as tl.dot
+    big = 12
+    dec12_args = (
+        torch.randn(big, dim, dstate, device=device), torch.randn(big, dim, 4, device=device),
+        torch.randn(big, dim, device=device), *dec_args[3:5],
+        torch.randn(1, big, rows, device=device), *dec_args[6:8],
+        dec_args[8], torch.randn(big, dim, device=device), *dec_args[10:],
+    )  # fmt: skip
+    xproj12_args = (*dec12_args[1:5], xproj_args[4])
     cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
              (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
-             (ops.conv_x_proj, xproj_args), (ops.decode_linear, linear_args),
+             (ops.ssm_decode_step, dec12_args), (ops.conv_x_proj, xproj_args),
+             (ops.conv_x_proj, xproj12_args), (ops.decode_linear, linear_args),
              (ops.decode_linear, dot_args)]
     if device == "cpu":
         cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
     elif torch.cuda.get_device_capability()[0] >= 9:  # the opaque twins launched with PDL
         cases += [(ops.decode_linear_pdl, linear_args), (ops.decode_linear_pdl, dot_args),
-                  (ops.conv_x_proj_pdl, xproj_args),
-                  (ops.ssm_decode_step_pdl, dec_args)]
+                  (ops.conv_x_proj_pdl, xproj_args), (ops.conv_x_proj_pdl, xproj12_args),
+                  (ops.ssm_decode_step_pdl, dec_args), (ops.ssm_decode_step_pdl, dec12_args)]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
 

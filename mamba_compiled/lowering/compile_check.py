@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .decode_step import _conv_x_proj_kernel, _state_update_kernel
+from .decode_step import _conv_step_kernel, _conv_x_proj_kernel, _state_update_kernel
 from .linear import (
     _decode_dot_kernel,
     _decode_linear_kernel,
@@ -80,6 +80,7 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("decode_step_dt_given_pdl", _state_update_kernel,
          dict(flags, BD=max(1, 1024 // n), DT_PROJ=False, R=1, CONV=True, W=4, CONV_U=True,
               HAS_CB=True, XDBL=True, P=1, GDC=True), 4),
+        ("conv_step_pdl", _conv_step_kernel, dict(HAS_CB=True, W=4, BE=256, GDC=True), 4),
         ("conv_x_proj", _conv_x_proj_kernel,
          dict(HAS_CB=True, W=4, BE=64, ROWS=256, GDC=False), 8),
         ("conv_x_proj_pdl", _conv_x_proj_kernel,

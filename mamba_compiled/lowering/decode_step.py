@@ -217,10 +217,11 @@ def state_update(
     dstate = A.shape[1]
     dt_dot = batch >= DT_DOT_MIN_BATCH and like.dtype != torch.float64
     if conv_weight is not None and x_dbl is not None and dt_dot:
-        # x_proj's output summed and rounded as the model rounds it (a view when the model
-        # passes it summed, P = 1), then dt = dt_low @ dt_weight.T in fp32 by tl.dot
+        # x_proj's output summed (a view when `conv_x_proj` passes it summed, P = 1) and
+        # rounded as the model rounds it, then dt = dt_low @ dt_weight.T in fp32 by tl.dot
         xd = x_dbl[0] if x_dbl.shape[0] == 1 else x_dbl.to(torch.float32).sum(0)
-        xd = xd.to(like.dtype)
+        if dt_weight.dtype != like.dtype:  # else the product's kernel rounds its x tiles
+            xd = xd.to(like.dtype)
         rank = dt_weight.shape[1]
         dt = decode_linear(
             xd[:, :rank], dt_weight, None, None, 0.0, None, pdl_launch=pdl_launch, out_fp32=True
@@ -325,10 +326,52 @@ def _conv_x_proj_kernel(
 
 
 def conv_x_proj_slices(dim: int) -> tuple[int, int]:
-    """(channels per slice, slices) of `conv_x_proj` for `dim` channels: at most 64 slices
-    (the decode kernel sums them per program), at least 32 channels each."""
+    """(channels per slice, slices) of `conv_x_proj`'s one-kernel form for `dim` channels: at
+    most 64 slices (the decode kernel sums them per program), at least 32 channels each."""
     per = max(32, triton.next_power_of_2(triton.cdiv(dim, 64)))
     return per, triton.cdiv(dim, per)
+
+
+def conv_x_proj_parts(batch: int, dim: int) -> int:
+    """P, the partial sums `conv_x_proj` returns: one (the whole product) from DT_DOT_MIN_BATCH
+    rows, where x_proj is a tl.dot product, else one per slice of channels."""
+    return 1 if batch >= DT_DOT_MIN_BATCH else conv_x_proj_slices(dim)[1]
+
+
+@triton.jit
+def _conv_step_kernel(
+    conv_ptr, cx_ptr, cw_ptr, cb_ptr, u_ptr,
+    dim, width,
+    s_cb, s_cd, s_ck, s_cxb, s_cxd, s_cwd, s_cwk,
+    HAS_CB: tl.constexpr, W: tl.constexpr, BE: tl.constexpr, GDC: tl.constexpr,
+):  # fmt: skip
+    """u (batch, dim) = silu(the conv's step), rounded to conv_x's dtype: the window is
+    conv_state's last width - 1 columns, then conv_x; one program per (BE channels, row)."""
+    pid_e = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    e = pid_e * BE + tl.arange(0, BE)
+    emask = e < dim
+    k = tl.arange(0, W)
+    cw = tl.load(
+        cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+        mask=emask[:, None] & (k < width)[None, :],
+        other=0.0,
+    )
+    if HAS_CB:
+        cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
+    wait_for_previous_kernel(GDC)
+    win = tl.load(
+        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
+        mask=emask[:, None] & (k + 1 < width)[None, :],
+        other=0.0,
+    )
+    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
+    win = tl.where((k == width - 1)[None, :], cx[:, None], win).to(tl.float32)
+    u = tl.sum(win * cw.to(tl.float32), 1)
+    if HAS_CB:
+        u += cb.to(tl.float32)
+    u = u * sigmoid(u)
+    tl.store(u_ptr + pid_b * dim + e, u.to(u_ptr.dtype.element_ty), mask=emask)
 
 
 def conv_x_proj(
@@ -344,11 +387,27 @@ def conv_x_proj(
     conv_state (batch, dim, width), conv_x (batch, dim), conv_weight (dim, width), conv_bias
     (dim,) or None, x_proj_weight (rows, dim) with unit stride along dim. u = silu(conv output)
     of the window (conv_state's last width - 1 columns, then conv_x), rounded to conv_x's
-    dtype; returns (P, batch, rows) float32 partial sums of u @ x_proj_weight.T over P slices
-    of the channels (`conv_x_proj_slices`). conv_state is not changed.
+    dtype; returns (P, batch, rows) float32 partial sums of u @ x_proj_weight.T
+    (`conv_x_proj_parts`): up to 8 rows, one kernel, partial sums over slices of the channels;
+    from DT_DOT_MIN_BATCH rows, the conv's step as a kernel of its own, then x_proj as
+    `decode_linear`'s tl.dot product in fp32 (P = 1): there the slices' kernel would read x_proj's
+    weight once per row. conv_state is not changed.
     """
     batch, dim = conv_x.shape
     rows, width = x_proj_weight.shape[0], conv_state.shape[2]
+    if conv_x_proj_parts(batch, dim) == 1:
+        u = torch.empty_like(conv_x, memory_format=torch.contiguous_format)
+        BE = min(256, triton.next_power_of_2(dim))
+        launcher(_conv_step_kernel, conv_x)[(triton.cdiv(dim, BE), batch)](
+            conv_state, conv_x, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+            u, dim, width, *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(),
+            HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, num_warps=4,
+            **pdl(conv_x, pdl_launch),
+        )  # fmt: skip
+        out = decode_linear(
+            u, x_proj_weight, None, None, 0.0, None, pdl_launch=pdl_launch, out_fp32=True
+        )
+        return out[None]
     BE, n_part = conv_x_proj_slices(dim)
     ROWS = triton.next_power_of_2(rows)
     out = torch.empty((n_part, batch, rows), dtype=torch.float32, device=conv_x.device)

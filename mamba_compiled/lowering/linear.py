@@ -234,7 +234,8 @@ def _decode_dot_kernel(
             xk = tl.load(x_ptrs + k0, mask=mmask[:, None] & kmask, other=0.0)
         # DOT_F32: the interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32
         if DOT_F32:
-            acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            xk = xk.to(w.dtype).to(tl.float32)  # x rounded to the weight's dtype, as below
+            acc = tl.dot(xk, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
     offs = m[:, None].to(tl.int64) * s_om + n[None, :]

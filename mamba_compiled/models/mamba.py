@@ -29,11 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from mamba_compiled.models.config import MambaConfig
 from mamba_compiled.ops import (
     conv_x_proj,
-    decode_linear,
     selective_scan_fn,
     ssm_decode_step,
 )
-from mamba_compiled.ops.scan import conv_step
 
 # Decoding batches up to this size project with reductions under the compiler (see `_gemv`), and
 # the conv's step and x_proj with `conv_x_proj`; larger ones see `Mamba._ssm_step`.
@@ -49,17 +47,11 @@ DOT_MAX_BATCH = 64
 def fused_decoding(x: Tensor) -> bool:
     """Whether a decode step on x (b, d_model) runs each block's RMSNorm and in_proj, and its
     out_proj and residual add, as `decode_linear` (two kernels per block, and the final norm
-    with the LM head as one; above GEMV_MAX_BATCH x_proj and dt_proj too): on CUDA, for batches
+    with the LM head as one up to GEMV_MAX_BATCH): on CUDA, for batches
     up to FUSED_MAX_BATCH and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH. Otherwise the modules'
     own math (`_gemv` under the compiler, cuBLAS above DOT_MAX_BATCH)."""
     b = x.shape[0]
     return x.is_cuda and (b <= FUSED_MAX_BATCH or GEMV_MAX_BATCH < b <= DOT_MAX_BATCH)
-
-
-def _product(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight.T for a decode step above GEMV_MAX_BATCH: `decode_linear` where
-    `fused_decoding` says so, else `F.linear`."""
-    return decode_linear(x, weight) if fused_decoding(x) else F.linear(x, weight)
 
 
 def set_recompute(model: nn.Module, on: bool = True) -> nn.Module:
@@ -297,19 +289,16 @@ class Mamba(nn.Module):
         # conv_state holds the last W inputs; this step's window is its last W-1 and x.
         w = self.conv1d.weight[:, 0, :]  # (d_inner, W)
         A, D, dt_bias = self.scan_constants(x.dtype) if constants is None else constants
-        if x.shape[0] <= GEMV_MAX_BATCH:
-            # the conv's step and x_proj in one op: partial sums over slices of the channels,
-            # which the decode kernel sums (one kernel each on CUDA, where Inductor stored the
-            # conv's output in a kernel of its own before x_proj's reduction)
-            x_dbl = conv_x_proj(conv_state, x, w, self.x_proj.weight, self.conv1d.bias)
-        else:  # the conv under the compiler, x_proj a matrix product
-            u = conv_step(conv_state, x, w, self.conv1d.bias).to(xz.dtype)
-            x_dbl = _product(u, self.x_proj.weight)[None]
-        # x_proj's sum, the conv, dt_proj (its weight; the bias in the softplus), the state
-        # update, the gate and the conv shift: one kernel on CUDA; above batch 8, dt_proj first
-        # as a tl.dot product read once for all rows (1.4B, batch 64, H200: 11.8 against 19.0
-        # us per layer for dt_proj, `selective_state_update` and the window's shift as `cat` +
-        # copy; perf/RESULTS.md, eighth session)
+        # the conv's step and x_proj as one op (`conv_x_proj`): up to 8 rows one kernel on CUDA,
+        # partial sums over slices of the channels, which the decode kernel sums (Inductor had
+        # stored the conv's output in a kernel of its own before x_proj's reduction); above, the
+        # conv's step as a kernel and x_proj as a tl.dot product. Then x_proj's sum, the conv,
+        # dt_proj (its weight; the bias in the softplus), the state update, the gate and the
+        # conv shift: one kernel on CUDA; above batch 8, dt_proj first as a tl.dot product read
+        # once for all rows (1.4B, batch 64, H200: 11.8 against 19.0 us per layer for dt_proj,
+        # `selective_state_update` and the window's shift as `cat` + copy; perf/RESULTS.md,
+        # eighth session)
+        x_dbl = conv_x_proj(conv_state, x, w, self.x_proj.weight, self.conv1d.bias)
         y = ssm_decode_step(
             ssm_state,
             conv_state,

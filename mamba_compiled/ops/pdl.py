@@ -70,9 +70,9 @@ def conv_x_proj_pdl(
 
 @conv_x_proj_pdl.register_fake
 def _(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
-    from mamba_compiled.lowering.decode_step import conv_x_proj_slices
+    from mamba_compiled.lowering.decode_step import conv_x_proj_parts
 
-    n_part = conv_x_proj_slices(conv_x.shape[1])[1]
+    n_part = conv_x_proj_parts(*conv_x.shape)
     return empty((n_part, conv_x.shape[0], x_proj_weight.shape[0]), conv_x, torch.float32)
 
 
