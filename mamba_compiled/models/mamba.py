@@ -27,14 +27,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.ops import (
-    conv_x_proj,
-    selective_scan_fn,
-    ssm_decode_step,
-)
+from mamba_compiled.ops import conv_x_proj, selective_scan_fn, ssm_decode_step
 
-# Decoding batches up to this size project with reductions under the compiler (see `_gemv`), and
-# the conv's step and x_proj with `conv_x_proj`; larger ones see `Mamba._ssm_step`.
+# Decoding batches up to this size project with reductions under the compiler (see `_gemv`).
 GEMV_MAX_BATCH = 8
 # Decoding batches up to FUSED_MAX_BATCH, and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH, run their
 # projections as `decode_linear` on CUDA (see `fused_decoding`). Its batch-1 kernel reads the
@@ -47,9 +42,10 @@ DOT_MAX_BATCH = 64
 def fused_decoding(x: Tensor) -> bool:
     """Whether a decode step on x (b, d_model) runs each block's RMSNorm and in_proj, and its
     out_proj and residual add, as `decode_linear` (two kernels per block, and the final norm
-    with the LM head as one up to GEMV_MAX_BATCH): on CUDA, for batches
-    up to FUSED_MAX_BATCH and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH. Otherwise the modules'
-    own math (`_gemv` under the compiler, cuBLAS above DOT_MAX_BATCH)."""
+    with the LM head as one up to GEMV_MAX_BATCH): on CUDA, for batches up to FUSED_MAX_BATCH
+    and from GEMV_MAX_BATCH + 1 to DOT_MAX_BATCH. Otherwise the modules' own math (`_gemv`
+    under the compiler, cuBLAS above DOT_MAX_BATCH). x_proj and dt_proj are inside the decode
+    ops (`conv_x_proj`, `ssm_decode_step`) at every batch."""
     b = x.shape[0]
     return x.is_cuda and (b <= FUSED_MAX_BATCH or GEMV_MAX_BATCH < b <= DOT_MAX_BATCH)
 
