@@ -808,6 +808,25 @@ def _model_decode_step(state, conv, A, D, z, bias, dtw, cx, cw, x_dbl):
     )
 
 
+def _decode_sweep(run, state, conv, configs) -> list[float]:
+    """CUDA graph µs per call of run(state, conv) for each (BD, num_warps) in configs (None: the
+    default), each checked against the default first; timed on copies of the states (every
+    call advances them)."""
+    from mamba_compiled.lowering import common
+
+    want = run(state.clone(), conv.clone())
+    times = []
+    for cfg in configs:
+        common.set_override(decode=cfg)
+        try:
+            got = run(state.clone(), conv.clone())
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+            times.append(_graph_us(functools.partial(run, state.clone(), conv.clone())))
+        finally:
+            common.set_override()
+    return times
+
+
 def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cuda"):
     """The state-update kernel at the 130M and 1.4B sizes for every (channels per program,
     warps) in DECODE_CONFIGS (`common.set_override(decode=...)`), each checked against the
@@ -816,7 +835,6 @@ def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cud
     x_proj's output as `conv_x_proj`'s partial sums). Rows "dt given", batch 64:
     `selective_state_update` (the seventh session's 1.4B path above batch 8; `_decode_rows`
     times the model's step there now)."""
-    from mamba_compiled.lowering import common
     from mamba_compiled.lowering.decode_step import conv_x_proj_slices
     from mamba_compiled.models.mamba import GEMV_MAX_BATCH
 
@@ -851,17 +869,7 @@ def _decode_configs(rep: Report, N=16, width=4, dtype=torch.float16, device="cud
                 def run(state, conv, cx=cx, dt=dt, A=A, B=B, C=C, D=D, z=z, bias=bias):
                     return selective_state_update(state, cx, dt, A, B, C, D, z, bias, True)
 
-            want = run(state.clone(), conv.clone())
-            times = []
-            for cfg in DECODE_CONFIGS:
-                common.set_override(decode=cfg)
-                try:
-                    got = run(state.clone(), conv.clone())
-                    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-                    # timed on copies: every call advances the states
-                    times.append(_graph_us(functools.partial(run, state.clone(), conv.clone())))
-                finally:
-                    common.set_override()
+            times = _decode_sweep(run, state, conv, DECODE_CONFIGS)
             rep(
                 f"| {dim}, {rank} | {kernel} | {batch} | "
                 + " | ".join(f"{t:.2f}" for t in times)
@@ -883,7 +891,7 @@ def _decode_rows(
     replaced at 1.4B (seventh session): dt_proj rounded to fp16, the window's shift as cat +
     copy, `selective_state_update`. CUDA graph µs per call, inputs as the model passes them
     (x_proj's output as one sum in fp16)."""
-    from mamba_compiled.lowering import common, decode_linear
+    from mamba_compiled.lowering import decode_linear
 
     rep("\n### The decode step above batch 8 by (channels, warps), CUDA graph µs\n")
     heads = " | ".join(f"{bd}, {w}" for bd, w in BATCHED_CONFIGS)
@@ -904,16 +912,7 @@ def _decode_rows(
             def run(state, conv, rest=rest):
                 return _model_decode_step(state, conv, *rest)
 
-            want = run(state.clone(), conv.clone())
-            times = [_graph_us(functools.partial(run, state.clone(), conv.clone()))]
-            for cfg in BATCHED_CONFIGS:
-                common.set_override(decode=cfg)
-                try:
-                    got = run(state.clone(), conv.clone())
-                    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-                    times.append(_graph_us(functools.partial(run, state.clone(), conv.clone())))
-                finally:
-                    common.set_override()
+            times = _decode_sweep(run, state, conv, [None, *BATCHED_CONFIGS])
             u = torch.randn(batch, dim, **g).to(dtype)
             dt_low, B, C = torch.split(x_dbl[0], [rank, N, N], dim=-1)
 

@@ -117,3 +117,18 @@ def decode_step_reference(state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, d
         f(state), f(u), dt, f(A), f(B)[:, None], f(C)[:, None], f(D), f(z), f(bias), True
     )
     return out, new_state, window
+
+
+def run_decode_step(inputs):
+    """The model's decode step by `lowering.state_update` on `inputs` (as for
+    `decode_step_reference`; state and conv_state change in place), after the float64
+    reference on them: (out, reference out, reference state, reference conv window)."""
+    from mamba_compiled.lowering import state_update
+
+    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
+    ref = decode_step_reference(*inputs)
+    out = state_update(
+        state, None, None, A, None, None, D, z, bias, True, dt_weight, conv_state, conv_x,
+        conv_w, conv_b, x_dbl,
+    )  # fmt: skip
+    return (out, *ref)

@@ -14,7 +14,7 @@ import importlib.util
 
 import pytest
 import torch
-from scan_inputs import decode_step_reference
+from scan_inputs import run_decode_step
 
 from mamba_compiled.ops.reference import (
     decode_linear_ref,
@@ -443,16 +443,10 @@ def test_decode_step_fused(dtype, rank, width, conv_bias, parts, batch, dim):
     output, dt, B and C computed in float64 (each rounded where the model rounds it), and to
     the window shifted by torch. From batch 9 (here 20) dt_proj runs first as decode_linear's
     tl.dot kernel (fp32 out) and the state-update kernel takes dt."""
-    from mamba_compiled.lowering import state_update
-
     n = 4
     inputs = _decode_inputs(batch, dim, n, width, rank, parts, dtype, conv_bias)
-    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
-    ref_out, ref_state, ref_conv = decode_step_reference(*inputs)
-    out = state_update(
-        state, None, None, A, None, None, D, z, bias, True, dt_weight, conv_state, conv_x,
-        conv_w, conv_b, x_dbl,
-    )  # fmt: skip
+    state, conv_state = inputs[:2]
+    out, ref_out, ref_state, ref_conv = run_decode_step(inputs)
     tol = TOL[dtype]
     _close("out", out, ref_out, tol)
     _close("state (in place)", state, ref_state, 1e-5 if dtype == torch.float32 else tol)

@@ -283,17 +283,16 @@ def test_state_update_cuda_graph():
 @pytest.mark.parametrize("dim, rank", [(1536, 48), (4096, 128)], ids=["130m", "1.4b"])
 def test_decode_step_model_sizes(dtype, batch, dim, rank):
     """The model's decode step (`ssm_decode_step`'s kernels) at the 130M and 1.4B sizes, x_proj's
-    output given as one sum in the model's dtype (as above batch 8) or as fp32 partial sums,
-    against float64 with the model's roundings; the conv window shifted exactly."""
-    from scan_inputs import decode_step_reference
-
-    from mamba_compiled.lowering import state_update
+    output given as 24 fp32 partial sums (batch 1), or one sum in the model's dtype (batch 12)
+    or in fp32 (batch 64, as `conv_x_proj` gives it), against float64 with the model's
+    roundings; the conv window shifted exactly."""
+    from scan_inputs import run_decode_step
 
     dev, N, width = "cuda", 16, 4
     act = dict(device=dev, dtype=dtype)
     parts = 1 if batch > 8 else 24
     x_dbl = 0.3 * torch.randn(parts, batch, rank + 2 * N, device=dev)
-    x_dbl = x_dbl.to(dtype) if parts == 1 else x_dbl
+    x_dbl = x_dbl.to(dtype) if batch == 12 else x_dbl  # one sum: in the model dtype, or fp32
     inputs = (
         torch.randn(batch, dim, N, device=dev), torch.randn(batch, dim, width, **act),
         torch.randn(batch, dim, **act), torch.randn(batch, dim, **act),
@@ -302,12 +301,8 @@ def test_decode_step_model_sizes(dtype, batch, dim, rank):
         -0.5 * torch.rand(dim, N, device=dev), torch.randn(dim, device=dev),
         torch.rand(dim, device=dev),
     )  # fmt: skip
-    state, conv_state, conv_x, z, conv_w, conv_b, x_dbl, dt_weight, A, D, bias = inputs
-    ref_out, ref_state, ref_conv = decode_step_reference(*inputs)
-    out = state_update(
-        state, None, None, A, None, None, D, z, bias, True, dt_weight, conv_state, conv_x,
-        conv_w, conv_b, x_dbl,
-    )  # fmt: skip
+    state, conv_state = inputs[:2]
+    out, ref_out, ref_state, ref_conv = run_decode_step(inputs)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol)
     # a 16-bit u may round the other way than float64's (one ulp), and the state moves with it

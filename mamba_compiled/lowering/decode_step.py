@@ -280,6 +280,25 @@ def state_update(
 
 
 @triton.jit
+def _conv_output(conv_ptr, cx_ptr, pid_b, e, emask, k, width, s_cb, s_cd, s_ck, s_cxb, s_cxd,
+                 cw, cb, HAS_CB: tl.constexpr):  # fmt: skip
+    """silu(the conv's step) in fp32 for channels e of row pid_b: the window is conv_state's
+    last width - 1 columns, then conv_x; cw (BE, W) and cb (BE,) as the caller loaded them
+    (before its PDL wait)."""
+    win = tl.load(
+        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
+        mask=emask[:, None] & (k + 1 < width)[None, :],
+        other=0.0,
+    )
+    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
+    win = tl.where((k == width - 1)[None, :], cx[:, None], win).to(tl.float32)
+    u = tl.sum(win * cw.to(tl.float32), 1)  # (BE,)
+    if HAS_CB:
+        u += cb.to(tl.float32)
+    return u * sigmoid(u)
+
+
+@triton.jit
 def _conv_x_proj_kernel(
     conv_ptr, cx_ptr, cw_ptr, cb_ptr, wx_ptr, part_ptr,
     dim, rows, width,
@@ -301,6 +320,7 @@ def _conv_x_proj_kernel(
         mask=emask[:, None] & (k < width)[None, :],
         other=0.0,
     )
+    cb = cw  # (a placeholder without a bias, never read)
     if HAS_CB:
         cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
     wx = tl.load(
@@ -309,17 +329,8 @@ def _conv_x_proj_kernel(
         other=0.0,
     )  # (ROWS, BE)
     wait_for_previous_kernel(GDC)
-    win = tl.load(
-        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
-        mask=emask[:, None] & (k + 1 < width)[None, :],
-        other=0.0,
-    )
-    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
-    win = tl.where((k == width - 1)[None, :], cx[:, None], win).to(tl.float32)
-    u = tl.sum(win * cw.to(tl.float32), 1)  # (BE,)
-    if HAS_CB:
-        u += cb.to(tl.float32)
-    u = u * sigmoid(u)
+    u = _conv_output(conv_ptr, cx_ptr, pid_b, e, emask, k, width, s_cb, s_cd, s_ck, s_cxb,
+                     s_cxd, cw, cb, HAS_CB)  # fmt: skip
     u = u.to(cx_ptr.dtype.element_ty).to(tl.float32)  # as the model rounds it
     part = tl.sum(wx.to(tl.float32) * u[None, :], 1)  # (ROWS,)
     tl.store(part_ptr + pid_p * s_op + pid_b * s_ob + r, part, mask=rmask)
@@ -357,20 +368,12 @@ def _conv_step_kernel(
         mask=emask[:, None] & (k < width)[None, :],
         other=0.0,
     )
+    cb = cw  # (a placeholder without a bias, never read)
     if HAS_CB:
         cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
     wait_for_previous_kernel(GDC)
-    win = tl.load(
-        conv_ptr + pid_b * s_cb + e[:, None].to(tl.int64) * s_cd + (k[None, :] + 1) * s_ck,
-        mask=emask[:, None] & (k + 1 < width)[None, :],
-        other=0.0,
-    )
-    cx = tl.load(cx_ptr + pid_b * s_cxb + e * s_cxd, mask=emask, other=0.0)
-    win = tl.where((k == width - 1)[None, :], cx[:, None], win).to(tl.float32)
-    u = tl.sum(win * cw.to(tl.float32), 1)
-    if HAS_CB:
-        u += cb.to(tl.float32)
-    u = u * sigmoid(u)
+    u = _conv_output(conv_ptr, cx_ptr, pid_b, e, emask, k, width, s_cb, s_cd, s_ck, s_cxb,
+                     s_cxd, cw, cb, HAS_CB)  # fmt: skip
     tl.store(u_ptr + pid_b * dim + e, u.to(u_ptr.dtype.element_ty), mask=emask)
 
 
