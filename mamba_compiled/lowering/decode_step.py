@@ -280,6 +280,21 @@ def state_update(
 
 
 @triton.jit
+def _conv_params(cw_ptr, cb_ptr, e, emask, k, width, s_cwd, s_cwk, HAS_CB: tl.constexpr):
+    """The conv's weights (BE, W) and bias (BE,) of channels e (without a bias, the weights
+    again as a placeholder, never read)."""
+    cw = tl.load(
+        cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
+        mask=emask[:, None] & (k < width)[None, :],
+        other=0.0,
+    )
+    cb = cw
+    if HAS_CB:
+        cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
+    return cw, cb
+
+
+@triton.jit
 def _conv_output(conv_ptr, cx_ptr, pid_b, e, emask, k, width, s_cb, s_cd, s_ck, s_cxb, s_cxd,
                  cw, cb, HAS_CB: tl.constexpr):  # fmt: skip
     """silu(the conv's step) in fp32 for channels e of row pid_b: the window is conv_state's
@@ -315,14 +330,7 @@ def _conv_x_proj_kernel(
     rmask = r < rows
     # every load first (their latencies overlap): the conv's weights and x_proj's columns of
     # these channels, then the window (conv_state's last width - 1 columns, then conv_x)
-    cw = tl.load(
-        cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
-        mask=emask[:, None] & (k < width)[None, :],
-        other=0.0,
-    )
-    cb = cw  # (a placeholder without a bias, never read)
-    if HAS_CB:
-        cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
+    cw, cb = _conv_params(cw_ptr, cb_ptr, e, emask, k, width, s_cwd, s_cwk, HAS_CB)
     wx = tl.load(
         wx_ptr + r[:, None].to(tl.int64) * s_wr + e[None, :],
         mask=rmask[:, None] & emask[None, :],
@@ -363,14 +371,7 @@ def _conv_step_kernel(
     e = pid_e * BE + tl.arange(0, BE)
     emask = e < dim
     k = tl.arange(0, W)
-    cw = tl.load(
-        cw_ptr + e[:, None].to(tl.int64) * s_cwd + k[None, :] * s_cwk,
-        mask=emask[:, None] & (k < width)[None, :],
-        other=0.0,
-    )
-    cb = cw  # (a placeholder without a bias, never read)
-    if HAS_CB:
-        cb = tl.load(cb_ptr + e, mask=emask, other=0.0)
+    cw, cb = _conv_params(cw_ptr, cb_ptr, e, emask, k, width, s_cwd, s_cwk, HAS_CB)
     wait_for_previous_kernel(GDC)
     u = _conv_output(conv_ptr, cx_ptr, pid_b, e, emask, k, width, s_cb, s_cd, s_ck, s_cxb,
                      s_cxd, cw, cb, HAS_CB)  # fmt: skip
