@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="recompute the conv, x_proj and dt_proj in the backward (models.set_recompute)",
     )
+    p.add_argument(
+        "--ck",
+        type=int,
+        default=None,
+        help="the scan's checkpoint interval (default 8; 16 halves the checkpoints' memory, "
+        "the backward recomputing every other chunk's start state)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default 989 on CUDA)")
@@ -68,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.ck is not None:
+        from mamba_compiled.lowering import common
+
+        common.set_override(ck=args.ck)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
     torch.manual_seed(0)
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.model} ({n_params / 1e6:.0f}M params) {what}, "
             f"batch {args.batch} x {args.seqlen}, {'bf16 autocast' if amp == 'bf16' else 'fp32'}, "
             f"{'compiled' if args.compile else 'eager'}"
-            f"{', conv and projections recomputed' if args.recompute else ''}",
+            f"{', conv and projections recomputed' if args.recompute else ''}"
+            f"{f', checkpoints every {args.ck} steps' if args.ck else ''}",
         ),
         ("device", f"{name}; torch {torch.__version__}"),
         (f"step time (median of {args.steps})", f"{1e3 * t:.1f} ms"),

@@ -10,7 +10,7 @@
 # Sections: tests (pytest -m cuda), scan, scan-sweep, scan-decode (perf/bench_scan.py;
 # scan-decode-<table>[+<table>] for some of its tables, e.g. scan-decode-linear+configs), train
 # (perf/bench_train.py, 130M and 1.4B; train-130m, train-1.4b for one; train-1.4b-recompute
-# with the conv and projections recomputed), generate
+# with the conv and projections recomputed; TRAIN_ARGS, e.g. "--ck 16", go to both), generate
 # (perf/bench_generate.py; generate-130m, generate-1.4b, generate-1.4b@64 for one batch), profile (mamba-compiled profile of the
 # 130M model, decode, prefill and train; profile-<mode> for one; profile-<mode>@<batch>[x<seqlen>]
 # at that shape, e.g. profile-prefill@1x100, of the model PROFILE_MODEL, default 130m, with
@@ -85,12 +85,14 @@ run_lane() {  # run_lane LANE SECTION...
             train | train-130m | train-1.4b)
                 for m in 130m 1.4b; do
                     [[ $s == train || $s == "train-$m" ]] || continue
-                    section "$lane" "train-$m" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 --out "$w/train-$m"
+                    # shellcheck disable=SC2086
+                    section "$lane" "train-$m" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 ${TRAIN_ARGS:-} --out "$w/train-$m"
                 done ;;
             train-*-recompute)  # train-<model>-recompute: with models.set_recompute
                 m=${s#train-}
                 m=${m%-recompute}
-                section "$lane" "$s" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 --recompute --out "$w/$s" ;;
+                # shellcheck disable=SC2086
+                section "$lane" "$s" $PY perf/bench_train.py --model "$m" --batch 8 --seqlen 2048 --recompute ${TRAIN_ARGS:-} --out "$w/$s" ;;
             generate | generate-130m | generate-1.4b)
                 for m in 130m 1.4b; do
                     [[ $s == generate || $s == "generate-$m" ]] || continue

@@ -62,6 +62,7 @@ class Case:
     deterministic: bool = False  # per-block dB/dC partial sums instead of atomics
     bwd_rs: bool = True  # interpreter: backward dB/dC by the reduce-scatter (else tl.sum)
     bc_f32: bool = False  # interpreter: per-step B, C staged in fp32 by the launchers
+    ck: int | None = None  # checkpoint interval (8: two chunks of 4 per checkpoint)
 
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -123,6 +124,10 @@ CASES = [
     pytest.param(Case(batch=1, seqlen=38, deterministic=True, bwd_rs=False), id="segments5-sum"),
     pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
     pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
+    # a checkpoint every two chunks: odd chunks start from the state after the even one
+    pytest.param(Case(ck=8), id="ck2chunks-L13-tail-odd"),
+    pytest.param(Case(ck=8, seqlen=21, B="shared", deterministic=True), id="ck2chunks-shared-B"),
+    pytest.param(Case(ck=8, batch=1, seqlen=38, dtype=torch.bfloat16), id="ck2chunks-segments"),
 ]
 
 
@@ -198,12 +203,16 @@ def test_scan_forward_backward(case: Case, request):
     from mamba_compiled.lowering import common, scan_bwd, scan_fwd
     from mamba_compiled.lowering.common import checkpoint_dtype, checkpoint_interval
 
+    if case.ck is not None:
+        common.set_override(ck=case.ck)
+        request.addfinalizer(common.set_override)
     if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32):
         fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
         bwd = common.bwd_config(case.dim, case.dstate, (1, 1))
         common.set_override(
             fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32),
             bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32),
+            ck=case.ck,
         )
         request.addfinalizer(common.set_override)
     kw = case.inputs()

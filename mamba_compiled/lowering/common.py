@@ -309,6 +309,13 @@ def checkpoint_interval() -> int:
     return CK_INTERPRET if interpreting() else CK
 
 
+def chunk_length() -> int:
+    """The scan kernels' chunk T: the default checkpoint interval, or the interval when it is
+    shorter. A longer interval (`set_override(ck=2 * T)`) spans two chunks: the backward
+    recomputes the second's start state from the checkpoint (half the checkpoints' memory)."""
+    return min(checkpoint_interval(), CK_INTERPRET if interpreting() else CK)
+
+
 def stage_bc(M, cfg: ScanConfig):
     """B or C as the kernel reads it: per-step bf16/fp16 copied to fp32 when cfg.bc_f32. These
     tensors are small (batch, groups, dstate, L), and fp32 spares the kernel Triton's choice of
@@ -331,10 +338,10 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     Measurements behind the choice: perf/NOTES.md."""
     if "fwd" in _override:
         return _override["fwd"]  # type: ignore[return-value]
-    ck = checkpoint_interval()
+    ck, T = checkpoint_interval(), chunk_length()
     n = state_pad(dstate)
     if interpreting():  # tiny blocks; segments of 2 chunks once there are under 16 programs
-        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
+        return ScanConfig(BD=_block_d(4, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
                           target=16, min_seg=2 * ck)  # fmt: skip
     # One warp: 16 channel lanes x 2 state lanes, 8 states x 8 steps in registers (160
     # registers with triton 3.6). Third GPU run, 8x4096x2048 bf16: 0.656 ms against 0.746-0.913
@@ -342,18 +349,18 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # 4 segments. Segments once batch x blocks is under about one wave, of at least 128 steps:
     # with 1024 the 130M prefill (1 x 1536 x 2048, 96 blocks) ran 2 segments of 1024 steps in
     # 311 us per layer (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
-    return ScanConfig(BD=_block_d(16, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
+    return ScanConfig(BD=_block_d(16, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
                       target=1024, min_seg=128)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
-    """Heuristic backward config (T is always the checkpoint interval)."""
+    """Heuristic backward config (T: `chunk_length`, the checkpoint interval or half of it)."""
     if "bwd" in _override:
         return _override["bwd"]  # type: ignore[return-value]
-    ck = checkpoint_interval()
+    ck, T = checkpoint_interval(), chunk_length()
     n = state_pad(dstate)
     if interpreting():
-        return ScanConfig(BD=_block_d(4, dim, groups), T=ck, N_B=min(n, 2), num_warps=1,
+        return ScanConfig(BD=_block_d(4, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
                           target=16, min_seg=2 * ck, rs=True)  # fmt: skip
     # Sums over channels (dB, dC per step) cross lanes: one warp (no cross-warp round), 8
     # channel lanes x 4 state lanes, 8 steps (first GPU run: 3.5 ms against 7.9 for 16 steps,
@@ -362,7 +369,7 @@ def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # (third run, 1x4096x65536: 16.9 ms against 17.2 / 17.6 under 2048 / 1024). perf/NOTES.md.
     bd = _block_d(8, dim, groups)
     n_b = min(n, 4)
-    return ScanConfig(BD=bd, T=ck, N_B=n_b, num_warps=1, target=4096, min_seg=1024,
+    return ScanConfig(BD=bd, T=T, N_B=n_b, num_warps=1, target=4096, min_seg=1024,
                       rs=bd * n_b == 32)  # fmt: skip
 
 

@@ -24,6 +24,8 @@ deterministic=True, written per block and summed by the launcher (bit-identical 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -48,7 +50,7 @@ from .common import (
     traced,
     wait_for,
 )
-from .scan_forward import _load_chunk, bc_args, groups_of
+from .scan_forward import _delta, _last, _load_chunk, _scan_chunk, bc_args, groups_of
 
 
 @triton.jit
@@ -187,6 +189,16 @@ def _bwd_chunk(
 
 
 @triton.jit
+def _end_state(h, raw, u, B_raw, bias, A2, B_sh, t4, HAS_BIAS: tl.constexpr,
+               SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, T: tl.constexpr,
+               FAST_MATH: tl.constexpr):  # fmt: skip
+    """The state after a whole chunk, from the state h before it (a checkpoint, in its dtype):
+    the start state of a chunk that has no checkpoint of its own (R = 2)."""
+    delta = _delta(raw, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+    return _last(_scan_chunk(h.to(tl.float32), delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
+
+
+@triton.jit
 def _put_per_step(row, x, t0, tt3, mt3, nt3, seqlen, dstate, ATOMIC: tl.constexpr,
                   RS: tl.constexpr, MASK: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
     """Add (atomics) or write (partials) Σ_d x of x (T, N_A, BD, N_B) at row[n, t0 + t] (row:
@@ -258,7 +270,7 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     ATOMIC_BC: tl.constexpr, RS: tl.constexpr,
-    BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
+    BD: tl.constexpr, T: tl.constexpr, R: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
@@ -266,7 +278,7 @@ def _scan_bwd_kernel(
     pid_d, pid_b, k_seg = take_ticket(sync_ptr, n_seg, n_dblk, batch)
     seg = n_seg - 1 - k_seg  # the last segment first: the adjoint runs backwards in time
     d0 = pid_d * BD
-    t_begin = seg * seg_len  # a multiple of T (= CK)
+    t_begin = seg * seg_len  # a multiple of CK = R·T
     t_end = tl.minimum(t_begin + seg_len, seqlen)
     c_begin = t_begin // T
     n_full = (t_end - t_begin) // T  # whole chunks (the partial one, if any, comes after them)
@@ -390,7 +402,16 @@ def _scan_bwd_kernel(
             HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
         dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=(t0 + t2 < seqlen) & dmask2, other=0.0)
-        h_start = tl.load(ck_base + ci.to(tl.int64) * slab, mask=smask3, other=0.0)
+        h_start = tl.load(ck_base + (ci // R).to(tl.int64) * slab, mask=smask3, other=0.0)
+        if R == 2:
+            h_start = h_start.to(tl.float32)  # (one type on both sides of the branch)
+            if ci % 2 == 1:  # the checkpoint is the start of the (whole) chunk before
+                raw_p, u_p, _, B_p, _ = _load_chunk(
+                    t0 - T, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs,
+                    C_ptrs, False, False, B_SHARED, True, False, EVEN_D, EVEN_N,
+                )  # fmt: skip
+                h_start = _end_state(h_start, raw_p, u_p, B_p, bias, A2, B_sh, t4, HAS_BIAS,
+                                     SOFTPLUS, B_SHARED, T, FAST_MATH)  # fmt: skip
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
@@ -410,7 +431,7 @@ def _scan_bwd_kernel(
         HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
     )  # fmt: skip
     dout_n = tl.load(dout_ptrs + (t_n + t2) * s_ot, mask=(t_n + t2 < seqlen) & dmask2, other=0.0)
-    h_start_n = tl.load(ck_base + (t_n // T).to(tl.int64) * slab, mask=smask3, other=0.0)
+    h_start_n = tl.load(ck_base + (t_n // T // R).to(tl.int64) * slab, mask=smask3, other=0.0)
     for c in range(0, n_full):
         ci = c_begin + n_full - 1 - c
         t0 = ci * T
@@ -424,7 +445,12 @@ def _scan_bwd_kernel(
             dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot)
         else:
             dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot, mask=dmask2, other=0.0)
-        h_start_n = tl.load(ck_base + (tp // T).to(tl.int64) * slab, mask=smask3, other=0.0)
+        h_start_n = tl.load(ck_base + (tp // T // R).to(tl.int64) * slab, mask=smask3, other=0.0)
+        if R == 2:
+            h_start = h_start.to(tl.float32)
+            if ci % 2 == 1:  # h_start is the checkpoint before the chunk just loaded (ci - 1)
+                h_start = _end_state(h_start, raw_n, u_n, B_n, bias, A2, B_sh, t4, HAS_BIAS,
+                                     SOFTPLUS, B_SHARED, T, FAST_MATH)  # fmt: skip
         carry, dA_c, dB_c, dC_c, dD_c, dbias_c = _bwd_chunk(
             carry, h_start, t0, seqlen, raw, u, z, B_raw, C_raw, dout,
             A, A2, bias, Dv, B_sh, C_sh, t2, t3, t4, dmask2, ntmask3, ones,
@@ -507,12 +533,15 @@ def scan_bwd(
     ck = checkpoint_interval()
     n_ck = triton.cdiv(seqlen, ck)
     cfg = bwd_config(dim, dstate, groups_of(B, C))
-    assert cfg.T == ck, "the backward chunk is the checkpoint interval"
+    if ck not in (cfg.T, 2 * cfg.T):
+        raise ValueError(f"checkpoint interval {ck} must be the chunk {cfg.T} or twice it")
     assert not cfg.rs or interpreting() or (cfg.num_warps == 1 and cfg.BD * cfg.N_B == 32), (
         "the reduce-scatter of dB/dC works across the lanes of one warp: BD * N_B == 32"
     )
     n_dblk = triton.cdiv(dim, cfg.BD)
-    n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
+    # segments start on a checkpoint (a chunk's start state is its checkpoint or comes from the
+    # chunk before it, in the same segment)
+    n_seg, seg_len = segments(batch * n_dblk, seqlen, dataclasses.replace(cfg, T=ck))
     dev, f32 = u.device, torch.float32
     du = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=dev)
     ddelta = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=dev)
@@ -560,7 +589,7 @@ def scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
         B_SHARED=B_shared, C_SHARED=C_shared, ATOMIC_BC=atomic, RS=cfg.rs and not traced(u),
-        BD=cfg.BD, T=ck, N=N, N_B=cfg.N_B,
+        BD=cfg.BD, T=cfg.T, R=ck // cfg.T, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

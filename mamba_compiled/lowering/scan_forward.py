@@ -130,6 +130,16 @@ def _last(hs, t4, T: tl.constexpr):
 
 
 @triton.jit
+def _store_checkpoint(ck_base, ci, h, slab, n3, smask3, n_ck, MASKED: tl.constexpr):
+    """Checkpoint ci (the state before step ci · CK) in the checkpoints' dtype."""
+    h = h.to(ck_base.dtype.element_ty)
+    if MASKED:
+        tl.store(ck_base + ci.to(tl.int64) * slab, h, mask=smask3 & (ci + 0 * n3 < n_ck))
+    else:
+        tl.store(ck_base + ci.to(tl.int64) * slab, h, mask=smask3)
+
+
+@triton.jit
 def _fwd_chunk(
     h, c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
     t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
@@ -145,18 +155,18 @@ def _fwd_chunk(
         delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0
     u = u.to(tl.float32)
     hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED)
-    # checkpoints: the state before steps t0, t0 + CK, ...
-    for j in tl.static_range(T // CK):
-        if j == 0:
-            hj = h
-        else:
-            hj = tl.sum(tl.where(t4 == j * CK - 1, hs, -0.0), 0)
-        ci = c * (T // CK) + j
-        hj = hj.to(ck_base.dtype.element_ty)
-        if MASKED:
-            tl.store(ck_base + ci.to(tl.int64) * slab, hj, mask=smask3 & (ci + 0 * n3 < n_ck))
-        else:
-            tl.store(ck_base + ci.to(tl.int64) * slab, hj, mask=smask3)
+    # checkpoints: the state before steps t0, t0 + CK, ... (CK < T), or before this chunk when
+    # it starts one of every CK // T chunks (CK >= T)
+    if CK >= T:
+        if c % (CK // T) == 0:
+            _store_checkpoint(ck_base, c // (CK // T), h, slab, n3, smask3, n_ck, MASKED)
+    else:
+        for j in tl.static_range(T // CK):
+            if j == 0:
+                hj = h
+            else:
+                hj = tl.sum(tl.where(t4 == j * CK - 1, hs, -0.0), 0)
+            _store_checkpoint(ck_base, c * (T // CK) + j, hj, slab, n3, smask3, n_ck, MASKED)
     if C_SHARED:
         Ct = C_sh
     else:
@@ -353,7 +363,7 @@ def scan_fwd(
     ck = checkpoint_interval()
     n_ck = triton.cdiv(seqlen, ck)
     cfg = fwd_config(dim, dstate, groups_of(B, C))
-    assert cfg.T % ck == 0, "the forward chunk must be a multiple of the checkpoint interval"
+    assert cfg.T % ck == 0 or ck % cfg.T == 0, "chunks and checkpoint intervals must nest"
     n_dblk = triton.cdiv(dim, cfg.BD)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
     B, C = stage_bc(B, cfg), stage_bc(C, cfg)
