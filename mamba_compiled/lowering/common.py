@@ -244,8 +244,9 @@ def segments(programs, seqlen, cfg: ScanConfig):
 
 
 # The checkpoint interval: the forward writes the state at the start of every CK steps, the
-# backward walks back CK steps at a time. It fixes the checkpoint tensor's shape, so it is a
-# constant of the fwd/bwd contract, not a per-call choice. See perf/NOTES.md.
+# backward walks back a chunk (CK steps, or half of them: `chunk_length`) at a time. It fixes
+# the checkpoint tensor's shape, so it is a constant of the fwd/bwd contract, not a per-call
+# choice. See perf/NOTES.md.
 CK = 8
 CK_INTERPRET = 4
 

@@ -1,7 +1,7 @@
 """The selective scan backward: one fused Triton kernel and its launcher.
 
-One program per (block of BD channels, batch element) walks the chunks of CK steps backwards.
-For each chunk it reloads the inputs, recomputes the states h_t from the chunk's checkpoint
+One program per (block of BD channels, batch element) walks the chunks of T steps backwards.
+For each chunk it reloads the inputs, recomputes the states h_t from the chunk's start state
 (forward scan, as in the forward kernel), then runs the adjoint recurrence
 
     dh_t = C_t·dy_t + Ā_{t+1}·dh_{t+1}            (a reverse scan; dh after the end = dlast_state)
@@ -14,6 +14,10 @@ that h_{t-1} is never needed:
     dA     += Σ_t Δ_t·dh·(h_t − B̄u_t)
     dB_t    = Σ_d dh·Δ_t·u_t,   dC_t = Σ_d h_t·dy_t
     dz_t    = dout·y_t·σ(z)(1 + z(1 − σ(z))),  dy_t = dout·silu(z_t)
+
+The start state is the chunk's checkpoint when the checkpoint interval CK is T; with CK = 2T
+(R = 2: half the checkpoints' memory) every other chunk starts from the state after the chunk
+before it, scanned from that chunk's checkpoint.
 
 Sums over time stay in registers; sums over batch are written per batch element and summed by
 the launcher. Sums over channels (dB, dC per step) are reduced inside each channel block, then
