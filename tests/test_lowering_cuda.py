@@ -149,6 +149,19 @@ def test_scan_segments_long_memory(dtype):
     check(make_inputs(batch, dim, L, 16, dtype, slow=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch, L", [(2, 1000), (1, 20001)], ids=["L1000", "segments"])
+def test_scan_checkpoint_every_two_chunks(dtype, batch, L, request):
+    """`set_override(ck=16)`: a checkpoint every two chunks of 8 steps, the backward recomputing
+    every other chunk's start state (also across the look-back's segments)."""
+    from mamba_compiled.lowering import common
+
+    common.set_override(ck=16)
+    request.addfinalizer(common.set_override)
+    assert common.chunk_length() == 8
+    check(make_inputs(batch, 64, L, 16, dtype, slow=L > 10000))
+
+
 def test_deterministic_bitwise():
     from mamba_compiled.lowering import scan_bwd, scan_fwd
 
