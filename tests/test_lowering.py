@@ -463,7 +463,9 @@ def test_decode_step_fused(dtype, rank, width, conv_bias, parts, batch, dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("dim,rows,width,conv_bias", [(40, 11, 4, True), (100, 70, 3, False)])
+@pytest.mark.parametrize(
+    "dim,rows,width,conv_bias", [(40, 11, 4, True), (100, 70, 3, False), (8, 11, 4, True)]
+)  # (8 channels: one slice, below 9 rows still the one-kernel form)
 @pytest.mark.parametrize("b", [2, 12])  # from 9 rows on, the conv's kernel, then tl.dot
 def test_conv_x_proj(dtype, dim, rows, width, conv_bias, b):
     """The conv's step and x_proj as partial sums over slices of channels (a partial slice at
@@ -480,7 +482,8 @@ def test_conv_x_proj(dtype, dim, rows, width, conv_bias, b):
     x_proj_w = 0.3 * torch.randn(rows, dim, **act)
     before = conv_state.clone()
     parts = conv_x_proj(conv_state, conv_x, conv_w, conv_b, x_proj_w)
-    assert parts.shape == (conv_x_proj_parts(b, dim), b, rows) and parts.dtype == torch.float32
+    parts_n = conv_x_proj_parts(b, dim, dtype)
+    assert parts.shape == (parts_n, b, rows) and parts.dtype == torch.float32
     f = lambda t: t.double()  # noqa: E731
     window = torch.cat([f(conv_state[:, :, 1:]), f(conv_x)[:, :, None]], dim=-1)
     u = (window * f(conv_w)).sum(-1) + (f(conv_b) if conv_bias else 0)

@@ -171,6 +171,12 @@ def _state_update_kernel(
 DT_DOT_MIN_BATCH = 9
 
 
+def dot_rows(batch: int, dtype: torch.dtype) -> bool:
+    """Whether the decode step's ops run x_proj and dt_proj as tl.dot products (`decode_linear`,
+    which takes fp32, fp16 and bf16)."""
+    return batch >= DT_DOT_MIN_BATCH and dtype != torch.float64
+
+
 def state_update(
     state: Tensor,
     x: Tensor | None,
@@ -215,8 +221,7 @@ def state_update(
     like = conv_x if x is None else x
     batch, dim = like.shape
     dstate = A.shape[1]
-    dt_dot = batch >= DT_DOT_MIN_BATCH and like.dtype != torch.float64
-    if conv_weight is not None and x_dbl is not None and dt_dot:
+    if conv_weight is not None and x_dbl is not None and dot_rows(batch, like.dtype):
         # x_proj's output summed (a view when `conv_x_proj` passes it summed, P = 1) and
         # rounded as the model rounds it, then dt = dt_low @ dt_weight.T in fp32 by tl.dot
         xd = x_dbl[0] if x_dbl.shape[0] == 1 else x_dbl.to(torch.float32).sum(0)
@@ -351,10 +356,10 @@ def conv_x_proj_slices(dim: int) -> tuple[int, int]:
     return per, triton.cdiv(dim, per)
 
 
-def conv_x_proj_parts(batch: int, dim: int) -> int:
-    """P, the partial sums `conv_x_proj` returns: one (the whole product) from DT_DOT_MIN_BATCH
-    rows, where x_proj is a tl.dot product, else one per slice of channels."""
-    return 1 if batch >= DT_DOT_MIN_BATCH else conv_x_proj_slices(dim)[1]
+def conv_x_proj_parts(batch: int, dim: int, dtype: torch.dtype) -> int:
+    """P, the partial sums `conv_x_proj` returns: one (the whole product) where x_proj is a
+    tl.dot product (`dot_rows`), else one per slice of channels."""
+    return 1 if dot_rows(batch, dtype) else conv_x_proj_slices(dim)[1]
 
 
 @triton.jit
@@ -393,13 +398,13 @@ def conv_x_proj(
     of the window (conv_state's last width - 1 columns, then conv_x), rounded to conv_x's
     dtype; returns (P, batch, rows) float32 partial sums of u @ x_proj_weight.T
     (`conv_x_proj_parts`): up to 8 rows, one kernel, partial sums over slices of the channels;
-    from DT_DOT_MIN_BATCH rows, the conv's step as a kernel of its own, then x_proj as
+    from DT_DOT_MIN_BATCH rows (`dot_rows`), the conv's step as a kernel of its own, then x_proj as
     `decode_linear`'s tl.dot product in fp32 (P = 1): there the slices' kernel would read x_proj's
     weight once per row. conv_state is not changed.
     """
     batch, dim = conv_x.shape
     rows, width = x_proj_weight.shape[0], conv_state.shape[2]
-    if conv_x_proj_parts(batch, dim) == 1:
+    if dot_rows(batch, conv_x.dtype):
         u = torch.empty_like(conv_x, memory_format=torch.contiguous_format)
         BE = min(256, triton.next_power_of_2(dim))
         launcher(_conv_step_kernel, conv_x)[(triton.cdiv(dim, BE), batch)](

@@ -72,7 +72,7 @@ def conv_x_proj_pdl(
 def _(conv_state, conv_x, conv_weight, conv_bias, x_proj_weight):
     from mamba_compiled.lowering.decode_step import conv_x_proj_parts
 
-    n_part = conv_x_proj_parts(*conv_x.shape)
+    n_part = conv_x_proj_parts(*conv_x.shape, conv_x.dtype)
     return empty((n_part, conv_x.shape[0], x_proj_weight.shape[0]), conv_x, torch.float32)
 
 
