@@ -128,10 +128,7 @@ def decode_linear(
     `config`: (BN, KP, num_warps) instead of `decode_linear_config`'s, or a `DotConfig`
     instead of `decode_dot_config`'s (benchmarks);
     `pdl_launch`: launched with programmatic dependent launch (`common.pdl`);
-    `out_fp32` (no residual, from DOT_MIN_ROWS rows): the fp32 product, not rounded.
-    From DOT_MIN_ROWS rows (or with a DotConfig) the norm runs as its own small kernel before
-    the tl.dot product: inside that kernel every program re-read x's whole fp32 rows (130M
-    in_proj 18.9 against 5.1 µs, H200, perf/RESULTS.md seventh session)."""
+    `out_fp32` (no residual, from DOT_MIN_ROWS rows): the fp32 product, not rounded."""
     batch, K = x.shape
     N = weight.shape[0]
     out_dtype = residual.dtype if residual is not None else weight.dtype
