@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dot",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="batches 9-64 project with decode_linear's tl.dot kernel on CUDA (--no-dot: cuBLAS "
-        "and separate norms, as before the seventh session)",
+        help="batches 9-64 run in_proj and out_proj as decode_linear's tl.dot kernel on CUDA "
+        "(--no-dot: cuBLAS and the compiler's norms; x_proj and dt_proj stay tl.dot products "
+        "inside the decode ops)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write DIR/bench_generate.md")
     args = p.parse_args(argv)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'compiled' if args.compile else 'eager'}"
         f"{f' (decode mode {args.decode_mode})' if args.decode_mode else ''}"
         f"{', programmatic dependent launch' if gen.pdl else ''}"
-        f"{'' if args.dot else ', no tl.dot projections'}; "
+        f"{'' if args.dot else ', in_proj and out_proj on cuBLAS'}; "
         f"{name}; torch {torch.__version__}"
     )
     table = (
