@@ -374,18 +374,21 @@ def test_decode_linear(dtype, batch, N, K, norm, residual):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("batch", [1, 64])
-def test_decode_kernels_with_programmatic_dependent_launch(batch):
+@pytest.mark.parametrize(
+    "batch,d_model,d_inner,rank", [(1, 768, 1536, 48), (64, 768, 1536, 48), (64, 2048, 4096, 128)]
+)
+def test_decode_kernels_with_programmatic_dependent_launch(batch, d_model, d_inner, rank):
     """The decode step's kernels launched with PDL (each loads its weights while the previous
     kernel runs, then waits for it) compute what they compute without, over a chain of layers
     where each kernel reads the previous one's output. At batch 64 as the model runs it there:
-    the norm's kernel, the conv's kernel, x_proj and dt_proj as decode_linear's tl.dot kernel,
-    the state-update kernel."""
+    the norm's kernel, the conv's kernel, x_proj and dt_proj as decode_linear's tl.dot kernel
+    (x_proj split along K, its tiles' last programs summing the pieces; at the 1.4B sizes
+    out_proj too), the state-update kernel."""
     from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    dev, d_model, d_inner, rank, N, width = "cuda", 768, 1536, 48, 16, 4
+    dev, N, width = "cuda", 16, 4
     h = lambda *s, scale=1.0: (scale * torch.randn(*s, device=dev)).half()  # noqa: E731
     layers = [
         (1 + h(d_model, scale=0.1), h(2 * d_inner, d_model, scale=0.03), h(d_inner, width),
