@@ -614,14 +614,9 @@ def _dot_configs():
                 DotConfig(64, 64, 128, 4, 8, 3), DotConfig(64, 128, 64, 4, 8, 4)]  # fmt: skip
     # eighth session's questions: longer K steps for out_proj (16x64 -> 16x128 took 16.1 ->
     # 10.9 µs at 1.4B), more K pieces for x_proj (8 pieces, the most swept, was the best)
-    configs += [DotConfig(64, 16, 256, 1, 4, 3), DotConfig(64, 32, 256, 1, 4, 2),
-                DotConfig(64, 16, 256, 1, 8, 3), DotConfig(64, 16, 64, 16),
-                DotConfig(64, 16, 64, 32), DotConfig(64, 32, 64, 16)]  # fmt: skip
-    # ninth session: the split's partial products summed by a kernel of their own ("sum
-    # kernel"), as before, against by each tile's last program (the default) at x_proj's and
-    # the 1.4B out_proj's configurations
-    sums = [DotConfig(64, bn, 64, 8, SERIAL=False) for bn in (16, 64)]
-    return configs + sums
+    return configs + [DotConfig(64, 16, 256, 1, 4, 3), DotConfig(64, 32, 256, 1, 4, 2),
+                      DotConfig(64, 16, 256, 1, 8, 3), DotConfig(64, 16, 64, 16),
+                      DotConfig(64, 16, 64, 32), DotConfig(64, 32, 64, 16)]  # fmt: skip
 
 
 def _cycled(fn, argsets):
@@ -662,7 +657,6 @@ def _decode_linear(rep: Report, dtype=torch.float16, device="cuda"):
     dot_sweep = ["| layer | default | " + " | ".join(
         f"{c.BN}x{c.BK}/{c.SPLIT}" + ("" if (c.num_warps, c.num_stages) == (4, 4)
                                       else f" {c.num_warps}w{c.num_stages}s")
-        + ("" if c.SERIAL else " sum kernel")
         for c in dots) + " |", "|---|---|" + "---|" * len(dots)]  # fmt: skip
     g = dict(device=device)
     for name, N, K, norm, residual in LINEARS:

@@ -382,8 +382,8 @@ def test_decode_kernels_with_programmatic_dependent_launch(batch, d_model, d_inn
     kernel runs, then waits for it) compute what they compute without, over a chain of layers
     where each kernel reads the previous one's output. At batch 64 as the model runs it there:
     the norm's kernel, the conv's kernel, x_proj and dt_proj as decode_linear's tl.dot kernel
-    (x_proj split along K, its tiles' last programs summing the pieces; at the 1.4B sizes
-    out_proj too), the state-update kernel."""
+    (x_proj split along K and its pieces summed by a second kernel; at the 1.4B sizes out_proj
+    too), the state-update kernel."""
     from mamba_compiled.lowering import conv_x_proj, decode_linear, state_update
 
     if torch.cuda.get_device_capability()[0] < 9:

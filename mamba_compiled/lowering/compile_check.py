@@ -43,7 +43,7 @@ F32_PTRS = {
     "xdbl_ptr", "part_ptr", "res_ptr",
 }  # fmt: skip
 F32_SCALARS = {"eps"}
-I32_PTRS = {"sync_ptr", "count_ptr"}
+I32_PTRS = {"sync_ptr"}
 
 
 def jobs(dim: int = 4096, dstate: int = 16):
@@ -54,8 +54,8 @@ def jobs(dim: int = 4096, dstate: int = 16):
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_MATH=True, N=n)
     scan = dict(flags, B_SHARED=False, C_SHARED=False, EVEN_D=dim % 16 == 0, EVEN_N=n == dstate)
     ck = common.checkpoint_interval()
-    dot = dict(HAS_BIAS=False, RESIDUAL=False, PARTIAL=False, SERIAL=False, EVEN_K=True, BM=64,
-               BN=32, BK=64, PRECISION="tf32", DOT_F32=False, ROUND=True, GDC=False)  # fmt: skip
+    dot = dict(HAS_BIAS=False, RESIDUAL=False, PARTIAL=False, EVEN_K=True, BM=64, BN=32, BK=64,
+               PRECISION="tf32", DOT_F32=False, ROUND=True, GDC=False)  # fmt: skip
     return [
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
@@ -101,8 +101,6 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("decode_dot_residual_pdl", _decode_dot_kernel,
          dict(dot, HAS_BIAS=True, RESIDUAL=True, GDC=True), 4),
         ("decode_dot_split", _decode_dot_kernel, dict(dot, PARTIAL=True, EVEN_K=False), 4),
-        ("decode_dot_split_serial_pdl", _decode_dot_kernel,
-         dict(dot, HAS_BIAS=True, RESIDUAL=True, PARTIAL=True, SERIAL=True, GDC=True), 4),
         ("split_epilogue_pdl", _split_epilogue_kernel,
          dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, ROUND=True, GDC=True), 4),
     ]  # fmt: skip

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import interpreting, launcher, pdl, traced, wait_for_previous_kernel
+from .common import interpreting, launcher, pdl, wait_for_previous_kernel
 
 # weight elements per program, the fewest programs (two per SM of an H200), and the most programs
 # that take 8 warps (more take 4): the best of perf/bench_scan.py's sweep on the H200 at the
@@ -159,8 +159,8 @@ def decode_linear(
 @dataclass(frozen=True)
 class DotConfig:
     """Launch configuration of `_decode_dot_kernel`: BM rows of x and BN rows of the weight per
-    program, BK columns per step along K; SPLIT programs share K, their fp32 partial products
-    summed by the last of them to finish (SERIAL), else by `_split_epilogue_kernel`."""
+    program, BK columns per step along K; SPLIT programs share K (their fp32 partial products
+    summed by `_split_epilogue_kernel`)."""
 
     BM: int
     BN: int
@@ -168,7 +168,6 @@ class DotConfig:
     SPLIT: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    SERIAL: bool = True
 
 
 def decode_dot_config(batch: int, N: int, K: int, x_bytes: int = 2, w_bytes: int = 2) -> DotConfig:
@@ -176,7 +175,7 @@ def decode_dot_config(batch: int, N: int, K: int, x_bytes: int = 2, w_bytes: int
     x_bytes and w_bytes). Every program reads its BM rows of x whole (from L2): BN is about
     N / 96, from 16 to 64, and K steps by 128; with fewer than 48 tiles, K is split in up to 8
     pieces of 64-wide steps, and from K = 4096 on too, with BN 64 (1.4B's out_proj: 9.95
-    against 10.87 µs, perf/RESULTS.md, seventh session). The best, or within 10 % of the best,
+    against 10.90 µs, perf/RESULTS.md, ninth session). The best, or within 10 % of the best,
     of perf/bench_scan.py's sweep at batch 64 on the H200 for the 130M and 1.4B models'
     in_proj, out_proj, x_proj and dt_proj. Stages (then BK) shrink to keep the pipeline's
     tiles within 160 KB of shared memory."""
@@ -203,10 +202,10 @@ def _pow2_floor(n: int) -> int:
 
 @triton.jit
 def _decode_dot_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K, k_per_split,
     s_xm, s_wn, s_rm, s_om, s_op,
-    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PARTIAL: tl.constexpr, SERIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PARTIAL: tl.constexpr,
     EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
@@ -241,42 +240,18 @@ def _decode_dot_kernel(
             acc = tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
     offs = m[:, None].to(tl.int64) * s_om + n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if PARTIAL:  # fp32 partial products of this tile's SPLIT programs
-        tl.store(part_ptr + pid_s * s_op + offs, acc, mask=omask)
-        if SERIAL:  # the tile's last program to finish sums them (else _split_epilogue_kernel)
-            tl.debug_barrier()  # every thread's partial stored before the count (release)
-            tile = pid_m * tl.num_programs(0) + pid_n
-            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(2) - 1:
-                # in a fixed order whichever program is last: the same sum on every run; from
-                # L2 (.cg), where the other programs' stores are
-                acc = tl.load(part_ptr + offs, mask=omask, other=0.0, cache_modifier=".cg")
-                for p in range(1, tl.num_programs(2)):
-                    acc += tl.load(
-                        part_ptr + p * s_op + offs, mask=omask, other=0.0, cache_modifier=".cg"
-                    )
-                tl.atomic_xchg(count_ptr + tile, 0)  # zero again for the next launch
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-                _dot_output(acc, m, n, omask, w_ptr, res_ptr, out_ptr, s_rm, offs, RESIDUAL, ROUND)
+    if PARTIAL:  # fp32 partial products, summed by _split_epilogue_kernel
+        tl.store(out_ptr + pid_s * s_op + offs, acc, mask=omask)
     else:
         if HAS_BIAS:
             acc += bias[None, :]
-        _dot_output(acc, m, n, omask, w_ptr, res_ptr, out_ptr, s_rm, offs, RESIDUAL, ROUND)
-
-
-@triton.jit
-def _dot_output(acc, m, n, omask, w_ptr, res_ptr, out_ptr, s_rm, offs, RESIDUAL: tl.constexpr,
-                ROUND: tl.constexpr):  # fmt: skip
-    """Stores a (BM, BN) product tile: rounded to the linear layer's dtype (the weight's) with
-    ROUND, then added to the residual's tile with RESIDUAL."""
-    out = acc
-    if ROUND:
-        out = acc.to(w_ptr.dtype.element_ty)
-    if RESIDUAL:
-        res = tl.load(res_ptr + m[:, None].to(tl.int64) * s_rm + n[None, :], mask=omask)
-        out = res.to(tl.float32) + out.to(tl.float32)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=omask)
+        out = acc
+        if ROUND:
+            out = acc.to(w_ptr.dtype.element_ty)  # the linear layer's output dtype
+        if RESIDUAL:
+            res = tl.load(res_ptr + m[:, None].to(tl.int64) * s_rm + n[None, :], mask=omask)
+            out = res.to(tl.float32) + out.to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -351,23 +326,20 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
     fp32 = weight.dtype in (torch.float32, torch.float64)
     # an fp32 `out` for a 16-bit weight takes the product unrounded (`decode_linear`'s out_fp32)
     round_out = residual is not None or out.dtype != torch.float32 or fp32
-    part = counts = out
-    grid = (triton.cdiv(N, c.BN), triton.cdiv(M, c.BM), split)
+    part = out
     if split > 1:
         part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        if c.SERIAL:
-            counts = split_counters(x, grid[0] * grid[1])
+    grid = (triton.cdiv(N, c.BN), triton.cdiv(M, c.BM), split)
     launcher(_decode_dot_kernel, x)[grid](
-        x, weight, bias if bias is not None else weight, res, out, part, counts,
+        x, weight, bias if bias is not None else weight, res, part,
         M, N, K, k_per_split,
         x.stride(0), weight.stride(0), res.stride(0), N, part.stride(0) if split > 1 else 0,
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None, PARTIAL=split > 1,
-        SERIAL=c.SERIAL, EVEN_K=K % c.BK == 0, BM=c.BM, BN=c.BN, BK=c.BK,
-        PRECISION="ieee" if fp32 else "tf32",
+        EVEN_K=K % c.BK == 0, BM=c.BM, BN=c.BN, BK=c.BK, PRECISION="ieee" if fp32 else "tf32",
         DOT_F32=interpreting() and weight.dtype == torch.bfloat16, ROUND=round_out,
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl(x, pdl_launch),
     )  # fmt: skip
-    if split > 1 and not c.SERIAL:
+    if split > 1:
         BN = min(256, triton.next_power_of_2(N))
         launcher(_split_epilogue_kernel, x)[(triton.cdiv(N, BN), M)](
             part, bias if bias is not None else weight, res, out, weight,
@@ -377,21 +349,3 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
             **pdl(x, pdl_launch),
         )  # fmt: skip
     return out
-
-
-# Per device, the counters of split products' tiles (`_decode_dot_kernel`'s SERIAL): zero
-# between launches (each tile's last program zeroes its own), shared by all launches on the
-# device, which run one after the other on one stream (as a decode step's kernels do)
-_COUNTERS: dict[torch.device, Tensor] = {}
-COUNTER_SLOTS = 1 << 14
-
-
-def split_counters(x: Tensor, tiles: int) -> Tensor:
-    """Zeroed int32 counters for `tiles` tiles of a split product on x's device: in eager, the
-    device's (allocated once, so that a CUDA graph of the decode step holds no memset for
-    them); traced (torch.compile, export), fresh ones."""
-    if traced(x) or tiles > COUNTER_SLOTS:
-        return torch.zeros(tiles, dtype=torch.int32, device=x.device)
-    if x.device not in _COUNTERS:
-        _COUNTERS[x.device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=x.device)
-    return _COUNTERS[x.device]
