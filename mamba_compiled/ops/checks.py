@@ -31,7 +31,9 @@ def _shape(name: str, t: Tensor, expected: tuple, names: str) -> None:
     if t.dim() != len(expected) or any(
         e is not None and s != e for s, e in zip(t.shape, expected, strict=False)
     ):
-        raise ValueError(f"{name} must have shape {names} = {_spell(expected)}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape {names} = {_spell(expected)}, got {tuple(t.shape)}"
+        )
 
 
 def _spell(expected: tuple) -> str:
@@ -59,7 +61,8 @@ def _same_device(named: dict[str, Tensor | None], lead: str, device: torch.devic
     for name, t in named.items():
         if t is not None and t.device != device:
             raise ValueError(
-                f"{name} is on {t.device} but {lead} is on {device}; move it with .to({lead}.device)"
+                f"{name} is on {t.device} but {lead} is on {device}; "
+                f"move it with .to({lead}.device)"
             )
     if device.type not in SUPPORTED_DEVICES:
         raise ValueError(f"inputs are on {device}: the selective scan runs on cpu and cuda only")
@@ -134,7 +137,9 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     B = _check_bc("B", B, batch, dim, dstate, seqlen, u.dtype)
     C = _check_bc("C", C, batch, dim, dstate, seqlen, u.dtype)
     if u.device.type == "cuda" and u.dtype == torch.float64:
-        raise TypeError("u is float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
+        raise TypeError(
+            "u is float64 on cuda: the Triton kernels take float32, float16 or bfloat16"
+        )
     return (
         _unit_stride(u), _unit_stride(delta), A.contiguous(), B, C,
         None if D is None else D.contiguous(), _unit_stride(z),
@@ -156,10 +161,12 @@ def _decode_activation(name: str, t: Tensor) -> tuple[int, int]:
 
 
 def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
-    """Validates one decode step's inputs; returns them normalized (B, C as (batch, groups, dstate))."""
+    """Validates one decode step's inputs; returns them normalized (B, C as (batch, groups,
+    dstate))."""
     for name, t, opt in (
         ("state", state, False), ("x", x, False), ("dt", dt, False), ("A", A, False),
-        ("B", B, False), ("C", C, False), ("D", D, True), ("z", z, True), ("dt_bias", dt_bias, True),
+        ("B", B, False), ("C", C, False), ("D", D, True), ("z", z, True),
+        ("dt_bias", dt_bias, True),
     ):
         _is_tensor(name, t, opt)
     batch, dim = _decode_activation("x", x)
@@ -190,7 +197,9 @@ def check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias):
     B = _check_bc("B", B, batch, dim, dstate, None, x.dtype)
     C = _check_bc("C", C, batch, dim, dstate, None, x.dtype)
     if x.device.type == "cuda" and x.dtype == torch.float64:
-        raise TypeError("x is float64 on cuda: the Triton kernels take float32, float16 or bfloat16")
+        raise TypeError(
+            "x is float64 on cuda: the Triton kernels take float32, float16 or bfloat16"
+        )
     return (
         _unit_stride(x), _unit_stride(dt), A.contiguous(), B, C,
         None if D is None else D.contiguous(), _unit_stride(z),
@@ -213,7 +222,9 @@ def _check_conv_step_inputs(conv_state, conv_x, conv_weight, conv_bias):
     if width == 0:
         raise ValueError("conv_state must have shape (batch, dim, d_conv) with d_conv > 0")
     if conv_state.dtype != conv_x.dtype:
-        raise TypeError(f"conv_state must have conv_x's dtype {conv_x.dtype}, got {conv_state.dtype}")
+        raise TypeError(
+            f"conv_state must have conv_x's dtype {conv_x.dtype}, got {conv_state.dtype}"
+        )
     _shape("conv_weight", conv_weight, (dim, width), "(dim, d_conv) like conv_state")
     if conv_bias is not None:
         _shape("conv_bias", conv_bias, (dim,), "(dim,)")

@@ -94,7 +94,9 @@ class _BC:
         if self.shared:
             grad += (g * x[..., None]).sum((0, 1))  # (d, n)
         else:
-            torch.matmul(self.grouped(x)[..., None, :], self.grouped(g), out=grad[t0:t1, ..., None, :])
+            torch.matmul(
+                self.grouped(x)[..., None, :], self.grouped(g), out=grad[t0:t1, ..., None, :]
+            )
 
     def grad_like(self, grad: Tensor, M: Tensor) -> Tensor:
         """The gradient in M's shape and dtype, contiguous (as the op's fake says)."""
@@ -216,7 +218,8 @@ def scan_bwd(
     dz = torch.empty(0, dtype=u.dtype)
     if z is not None:
         sig = torch.sigmoid(z_t)
-        dz = _batch_first(dout * y * sig * (1 + z_t * (1 - sig)), z.dtype)  # silu' = σ(1 + z(1 - σ))
+        # silu' = σ(1 + z(1 - σ))
+        dz = _batch_first(dout * y * sig * (1 + z_t * (1 - sig)), z.dtype)
     d_delta = d_dt if s.dt_grad is None else d_dt * s.dt_grad  # through softplus and the bias
     return (
         _batch_first(du, u.dtype), _batch_first(d_delta, delta.dtype), dA,

@@ -19,7 +19,8 @@ Shapes:
     A             (dim, dstate)
     B, C          (dim, dstate)                   shared over batch and time
                   (batch, dstate, seqlen)         per step
-                  (batch, groups, dstate, seqlen) per step, channel d reads group d // (dim // groups)
+                  (batch, groups, dstate, seqlen) per step, channel d reads group
+                                                  d // (dim // groups)
     D, delta_bias (dim,)
     initial_state (batch, dim, dstate)
 """
