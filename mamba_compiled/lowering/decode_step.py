@@ -235,10 +235,10 @@ def state_update(
     N = triton.next_power_of_2(dstate)
     # fixed config (never autotuned, see above; a benchmark may set
     # common.set_override(decode=(BD, num_warps))): about 512 state elements per program and 4
-    # warps; above batch 8, 1024 and 2 warps (H200, batch 64, dim 1536 and 4096: 512 -> 1024
-    # 8.7 -> 7.4 us with dt_proj in the kernel, 11.4 -> 8.4 us with dt given, perf/RESULTS.md,
-    # seventh session; dt_proj's product and this kernel 6.66 -> 6.25 and 11.82 -> 11.34 us at
-    # 2 warps rather than 4, eighth session)
+    # warps; above batch 8, 1024 and 2 warps (H200, batch 64, dim 1536 and 4096: 1024 rather
+    # than 512 took 8.7 -> 7.4 us with dt_proj in the kernel and 11.4 -> 8.4 us with dt given,
+    # perf/RESULTS.md seventh session; 2 warps rather than 4 took dt_proj's product and this
+    # kernel 6.66 -> 6.25 and 11.82 -> 11.34 us, eighth session)
     per_program = 1024 if batch > 8 else 512
     BD = max(1, min(triton.next_power_of_2(dim), per_program // N))
     num_warps = (2 if batch > 8 else 4) if BD * N >= 512 else 1
