@@ -74,6 +74,7 @@ def sweep_space():
         ("fwd B/C in fp32, segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 1024, **f32))),
         ("fwd segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 128))),
         ("fwd segments under 4096", dict(fwd=S(16, 8, 2, 1, 1, 4096, 128))),
+        ("fwd no segments", dict(fwd=S(16, 8, 2, 1, 1, 0, 128))),
         ("fwd BD16 T8 NB4 w2", dict(fwd=S(16, 8, 4, 2, **fwd))),
         ("fwd BD16 T16 NB4 w2", dict(fwd=S(16, 16, 4, 2, **fwd))),
         ("fwd BD8 T16 NB4 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
@@ -81,6 +82,7 @@ def sweep_space():
         ("bwd B/C in fp32", dict(bwd=S(8, 8, 4, 1, **bwd, **f32))),
         ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),
         ("bwd segments under 2048", dict(bwd=S(8, 8, 4, 1, 1, 2048, 512, rs=True))),
+        ("bwd no segments", dict(bwd=S(8, 8, 4, 1, 1, 0, 1024, rs=True))),
         ("ck16: fwd BD16 T16 NB4 w2, bwd BD4 T16 NB8",
          dict(ck=16, fwd=S(16, 16, 4, 2, **fwd), bwd=S(4, 16, 8, 1, **bwd))),
     ]  # fmt: skip

@@ -104,9 +104,10 @@ run_lane() {  # run_lane LANE SECTION...
             profile | profile-decode | profile-prefill | profile-train)
                 for mode in decode prefill train; do
                     [[ $s == profile || $s == "profile-$mode" ]] || continue
-                    # the decode step's Inductor code comes back too (which kernels, fused how)
+                    # the decode and train steps' Inductor code comes back too (which kernels,
+                    # fused how)
                     logs=()
-                    [[ $mode == decode ]] && mkdir -p "$w/profile-130m-$mode" &&
+                    [[ $mode != prefill ]] && mkdir -p "$w/profile-130m-$mode" &&
                         logs=(env TORCH_LOGS=output_code TORCH_LOGS_OUT="$w/profile-130m-$mode/output_code.txt")
                     section "$lane" "profile-$mode" "${logs[@]}" $PY -m mamba_compiled.cli profile --model 130m --mode "$mode" --out "$w/profile-130m-$mode"
                 done ;;

@@ -175,6 +175,24 @@ def test_mixer_matches_hand_written_mamba():
     torch.testing.assert_close(m(h), mixer_by_hand(m, h), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "seqlen,width,bias", [(9, 4, True), (1, 4, True), (2, 4, False), (7, 1, True)]
+)
+def test_conv_silu_backward(seqlen, width, bias):
+    """The mixer's conv + SiLU (channels, batch, L) with its written-out backward: the forward
+    against F.conv1d, the gradients by gradcheck in float64, also for L under the width."""
+    from mamba_compiled.models.mamba import _ConvSiLU
+
+    E, b = 5, 2
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(E, b, seqlen, **f64), torch.randn(E, width, **f64)
+    bs = torch.randn(E, **f64) if bias else None
+    want = F.conv1d(x.permute(1, 0, 2), w[:, None], bs, padding=width - 1, groups=E)
+    want = F.silu(want[..., :seqlen]).permute(1, 0, 2)
+    torch.testing.assert_close(_ConvSiLU.apply(x, w, bs), want)
+    assert torch.autograd.gradcheck(_ConvSiLU.apply, (x, w, bs))
+
+
 def test_num_last_tokens_and_position_ids():
     model = tiny().eval()
     ids = torch.randint(0, 20, (2, 11))

@@ -278,7 +278,17 @@ def test_opcheck(device):
         dec_args[8], torch.randn(big, dim, device=device), *dec_args[10:],
     )  # fmt: skip
     xproj12_args = (*dec12_args[1:5], xproj_args[4])
+    # the model's channel-major memory: u, z as (b, d, L) views of (2d, b, L), delta of (d, b, L);
+    # the backward returns du, ddelta, dz in those layouts (its fake says so)
+    b_, d_, L_ = fwd_args[0].shape
+    xz = torch.randn(2 * d_, b_, L_, device=device)
+    cm = lambda t: t.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # noqa: E731
+    cm_fwd_args = (xz[:d_].permute(1, 0, 2), cm(fwd_args[1]), *fwd_args[2:6],
+                   xz[d_:].permute(1, 0, 2), *fwd_args[7:])
+    cm_ck = ops.selective_scan_fwd(*cm_fwd_args)[2]
+    cm_bwd_args = (cm(torch.randn_like(out)), None, *cm_fwd_args[:-1], cm_ck, True, False)
     cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
+             (ops.selective_scan_fwd, cm_fwd_args), (ops.selective_scan_bwd, cm_bwd_args),
              (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
              (ops.ssm_decode_step, dec12_args), (ops.conv_x_proj, xproj_args),
              (ops.conv_x_proj, xproj12_args), (ops.decode_linear, linear_args),

@@ -86,6 +86,63 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _conv(xp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Causal depthwise conv of a left-extended input (d_inner, b, W-1+l) -> (d_inner, b, l);
+    weight (d_inner, W), bias (d_inner,), both taken in xp's dtype.
+
+    Written as W shifted multiply-adds rather than F.conv1d: the compiler fuses them with the
+    SiLU around them, and no convolution backend is chosen by shape.
+    """
+    W = weight.shape[1]
+    l = xp.shape[-1] - (W - 1)
+    w = weight.to(xp.dtype)[:, :, None]  # (d_inner, W, 1)
+    out = xp[:, :, 0:l] * w[:, 0:1]
+    for k in range(1, W):
+        out = out + xp[:, :, k : k + l] * w[:, k : k + 1]
+    if bias is not None:
+        out = out + bias.to(xp.dtype)[:, None, None]
+    return out
+
+
+class _ConvSiLU(torch.autograd.Function):
+    """silu(causal depthwise conv(x)) for x (d_inner, b, l) after zeros, with its backward
+    written out in plain PyTorch (the compiler traces and fuses both).
+
+    Autograd's own backward of `_conv` had Inductor recompute SiLU's gradient inside every
+    consumer: in the dx kernel once per tap, on the padded length (W-1+l, odd), and again in
+    the dw reduction; 0.37 ms per layer of the 130M training step on an H200 (perf/NOTES.md, Run
+    13). Here g = du * silu'(conv(x)) is one tensor: it recomputes the conv from x (so only x is
+    saved, not the padded input and the conv's output), which makes g read over
+    `realize_reads_threshold` inputs, and Inductor stores it once for dx, dw and dbias.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight, bias)
+        W = weight.shape[1]
+        return F.silu(_conv(F.pad(x, (W - 1, 0)), weight, bias))
+
+    @staticmethod
+    def backward(ctx, du: Tensor):
+        x, weight, bias = ctx.saved_tensors
+        W, l = weight.shape[1], x.shape[-1]
+        acc = _acc_dtype(x.dtype)
+        xp = F.pad(x, (W - 1, 0))
+        pre = _conv(xp, weight, bias).to(acc)
+        s = torch.sigmoid(pre)
+        g = (du.to(acc) * s * (1 + pre * (1 - s))).to(x.dtype)
+        # out[t] = sum_k w_k xp[t + k]: dx[t] = sum_k w_k g[t + W-1-k], zero past the end
+        gp = F.pad(g, (0, W - 1))
+        w = weight.to(x.dtype)
+        dx = gp[:, :, 0:l] * w[:, W - 1, None, None]
+        for k in range(W - 1):
+            dx = dx + gp[:, :, W - 1 - k : W - 1 - k + l] * w[:, k, None, None]
+        ga = g.to(acc)
+        dw = torch.stack([(ga * xp[:, :, k : k + l].to(acc)).sum((1, 2)) for k in range(W)], 1)
+        dbias = ga.sum((1, 2)).to(bias.dtype) if bias is not None else None
+        return dx, dw.to(weight.dtype), dbias
+
+
 class Mamba(nn.Module):
     def __init__(self, config: MambaConfig, layer_idx: int | None = None, device=None, dtype=None):
         super().__init__()
@@ -145,22 +202,6 @@ class Mamba(nn.Module):
             + math.log(config.dt_min)
         ).clamp(min=config.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-
-    def _conv(self, xp: Tensor) -> Tensor:
-        """Causal depthwise conv of a left-extended input (d_inner, b, W-1+l) -> (d_inner, b, l).
-
-        Written as W shifted multiply-adds rather than F.conv1d: the compiler fuses them with the
-        SiLU around them, and no convolution backend is chosen by shape.
-        """
-        W = self.d_conv
-        l = xp.shape[-1] - (W - 1)
-        w = self.conv1d.weight[:, 0, :, None].to(xp.dtype)  # (d_inner, W, 1)
-        out = xp[:, :, 0:l] * w[:, 0:1]
-        for k in range(1, W):
-            out = out + xp[:, :, k : k + l] * w[:, k : k + 1]
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(xp.dtype)[:, None, None]
-        return out
 
     def forward(
         self,
@@ -230,13 +271,14 @@ class Mamba(nn.Module):
         (R + 2N, b*l), x_proj's output; dt (E, b*l), dt_proj's without its bias."""
         W, E, R = self.d_conv, self.d_inner, self.dt_rank
         # Causal conv: the W-1 inputs before this sequence (zeros, or the cache) on the left.
+        weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # (E, W), (E,)
         if conv_state is None:
-            xp = F.pad(x, (W - 1, 0))  # (E, b, W-1+l)
+            u = _ConvSiLU.apply(x, weight, bias)  # (E, b, l)
         else:
             window = conv_state.permute(1, 0, 2)  # (E, b, W)
             xp = torch.cat([window[:, :, 1:].to(x.dtype), x], dim=-1)
             window.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
-        u = F.silu(self._conv(xp))  # (E, b, l)
+            u = F.silu(_conv(xp, weight, bias))
         if mask is not None:
             u = u * mask
         u = u.view(E, -1)
