@@ -279,7 +279,7 @@ def test_opcheck(device):
     )  # fmt: skip
     xproj12_args = (*dec12_args[1:5], xproj_args[4])
     # the model's channel-major memory: u, z as (b, d, L) views of (2d, b, L), delta of (d, b, L);
-    # the backward returns du, ddelta, dz in those layouts (its fake says so)
+    # the backward returns du, ddelta, dz in u's layout (its fake says so)
     b_, d_, L_ = fwd_args[0].shape
     xz = torch.randn(2 * d_, b_, L_, device=device)
     cm = lambda t: t.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # noqa: E731

@@ -270,7 +270,7 @@ def _scan_bwd_kernel(
     sync_ptr, seg_ptr,
     batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od, s_ot,
-    s_gub, s_gud, s_gdb, s_gdd, s_gzb, s_gzd,
+    s_gb, s_gd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
@@ -307,10 +307,10 @@ def _scan_bwd_kernel(
     delta_ptrs = delta_ptr + pid_b * s_db + row_d * s_dd
     z_ptrs = z_ptr + pid_b * s_zb + row_d * s_zd  # (z_ptr is u_ptr when no z)
     dout_ptrs = dout_ptr + pid_b * s_ob + row_d * s_od
-    b64 = pid_b.to(tl.int64)  # the gradients have their inputs' layouts (unit stride in time)
-    du_ptrs = du_ptr + b64 * s_gub + row_d * s_gud
-    ddelta_ptrs = ddelta_ptr + b64 * s_gdb + row_d * s_gdd
-    dz_ptrs = dz_ptr + b64 * s_gzb + row_d * s_gzd
+    grad_row = pid_b * s_gb + row_d * s_gd  # du, ddelta, dz: in u's layout
+    du_ptrs = du_ptr + grad_row
+    ddelta_ptrs = ddelta_ptr + grad_row
+    dz_ptrs = dz_ptr + grad_row
 
     A3 = tl.load(A_ptr + state_off3, mask=smask3, other=0.0)  # (N_A, BD, N_B)
     A = A3[None]
@@ -548,11 +548,11 @@ def scan_bwd(
     # chunk before it, in the same segment)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, dataclasses.replace(cfg, T=ck))
     dev, f32 = u.device, torch.float32
-    # du, ddelta, dz in the layouts of u, delta, z (as the op's fake says): a model that keeps
-    # (channels, batch, L) memory gets its gradients that way too, with no transposing copy
+    # du, ddelta, dz in u's layout (as the op's fake says), unit stride in time: a model that
+    # keeps (channels, batch, L) memory gets its gradients that way, with no transposing copy
     du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty((0,))
+    ddelta = torch.empty_like(u)
+    dz = torch.empty_like(u) if z is not None else u.new_empty((0,))
     # per-(segment, batch) partial sums; row n_seg is zero (never a dimension of size 1)
     dA_part = torch.empty((n_seg + 1, batch, dim, dstate), dtype=f32, device=dev)
     dD_part = torch.empty((n_seg + 1, batch, dim), dtype=f32, device=dev)
@@ -592,8 +592,7 @@ def scan_bwd(
         batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1),
-        dz.stride(0) if z is not None else 0, dz.stride(1) if z is not None else 0,
+        du.stride(0), du.stride(1),
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),

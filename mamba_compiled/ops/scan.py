@@ -77,18 +77,18 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
 
 
 def _bwd_fake(u, delta, A, B, C, z):
-    """Gradient shapes: each like its input, du, ddelta and dz also in its layout (strides);
-    dD, ddelta_bias, dinitial_state always present."""
+    """Gradient shapes: each like its input; du, ddelta and dz in u's layout (strides, that of
+    torch.empty_like(u)); dD, ddelta_bias, dinitial_state always present."""
     batch, dim, _ = u.shape
     acc = cpu.acc_dtype(u.dtype)
     return (
         torch.empty_like(u),
-        torch.empty_like(delta),
+        torch.empty_like(u),
         empty(A.shape, A),
         empty(B.shape, B),
         empty(C.shape, C),
         empty((dim,), u, acc),
-        torch.empty_like(z) if z is not None else empty((0,), u),
+        torch.empty_like(u) if z is not None else empty((0,), u),
         empty((dim,), u, acc),
         empty((batch, dim, A.shape[1]), u, acc),
     )
@@ -139,13 +139,13 @@ def selective_scan_bwd(
             delta_softplus, deterministic,
         )
     # The CPU kernel has no atomics: it is deterministic either way. It returns contiguous
-    # gradients; du, ddelta, dz go back in their inputs' layouts, as the fake says.
+    # gradients; du, ddelta, dz go back in u's layout, as the fake says.
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = cpu.scan_bwd(
         dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
         delta_softplus,
     )
-    du, ddelta = _layout_of(du, u), _layout_of(ddelta, delta)
-    dz = _layout_of(dz, z) if z is not None else dz
+    du, ddelta = _layout_of(du, u), _layout_of(ddelta, u)
+    dz = _layout_of(dz, u) if z is not None else dz
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
 
 
