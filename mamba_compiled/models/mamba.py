@@ -108,13 +108,12 @@ class _ConvSiLU(torch.autograd.Function):
     """silu(causal depthwise conv(x)) for x (d_inner, b, l) after zeros, with its backward
     written out in plain PyTorch (the compiler traces and fuses both).
 
-    Autograd's own backward of `_conv` had Inductor recompute SiLU's gradient g inside every
+    Autograd's own backward of `_conv` had Inductor recompute SiLU's gradient inside every
     consumer: in the dx kernel once per tap, on the padded length (W-1+l, odd), and again in
     the dw reduction; 0.37 ms per layer of the 130M training step on an H200 (perf/NOTES.md, Run
-    13). Here the backward recomputes the conv from x in float32 (unlike the forward's ops, so
-    the joint graph does not merge the two and keep the forward's conv output or padded input
-    for the backward): g then reads over `realize_reads_threshold` inputs, and Inductor stores
-    it once, beside the dw and dbias sums, for the dx kernel. Only x is kept.
+    13). Here g = du * silu'(conv(x)) is one tensor: it recomputes the conv from x (so only x is
+    saved, not the padded input and the conv's output), which makes g read over
+    `realize_reads_threshold` inputs, and Inductor stores it once for dx, dw and dbias.
     """
 
     @staticmethod
@@ -128,8 +127,8 @@ class _ConvSiLU(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         W, l = weight.shape[1], x.shape[-1]
         acc = _acc_dtype(x.dtype)
-        xp = F.pad(x.to(acc), (W - 1, 0))
-        pre = _conv(xp, weight, bias)  # in acc, from the unrounded weights
+        xp = F.pad(x, (W - 1, 0))
+        pre = _conv(xp, weight, bias).to(acc)
         s = torch.sigmoid(pre)
         g = (du.to(acc) * s * (1 + pre * (1 - s))).to(x.dtype)
         # out[t] = sum_k w_k xp[t + k]: dx[t] = sum_k w_k g[t + W-1-k], zero past the end
@@ -139,7 +138,7 @@ class _ConvSiLU(torch.autograd.Function):
         for k in range(W - 1):
             dx = dx + gp[:, :, W - 1 - k : W - 1 - k + l] * w[:, k, None, None]
         ga = g.to(acc)
-        dw = torch.stack([(ga * xp[:, :, k : k + l]).sum((1, 2)) for k in range(W)], 1)
+        dw = torch.stack([(ga * xp[:, :, k : k + l].to(acc)).sum((1, 2)) for k in range(W)], 1)
         dbias = ga.sum((1, 2)).to(bias.dtype) if bias is not None else None
         return dx, dw.to(weight.dtype), dbias
 
