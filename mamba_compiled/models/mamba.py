@@ -108,12 +108,16 @@ class _ConvSiLU(torch.autograd.Function):
     """silu(causal depthwise conv(x)) for x (d_inner, b, l) after zeros, with its backward
     written out in plain PyTorch (the compiler traces and fuses both).
 
-    Autograd's own backward of `_conv` had Inductor recompute SiLU's gradient inside every
-    consumer: in the dx kernel once per tap, on the padded length (W-1+l, odd), and again in
-    the dw reduction; 0.37 ms per layer of the 130M training step on an H200 (perf/NOTES.md, Run
-    13). Here g = du * silu'(conv(x)) is one tensor: it recomputes the conv from x (so only x is
-    saved, not the padded input and the conv's output), which makes g read over
-    `realize_reads_threshold` inputs, and Inductor stores it once for dx, dw and dbias.
+    Autograd's own backward of `_conv` became three Inductor kernels that each recomputed
+    SiLU's gradient g (the dx kernel once per tap, on the padded length W-1+l), 0.42 ms per
+    layer of the 130M training step on an H200. From this backward Inductor makes two: the conv
+    recomputed from the padded input it keeps, then dx, dw and dbias in one reduction kernel per
+    channel (g still recomputed per tap there); 0.25 ms per layer (perf/NOTES.md, Run 13). The
+    backward below recomputes the conv from x, but the joint graph merges that with the
+    forward's, so Inductor keeps the padded input rather than x. With `recompute` the 1.4B
+    step's peak grew by 6.6 GB: 48 times that input's 138 MB (its rows padded to 2112), so
+    likely kept per layer there. Recomputing in float32 instead (not merged: x alone is kept)
+    measured slower at 130M (74.6 against 72.7 ms); its 1.4B memory was not measured.
     """
 
     @staticmethod
