@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the scan's checkpoint interval (default 8; 16 halves the checkpoints' memory, "
         "the backward recomputing every other chunk's start state)",
     )
+    p.add_argument(
+        "--conv-kernels",
+        action="store_true",
+        help="the conv and its SiLU as Triton kernels on CUDA (ops.set_conv_kernels; opt-in)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default 989 on CUDA)")
@@ -79,11 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         from mamba_compiled.lowering import common
 
         common.set_override(ck=args.ck)
-        # The interval changes what the scan op decomposes into inside a compiled graph, but
-        # the compile caches key on the graph of op calls: without a tag, a process compiling
-        # after a run with the default interval gets that run's graph back (the tenth
-        # session's `--ck 16` run at 130M did: 13 s first step, the same 14.05 GB).
-        torch.compiler.config.cache_key_tag = f"mamba_compiled-ck{args.ck}"
+    if args.conv_kernels:
+        from mamba_compiled.ops import set_conv_kernels
+
+        set_conv_kernels(True)
+    tags = [f"ck{args.ck}"] * (args.ck is not None) + ["conv-kernels"] * args.conv_kernels
+    if tags:
+        # Both change what ops decompose into inside a compiled graph, but the compile caches
+        # key on the graph of op calls: without a tag, a process compiling after a run with
+        # the defaults gets that run's graph back (the tenth session's `--ck 16` run at 130M
+        # did: 13 s first step, the same 14.05 GB).
+        torch.compiler.config.cache_key_tag = "mamba_compiled-" + "-".join(tags)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
     torch.manual_seed(0)
@@ -171,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             f"batch {args.batch} x {args.seqlen}, {'bf16 autocast' if amp == 'bf16' else 'fp32'}, "
             f"{'compiled' if args.compile else 'eager'}"
             f"{', conv and projections recomputed' if args.recompute else ''}"
-            f"{f', checkpoints every {args.ck} steps' if args.ck else ''}",
+            f"{f', checkpoints every {args.ck} steps' if args.ck else ''}"
+            f"{', the conv as Triton kernels' if args.conv_kernels and device.type == 'cuda' else ''}",  # noqa: E501
         ),
         ("device", f"{name}; torch {torch.__version__}"),
         (f"step time (median of {args.steps})", f"{1e3 * t:.1f} ms"),

@@ -599,3 +599,43 @@ def _trace_launchers():
                                    torch.empty(32, dtype=bf), 1e-5, None)  # fmt: skip
         assert y.shape == (b, d) and h.shape == (b, 2 * d)
     assert not env.guards, [str(g.expr) for g in env.guards]
+
+
+@pytest.mark.parametrize(
+    "E,b,L,W,bias,dtype",
+    [
+        (6, 2, 300, 4, True, torch.float32),  # two time blocks, a partial one
+        (5, 3, 1, 4, True, torch.float32),  # shorter than the conv
+        (3, 2, 7, 1, False, torch.float32),
+        (4, 3, 260, 4, True, torch.bfloat16),
+        (4, 2, 33, 4, True, torch.float16),
+    ],
+)
+def test_conv_silu_kernels(E, b, L, W, bias, dtype):
+    """The conv + SiLU kernels (forward, g with dw/dbias partial sums, dx) against float64 on
+    the model's (channels, batch, L) memory: the same inputs, weights rounded as the kernels
+    round them."""
+    from mamba_compiled.lowering import conv_silu_bwd, conv_silu_fwd
+    from mamba_compiled.ops.conv import _ConvSiLU
+
+    x = torch.randn(b, E, L, device=DEVICE).to(dtype).permute(1, 0, 2)
+    w = torch.randn(E, W, device=DEVICE)
+    bs = torch.randn(E, device=DEVICE) if bias else None
+    du = torch.randn(E, b, L, device=DEVICE).to(dtype)
+    xr = x.double().requires_grad_(True)
+    wr = w.to(dtype).double().requires_grad_(True)
+    br = bs.to(dtype).double().requires_grad_(True) if bias else None
+    ref = _ConvSiLU.apply(xr, wr, br)
+    ref.backward(du.double())
+
+    u = conv_silu_fwd(x, w, bs)
+    dx, dw, dbias = conv_silu_bwd(du, x, w, bs)
+    assert u.stride() == x.stride() and dx.stride() == x.stride()  # x's layout
+    assert u.dtype == dx.dtype == dtype and dw.dtype == dbias.dtype == torch.float32
+    tol = TOL[dtype]
+    _close("u", u, ref.detach(), tol)
+    _close("dx", dx, xr.grad, tol)
+    # dw, dbias: sums over b·L of g rounded to the input dtype (as the plain version rounds it)
+    _close("dw", dw, wr.grad, 5 * tol)
+    if bias:
+        _close("dbias", dbias, br.grad, 5 * tol)

@@ -181,7 +181,7 @@ def test_mixer_matches_hand_written_mamba():
 def test_conv_silu_backward(seqlen, width, bias):
     """The mixer's conv + SiLU (channels, batch, L) with its written-out backward: the forward
     against F.conv1d, the gradients by gradcheck in float64, also for L under the width."""
-    from mamba_compiled.models.mamba import _ConvSiLU
+    from mamba_compiled.ops.conv import _ConvSiLU
 
     E, b = 5, 2
     f64 = dict(dtype=torch.float64, requires_grad=True)

@@ -287,7 +287,13 @@ def test_opcheck(device):
                    xz[d_:].permute(1, 0, 2), *fwd_args[7:])
     cm_ck = ops.selective_scan_fwd(*cm_fwd_args)[2]
     cm_bwd_args = (cm(torch.randn_like(out)), None, *cm_fwd_args[:-1], cm_ck, True, False)
-    cases = [(ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
+    # the mixer's conv + SiLU on (channels, batch, L) views of (batch, channels, L) memory
+    conv_x = torch.randn(3, 6, 37, device=device).permute(1, 0, 2)
+    conv_args = (conv_x, torch.randn(6, 4, device=device), torch.randn(6, device=device))
+    conv_bwd_args = (torch.randn(6, 3, 37, device=device), *conv_args)
+    cases = [(ops.conv1d_silu, conv_args), (ops.conv1d_silu, (*conv_args[:2], None)),
+             (ops.conv1d_silu_bwd, conv_bwd_args),
+             (ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
              (ops.selective_scan_fwd, cm_fwd_args), (ops.selective_scan_bwd, cm_bwd_args),
              (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
              (ops.ssm_decode_step, dec12_args), (ops.conv_x_proj, xproj_args),

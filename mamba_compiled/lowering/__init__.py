@@ -22,6 +22,8 @@ work) where triton is not installed.
     programmatic dependent launch, for `mamba_compiled.ops.pdl`)
     decode_linear(x, weight, bias, norm_weight, eps, residual)
         -> [residual +] linear([rms_norm] x): a linear layer for decoding's few rows
+    conv_silu_fwd(x, weight, bias) -> silu(causal depthwise conv(x)), x (channels, b, L)
+    conv_silu_bwd(du, x, weight, bias) -> (dx, dweight, dbias)
 
 Shapes and dtypes are the op contract's (mamba_compiled/ops/scan.py). The launchers allocate
 with torch.empty and launch through torch.library.wrap_triton when traced (the JIT function
@@ -31,7 +33,10 @@ they trace under FakeTensorMode with a dynamic seqlen.
 
 from __future__ import annotations
 
-__all__ = ["scan_fwd", "scan_bwd", "state_update", "conv_x_proj", "decode_linear"]
+__all__ = [
+    "scan_fwd", "scan_bwd", "state_update", "conv_x_proj", "decode_linear", "conv_silu_fwd",
+    "conv_silu_bwd",
+]  # fmt: skip
 
 # The kernel modules (scan_forward, scan_backward, decode_step, linear) are named apart from these
 # functions: importing a submodule sets an attribute of the package with the submodule's name.
@@ -77,3 +82,15 @@ def decode_linear(x, weight, bias, norm_weight, eps, residual, pdl_launch=False)
     from .linear import decode_linear as launch
 
     return launch(x, weight, bias, norm_weight, eps, residual, pdl_launch=pdl_launch)
+
+
+def conv_silu_fwd(x, weight, bias):
+    from .conv import conv_silu_fwd as launch
+
+    return launch(x, weight, bias)
+
+
+def conv_silu_bwd(du, x, weight, bias):
+    from .conv import conv_silu_bwd as launch
+
+    return launch(du, x, weight, bias)

@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
+from .conv import BL, BR, NUM_WARPS, _conv_bwd_dx_kernel, _conv_bwd_g_kernel, _conv_fwd_kernel
 from .decode_step import _conv_step_kernel, _conv_x_proj_kernel, _state_update_kernel
 from .linear import (
     _decode_dot_kernel,
@@ -40,7 +41,7 @@ from .scan_forward import _scan_fwd_kernel
 F32_PTRS = {
     "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "carry_ptr", "dlast_ptr", "dA_ptr",
     "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
-    "xdbl_ptr", "part_ptr", "res_ptr",
+    "xdbl_ptr", "part_ptr", "res_ptr", "cw_ptr", "dcw_ptr",
 }  # fmt: skip
 F32_SCALARS = {"eps"}
 I32_PTRS = {"sync_ptr"}
@@ -103,6 +104,9 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("decode_dot_split", _decode_dot_kernel, dict(dot, PARTIAL=True, EVEN_K=False), 4),
         ("split_epilogue_pdl", _split_epilogue_kernel,
          dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, ROUND=True, GDC=True), 4),
+        ("conv_fwd", _conv_fwd_kernel, dict(W=4, HAS_BIAS=True, BR=BR, BL=BL), NUM_WARPS),
+        ("conv_bwd_g", _conv_bwd_g_kernel, dict(W=4, HAS_BIAS=True, BR=BR, BL=BL), NUM_WARPS),
+        ("conv_bwd_dx", _conv_bwd_dx_kernel, dict(W=4, BR=BR, BL=BL), NUM_WARPS),
     ]  # fmt: skip
 
 
@@ -117,6 +121,8 @@ ROW1_INTS = dict(
     N=8192, K=2048, s_xb=2048, s_wn=2048, s_rb=8192,  # decode_linear: 1.4B's in_proj
     M=64, k_per_split=2048, s_xm=2048, s_rm=8192, s_om=8192, s_op=64 * 8192,  # at batch 64
     n_split=4, s_pp=64 * 8192, s_pm=8192,
+    n_rows=4096 * 8, nb=8, s_xe=8 * 2048, s_oe=8 * 2048, s_ue=8 * 2048,
+    s_dxe=8 * 2048, s_dxb=2048,  # the conv: (4096, 8, 2048), the model's (channels, b, L)
 )  # fmt: skip
 
 

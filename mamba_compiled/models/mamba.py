@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mamba_compiled.models.config import MambaConfig
-from mamba_compiled.ops import conv_x_proj, selective_scan_fn, ssm_decode_step
+from mamba_compiled.ops import conv1d_silu, conv_x_proj, selective_scan_fn, ssm_decode_step
+from mamba_compiled.ops.conv import causal_conv
 
 # Decoding batches up to this size project with reductions under the compiler (see `_gemv`).
 GEMV_MAX_BATCH = 8
@@ -84,67 +85,6 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The scan's parameter and state dtype: float32, or float64 for a float64 model (tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _conv(xp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Causal depthwise conv of a left-extended input (d_inner, b, W-1+l) -> (d_inner, b, l);
-    weight (d_inner, W), bias (d_inner,), both taken in xp's dtype.
-
-    Written as W shifted multiply-adds rather than F.conv1d: the compiler fuses them with the
-    SiLU around them, and no convolution backend is chosen by shape.
-    """
-    W = weight.shape[1]
-    l = xp.shape[-1] - (W - 1)
-    w = weight.to(xp.dtype)[:, :, None]  # (d_inner, W, 1)
-    out = xp[:, :, 0:l] * w[:, 0:1]
-    for k in range(1, W):
-        out = out + xp[:, :, k : k + l] * w[:, k : k + 1]
-    if bias is not None:
-        out = out + bias.to(xp.dtype)[:, None, None]
-    return out
-
-
-class _ConvSiLU(torch.autograd.Function):
-    """silu(causal depthwise conv(x)) for x (d_inner, b, l) after zeros, with its backward
-    written out in plain PyTorch (the compiler traces and fuses both).
-
-    Autograd's own backward of `_conv` became three Inductor kernels that each recomputed
-    SiLU's gradient g (the dx kernel once per tap, on the padded length W-1+l), 0.42 ms per
-    layer of the 130M training step on an H200. From this backward Inductor makes two: the conv
-    recomputed from the padded input it keeps, then dx, dw and dbias in one reduction kernel per
-    channel (g still recomputed per tap there); 0.25 ms per layer (perf/NOTES.md, Run 13). The
-    backward below recomputes the conv from x, but the joint graph merges that with the
-    forward's, so Inductor keeps the padded input rather than x. With `recompute` the 1.4B
-    step's peak grew by 6.6 GB: 48 times that input's 138 MB (its rows padded to 2112), so
-    likely kept per layer there. Recomputing in float32 instead (not merged: x alone is kept)
-    measured slower at 130M (74.6 against 72.7 ms); its 1.4B memory was not measured.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight, bias)
-        W = weight.shape[1]
-        return F.silu(_conv(F.pad(x, (W - 1, 0)), weight, bias))
-
-    @staticmethod
-    def backward(ctx, du: Tensor):
-        x, weight, bias = ctx.saved_tensors
-        W, l = weight.shape[1], x.shape[-1]
-        acc = _acc_dtype(x.dtype)
-        xp = F.pad(x, (W - 1, 0))
-        pre = _conv(xp, weight, bias).to(acc)
-        s = torch.sigmoid(pre)
-        g = (du.to(acc) * s * (1 + pre * (1 - s))).to(x.dtype)
-        # out[t] = sum_k w_k xp[t + k]: dx[t] = sum_k w_k g[t + W-1-k], zero past the end
-        gp = F.pad(g, (0, W - 1))
-        w = weight.to(x.dtype)
-        dx = gp[:, :, 0:l] * w[:, W - 1, None, None]
-        for k in range(W - 1):
-            dx = dx + gp[:, :, W - 1 - k : W - 1 - k + l] * w[:, k, None, None]
-        ga = g.to(acc)
-        dw = torch.stack([(ga * xp[:, :, k : k + l].to(acc)).sum((1, 2)) for k in range(W)], 1)
-        dbias = ga.sum((1, 2)).to(bias.dtype) if bias is not None else None
-        return dx, dw.to(weight.dtype), dbias
 
 
 class Mamba(nn.Module):
@@ -277,12 +217,12 @@ class Mamba(nn.Module):
         # Causal conv: the W-1 inputs before this sequence (zeros, or the cache) on the left.
         weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # (E, W), (E,)
         if conv_state is None:
-            u = _ConvSiLU.apply(x, weight, bias)  # (E, b, l)
+            u = conv1d_silu(x, weight, bias)  # (E, b, l)
         else:
             window = conv_state.permute(1, 0, 2)  # (E, b, W)
             xp = torch.cat([window[:, :, 1:].to(x.dtype), x], dim=-1)
             window.copy_(xp[:, :, -W:])  # the last W inputs, what `step` expects
-            u = F.silu(_conv(xp, weight, bias))
+            u = F.silu(causal_conv(xp, weight, bias))
         if mask is not None:
             u = u * mask
         u = u.view(E, -1)

@@ -1,10 +1,12 @@
-"""Op contracts: the selective scan, its decode step and decoding's linear layer, registered
+"""Op contracts: the selective scan, its decode step, decoding's linear layer and the mixer's
+conv with its SiLU, registered
 with torch.library.
 
 Importing this package registers `torch.ops.mamba_compiled.*`. The oracle lives in
 `mamba_compiled.ops.reference` and is never registered.
 """
 
+from mamba_compiled.ops.conv import conv1d_silu, set_conv_kernels
 from mamba_compiled.ops.linear import decode_linear
 from mamba_compiled.ops.pdl import programmatic_dependent_launch
 from mamba_compiled.ops.scan import (
@@ -15,10 +17,12 @@ from mamba_compiled.ops.scan import (
 )
 
 __all__ = [
+    "conv1d_silu",
     "conv_x_proj",
     "decode_linear",
     "programmatic_dependent_launch",
     "selective_scan_fn",
     "selective_state_update",
+    "set_conv_kernels",
     "ssm_decode_step",
 ]
