@@ -56,7 +56,7 @@ class _ConvSiLU(torch.autograd.Function):
     written out in plain PyTorch (the compiler traces and fuses both).
 
     Autograd's own backward of `causal_conv` became three Inductor kernels that each recomputed
-    SiLU's gradient g (the dx kernel once per tap, on the padded length W-1+l), 0.42 ms per
+    SiLU's gradient g (the dx kernel once per tap, on the padded length W-1+l), 0.37 ms per
     layer of the 130M training step on an H200. From this backward Inductor makes two: the conv
     recomputed from the padded input it keeps, then dx, dw and dbias in one reduction kernel per
     channel (g still recomputed per tap there); 0.25 ms per layer (perf/NOTES.md, Run 13). The
