@@ -5,12 +5,12 @@ model's (channels, batch, L) memory (training and prefill without a cache).
         weight (E, W), bias (E,) or None; u in x's layout and dtype
     conv_silu_bwd(du, x, weight, bias) -> (dx, dweight, dbias)
 
-Taps as in `models.mamba._conv`: u[t] = silu(bias + sum_k w_k x[t - (W-1) + k]), zeros before
-the sequence, the weights and bias rounded to x's dtype first, products and sums in fp32. The
-backward stores SiLU's gradient g once (one kernel, with per-program partial sums of dweight and
-dbias), then dx[t] = sum_k w_k g[t + W-1-k] (a second kernel): Inductor's code for the same math
-recomputed g per tap (perf/NOTES.md, Run 13). Programs: a block of BR rows (channel, batch)
-by BL steps, shifted taps as shifted loads (L1 hits).
+Taps as in `mamba_compiled.ops.conv.causal_conv`: u[t] = silu(bias + sum_k w_k x[t-(W-1)+k]),
+zeros before the sequence, the weights and bias rounded to x's dtype first, products and sums
+in fp32. The backward stores SiLU's gradient g once (one kernel, with per-program partial sums
+of dweight and dbias), then dx[t] = sum_k w_k g[t + W-1-k] (a second kernel): Inductor's code
+for the same math recomputed g per tap (perf/NOTES.md, Run 13). Programs: a block of BR rows
+(channel, batch) by BL steps, shifted taps as shifted loads (L1 hits).
 """
 
 from __future__ import annotations
