@@ -539,12 +539,12 @@ def test_decode_linear_dot_configs(split):
 
 def test_launchers_trace_with_a_symbolic_seqlen_and_no_guards():
     """What torch.compile and export do to the CUDA launchers, on CPU: fake tensors with a
-    symbolic seqlen through the scan's forward and backward launchers (and the decode
-    launchers at fixed shapes) allocate and launch without a guard on the seqlen (a guard would
-    be a recompile per length under dynamic=True) and without calling anything that is not
-    there (a function of the lowering package shadowed by its submodule once failed only on the
-    GPU). In a fresh process without TRITON_INTERPRET: the interpreter runs kernels even on
-    fake tensors."""
+    symbolic seqlen through the scan's and the conv's forward and backward launchers (and the
+    decode launchers at fixed shapes) allocate and launch without a guard on the seqlen (a
+    guard would be a recompile per length under dynamic=True) and without calling anything
+    that is not there (a function of the lowering package shadowed by its submodule once
+    failed only on the GPU). In a fresh process without TRITON_INTERPRET: the interpreter runs
+    kernels even on fake tensors."""
     import os
     import subprocess
     import sys
@@ -598,6 +598,12 @@ def _trace_launchers():
         h = lowering.decode_linear(torch.empty(b, 32), torch.empty(2 * d, 32, dtype=bf), None,
                                    torch.empty(32, dtype=bf), 1e-5, None)  # fmt: skip
         assert y.shape == (b, d) and h.shape == (b, 2 * d)
+        # the conv on the model's (channels, b, L) memory: a view of u's
+        xc = u.permute(1, 0, 2)
+        cw32 = torch.empty(d, width)
+        uc = lowering.conv_silu_fwd(xc, cw32, bias)
+        dxc, dwc, _ = lowering.conv_silu_bwd(torch.empty_like(uc), xc, cw32, bias)
+        assert uc.shape == dxc.shape == xc.shape and dwc.shape == (d, width)
     assert not env.guards, [str(g.expr) for g in env.guards]
 
 
