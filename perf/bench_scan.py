@@ -79,6 +79,11 @@ def sweep_space():
         ("fwd BD16 T16 NB4 w2", dict(fwd=S(16, 16, 4, 2, **fwd))),
         ("fwd BD8 T16 NB4 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
         ("fwd BD32 T16 NB4 w4", dict(fwd=S(32, 16, 4, 4, **fwd))),
+        # one state lane: SiLU's and softplus' MUFU work not replicated (Run 13's static counts)
+        ("fwd BD32 T4 NB1 w1", dict(fwd=S(32, 4, 1, 1, **fwd))),
+        ("fwd BD32 T4 NB1 w1, B/C in fp32", dict(fwd=S(32, 4, 1, 1, **fwd, **f32))),
+        ("fwd BD32 T8 NB1 w1", dict(fwd=S(32, 8, 1, 1, **fwd))),
+        ("fwd BD64 T8 NB1 w2", dict(fwd=S(64, 8, 1, 2, **fwd))),
         ("bwd B/C in fp32", dict(bwd=S(8, 8, 4, 1, **bwd, **f32))),
         ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),
         ("bwd segments under 2048", dict(bwd=S(8, 8, 4, 1, 1, 2048, 512, rs=True))),
