@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamba_compiled.ops.cpu import acc_dtype
 from mamba_compiled.ops.registry import Opt, lowering, public_op
 
 _KERNELS = {"on": False}
@@ -51,6 +52,11 @@ def causal_conv(xp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def _conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """silu(causal_conv(x after W-1 zeros))."""
+    return F.silu(causal_conv(F.pad(x, (weight.shape[1] - 1, 0)), weight, bias))
+
+
 class _ConvSiLU(torch.autograd.Function):
     """silu(causal depthwise conv(x)) for x (d_inner, b, l) after zeros, with its backward
     written out in plain PyTorch (the compiler traces and fuses both).
@@ -70,8 +76,7 @@ class _ConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight, bias)
-        W = weight.shape[1]
-        return F.silu(causal_conv(F.pad(x, (W - 1, 0)), weight, bias))
+        return _conv_silu(x, weight, bias)
 
     @staticmethod
     def backward(ctx, du: Tensor):
@@ -83,7 +88,7 @@ class _ConvSiLU(torch.autograd.Function):
     def grads(du: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None):
         """(dx, dweight in fp32, dbias in bias's dtype or None)."""
         W, l = weight.shape[1], x.shape[-1]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         xp = F.pad(x, (W - 1, 0))
         pre = causal_conv(xp, weight, bias).to(acc)
         s = torch.sigmoid(pre)
@@ -108,8 +113,7 @@ class _ConvSiLU(torch.autograd.Function):
 def conv1d_silu_op(x: Tensor, weight: Tensor, bias: Opt) -> Tensor:
     if x.device.type == "cuda":
         return lowering().conv_silu_fwd(x, weight, bias)
-    W = weight.shape[1]
-    return F.silu(causal_conv(F.pad(x, (W - 1, 0)), weight, bias))
+    return _conv_silu(x, weight, bias)
 
 
 @public_op("mamba_compiled::conv1d_silu_bwd", mutates_args=())
@@ -120,7 +124,7 @@ def conv1d_silu_bwd_op(
     fp32)."""
     if x.device.type == "cuda":
         return lowering().conv_silu_bwd(du, x, weight, bias)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     dx, dw, dbias = _ConvSiLU.grads(du, x, weight, bias)
     if dbias is None:
         dbias = du.new_zeros(weight.shape[0], dtype=acc)
