@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--conv-kernels",
-        action="store_true",
-        help="the conv and its SiLU as Triton kernels on CUDA (ops.set_conv_kernels; opt-in)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the conv and its SiLU as Triton kernels on CUDA (the default; "
+        "--no-conv-kernels: plain PyTorch, ops.set_conv_kernels(False))",
     )
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -84,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         from mamba_compiled.lowering import common
 
         common.set_override(ck=args.ck)
-    if args.conv_kernels:
+    if not args.conv_kernels:
         from mamba_compiled.ops import set_conv_kernels
 
-        set_conv_kernels(True)
-    tags = [f"ck{args.ck}"] * (args.ck is not None) + ["conv-kernels"] * args.conv_kernels
+        set_conv_kernels(False)
+    tags = [f"ck{args.ck}"] * (args.ck is not None) + ["plain-conv"] * (not args.conv_kernels)
     if tags:
         # Both change what ops decompose into inside a compiled graph, but the compile caches
         # key on the graph of op calls: without a tag, a process compiling after a run with

@@ -615,6 +615,7 @@ def _trace_launchers():
         (3, 2, 7, 1, False, torch.float32),
         (4, 3, 260, 4, True, torch.bfloat16),
         (4, 2, 33, 4, True, torch.float16),
+        (2, 1, 2600, 4, True, torch.float32),  # more step blocks than the backward's programs
     ],
 )
 def test_conv_silu_kernels(E, b, L, W, bias, dtype):

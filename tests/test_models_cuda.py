@@ -54,12 +54,12 @@ def test_fp16_checkpoint_load_keeps_fp32_parameters_and_is_close(tmp_path):
 
 @pytest.mark.parametrize("conv_kernels", [False, True], ids=["plain-conv", "conv-kernels"])
 def test_compiled_bf16_train_step_matches_eager(conv_kernels, request):
-    """Compiled against eager, the conv in plain PyTorch or as the Triton kernels (opt-in,
-    `set_conv_kernels`; eager then runs them too)."""
+    """Compiled against eager, the conv as the Triton kernels (the default on CUDA) or in plain
+    PyTorch (`set_conv_kernels(False)`; eager then runs it too)."""
     from mamba_compiled.ops import set_conv_kernels
 
-    set_conv_kernels(conv_kernels)
-    request.addfinalizer(lambda: set_conv_kernels(False))
+    previous = set_conv_kernels(conv_kernels)
+    request.addfinalizer(lambda: set_conv_kernels(previous))
     torch._dynamo.reset()
     model = tiny().cuda()
     compiled = torch.compile(model, fullgraph=True, dynamic=True)

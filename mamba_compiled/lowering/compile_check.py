@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .conv import BL, BR, NUM_WARPS, _conv_bwd_dx_kernel, _conv_bwd_g_kernel, _conv_fwd_kernel
+from .conv import BL, BR, NT, NUM_WARPS, _conv_bwd_dx_kernel, _conv_bwd_g_kernel, _conv_fwd_kernel
 from .decode_step import _conv_step_kernel, _conv_x_proj_kernel, _state_update_kernel
 from .linear import (
     _decode_dot_kernel,
@@ -105,7 +105,8 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("split_epilogue_pdl", _split_epilogue_kernel,
          dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, ROUND=True, GDC=True), 4),
         ("conv_fwd", _conv_fwd_kernel, dict(W=4, HAS_BIAS=True, BR=BR, BL=BL), NUM_WARPS),
-        ("conv_bwd_g", _conv_bwd_g_kernel, dict(W=4, HAS_BIAS=True, BR=BR, BL=BL), NUM_WARPS),
+        ("conv_bwd_g", _conv_bwd_g_kernel,
+         dict(W=4, HAS_BIAS=True, BR=BR, BL=BL, NT=NT, WP=8), NUM_WARPS),
         ("conv_bwd_dx", _conv_bwd_dx_kernel, dict(W=4, BR=BR, BL=BL), NUM_WARPS),
     ]  # fmt: skip
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from .common import launcher
 
 BR, BL, NUM_WARPS = 4, 256, 4
+NT = 8  # the backward's programs along L per block of rows (8 x BL = 2048 steps in one pass)
 
 
 @triton.jit
@@ -64,35 +65,41 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_g_kernel(
-    du_ptr, x_ptr, cw_ptr, bias_ptr, g_ptr, dcw_ptr, dbias_ptr, n_rows, nb, seqlen,
-    s_ue, s_ub, s_xe, s_xb,
+    du_ptr, x_ptr, cw_ptr, bias_ptr, g_ptr, part_ptr, n_rows, nb, seqlen, s_ue, s_ub, s_xe, s_xb,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+    NT: tl.constexpr, WP: tl.constexpr,
 ):  # fmt: skip
-    """g = du * silu'(pre), stored (rows, L) contiguous in x's dtype; per program the partial
-    sums over its steps of g * x[t - (W-1) + k] (dcw_ptr: (n_tblocks, rows, W)) and of g."""
-    pid_t = tl.program_id(1)
+    """g = du * silu'(pre), stored (rows, L) contiguous in x's dtype. Program (i, j) takes the
+    step blocks j, j + NT, ... of its rows and stores the sums over them of g * x[t - (W-1) + k]
+    (column k < W) and of g (column W): part_ptr (NT, rows, W + 1). NT is fixed, so the
+    partials' shape does not depend on L (a compiled graph would guard on it otherwise)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    t = pid_t * BL + tl.arange(0, BL)
     rmask = rows < n_rows
     e = rows // nb
     dtype = x_ptr.dtype.element_ty
     x_rows = _row_ptrs(x_ptr, rows, nb, s_xe, s_xb)
-    pre = _pre(x_rows, cw_ptr, bias_ptr, e, rmask, t, seqlen, W, HAS_BIAS, dtype)
-    m = rmask[:, None] & (t[None, :] < seqlen)
-    du = tl.load(_row_ptrs(du_ptr, rows, nb, s_ue, s_ub)[:, None] + t[None, :], mask=m,
-                 other=0.0).to(tl.float32)  # fmt: skip
-    s = tl.sigmoid(pre)
-    g = (du * s * (1.0 + pre * (1.0 - s))).to(dtype)
+    du_rows = _row_ptrs(du_ptr, rows, nb, s_ue, s_ub)
     g_rows = g_ptr + rows.to(tl.int64) * seqlen
-    tl.store(g_rows[:, None] + t[None, :], g, mask=m)
-    g = tl.where(m, g.to(tl.float32), 0.0)
-    part = (pid_t * n_rows + rows).to(tl.int64)
-    for k in tl.static_range(W):
-        tt = t - (W - 1 - k)
-        mk = m & (tt[None, :] >= 0)
-        xv = tl.load(x_rows[:, None] + tt[None, :], mask=mk, other=0.0).to(tl.float32)
-        tl.store(dcw_ptr + part * W + k, tl.sum(g * xv, 1), mask=rmask)
-    tl.store(dbias_ptr + part, tl.sum(g, 1), mask=rmask)
+    cols = tl.arange(0, WP)
+    acc = tl.zeros((BR, WP), dtype=tl.float32)
+    for tb in range(tl.program_id(1), tl.cdiv(seqlen, BL), NT):
+        t = tb * BL + tl.arange(0, BL)
+        pre = _pre(x_rows, cw_ptr, bias_ptr, e, rmask, t, seqlen, W, HAS_BIAS, dtype)
+        m = rmask[:, None] & (t[None, :] < seqlen)
+        du = tl.load(du_rows[:, None] + t[None, :], mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(pre)
+        g = (du * s * (1.0 + pre * (1.0 - s))).to(dtype)
+        tl.store(g_rows[:, None] + t[None, :], g, mask=m)
+        g = tl.where(m, g.to(tl.float32), 0.0)
+        for k in tl.static_range(W):
+            tt = t - (W - 1 - k)
+            mk = m & (tt[None, :] >= 0)
+            xv = tl.load(x_rows[:, None] + tt[None, :], mask=mk, other=0.0).to(tl.float32)
+            acc += tl.where(cols[None, :] == k, tl.sum(g * xv, 1)[:, None], 0.0)
+        acc += tl.where(cols[None, :] == W, tl.sum(g, 1)[:, None], 0.0)
+    part = (tl.program_id(1) * n_rows + rows).to(tl.int64) * (W + 1)
+    tl.store(part_ptr + part[:, None] + cols[None, :], acc,
+             mask=rmask[:, None] & (cols[None, :] <= W))  # fmt: skip
 
 
 @triton.jit
@@ -150,19 +157,18 @@ def conv_silu_bwd(
     W = weight.shape[1]
     weight = weight.contiguous()
     n_rows = E * nb
-    grid = _grid(n_rows, seqlen)
-    f32 = dict(dtype=torch.float32, device=x.device)
     g = torch.empty((n_rows, seqlen), dtype=x.dtype, device=x.device)
-    dw_part = torch.empty((grid[1], E, nb, W), **f32)
-    dbias_part = torch.empty((grid[1], E, nb), **f32)
-    launcher(_conv_bwd_g_kernel, x)[grid](
-        du, x, weight, bias if bias is not None else weight, g, dw_part, dbias_part, n_rows, nb,
-        seqlen, du.stride(0), du.stride(1), x.stride(0), x.stride(1),
-        W=W, HAS_BIAS=bias is not None, BR=BR, BL=BL, num_warps=NUM_WARPS,
+    part = torch.empty((NT, E, nb, W + 1), dtype=torch.float32, device=x.device)
+    launcher(_conv_bwd_g_kernel, x)[(triton.cdiv(n_rows, BR), NT)](
+        du, x, weight, bias if bias is not None else weight, g, part, n_rows, nb, seqlen,
+        du.stride(0), du.stride(1), x.stride(0), x.stride(1),
+        W=W, HAS_BIAS=bias is not None, BR=BR, BL=BL, NT=NT, WP=triton.next_power_of_2(W + 1),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     dx = torch.empty_like(x)
-    launcher(_conv_bwd_dx_kernel, x)[grid](
+    launcher(_conv_bwd_dx_kernel, x)[_grid(n_rows, seqlen)](
         g, weight, dx, n_rows, nb, seqlen, dx.stride(0), dx.stride(1),
         W=W, BR=BR, BL=BL, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return dx, dw_part.sum((0, 2)), dbias_part.sum((0, 2))
+    part = part.sum((0, 2))
+    return dx, part[:, :W], part[:, W]

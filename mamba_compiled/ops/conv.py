@@ -1,10 +1,12 @@
 """The causal depthwise conv and its SiLU over a whole sequence (the Mamba mixer's, in the
-model's (channels, batch, L) memory), in plain PyTorch for the compiler to fuse, and as Triton
-kernels on CUDA when asked (`set_conv_kernels`).
+model's (channels, batch, L) memory): Triton kernels on CUDA, plain PyTorch elsewhere (and on
+CUDA after `set_conv_kernels(False)`).
 
-The kernels (`mamba_compiled.lowering.conv`) store SiLU's gradient once in the backward, which
-Inductor's code for the plain version does not (perf/NOTES.md, Run 13). They are off by default
-until measured on a GPU: `set_conv_kernels(True)` or `perf/bench_train.py --conv-kernels`.
+Why kernels on CUDA although the compiler fuses the plain version: the kernels
+(`mamba_compiled.lowering.conv`) store SiLU's gradient once in the backward, which Inductor's
+code for the plain version does not, and with `recompute` the compiled plain version kept a
+padded copy of the conv's input per layer. On an H200 (eleventh session, perf/RESULTS.md):
+the 130M training step 72.7 -> 68.9 ms, the 1.4B step with `recompute` 63.3 -> 56.7 GB peak.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from torch import Tensor
 from mamba_compiled.ops.cpu import acc_dtype
 from mamba_compiled.ops.registry import Opt, lowering, public_op
 
-_KERNELS = {"on": False}
+_KERNELS = {"on": True}
 
 
-def set_conv_kernels(on: bool) -> None:
-    """CUDA tensors through `conv1d_silu` run the Triton kernels (on) or the plain PyTorch
-    version (off, the default). For benchmarks: a compiled graph keeps the choice it was traced
-    with (and the compile caches do not see it: tag them, as perf/bench_train.py does)."""
-    _KERNELS["on"] = bool(on)
+def set_conv_kernels(on: bool) -> bool:
+    """CUDA tensors through `conv1d_silu` run the Triton kernels (on, the default) or the plain
+    PyTorch version (off); returns the previous setting. For comparisons: a compiled graph
+    keeps the choice it was traced with (and the compile caches do not see it: tag them, as
+    perf/bench_train.py does)."""
+    previous, _KERNELS["on"] = _KERNELS["on"], bool(on)
+    return previous
 
 
 def conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
