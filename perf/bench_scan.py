@@ -70,10 +70,9 @@ def sweep_space():
     f32 = dict(bc_f32=True)
     return [
         ("default", {}),
-        ("fwd B/C in fp32", dict(fwd=S(16, 8, 2, 1, **fwd, **f32))),
-        ("fwd B/C in fp32, segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 1024, **f32))),
-        ("fwd segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 128))),
-        ("fwd segments under 4096", dict(fwd=S(16, 8, 2, 1, 1, 4096, 128))),
+        ("fwd B/C in fp32", dict(fwd=S(32, 8, 1, 1, **fwd, **f32))),
+        ("fwd segments under 2048", dict(fwd=S(32, 8, 1, 1, 1, 2048, 128))),
+        ("fwd segments under 4096", dict(fwd=S(32, 8, 1, 1, 1, 4096, 128))),
         ("fwd no segments", dict(fwd=S(16, 8, 2, 1, 1, 0, 128))),
         ("fwd BD16 T8 NB4 w2", dict(fwd=S(16, 8, 4, 2, **fwd))),
         ("fwd BD16 T16 NB4 w2", dict(fwd=S(16, 16, 4, 2, **fwd))),
@@ -82,7 +81,8 @@ def sweep_space():
         # one state lane: SiLU's and softplus' MUFU work not replicated (Run 13's static counts)
         ("fwd BD32 T4 NB1 w1", dict(fwd=S(32, 4, 1, 1, **fwd))),
         ("fwd BD32 T4 NB1 w1, B/C in fp32", dict(fwd=S(32, 4, 1, 1, **fwd, **f32))),
-        ("fwd BD32 T8 NB1 w1", dict(fwd=S(32, 8, 1, 1, **fwd))),
+        ("fwd BD16 T8 NB2 w1 (the default to the tenth session)", dict(fwd=S(16, 8, 2, 1, **fwd))),
+        ("fwd BD32 T8 NB1 w1, no segments", dict(fwd=S(32, 8, 1, 1, 1, 0, 128))),
         ("fwd BD64 T8 NB1 w2", dict(fwd=S(64, 8, 1, 2, **fwd))),
         ("bwd B/C in fp32", dict(bwd=S(8, 8, 4, 1, **bwd, **f32))),
         ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),

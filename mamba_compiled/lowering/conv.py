@@ -171,4 +171,4 @@ def conv_silu_bwd(
         W=W, BR=BR, BL=BL, num_warps=NUM_WARPS,
     )  # fmt: skip
     part = part.sum((0, 2))
-    return dx, part[:, :W], part[:, W]
+    return dx, part[:, :W].clone(), part[:, W].clone()  # outputs may not alias
