@@ -344,15 +344,14 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     if interpreting():  # tiny blocks; segments of 2 chunks once there are under 16 programs
         return ScanConfig(BD=_block_d(4, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
                           target=16, min_seg=2 * ck)  # fmt: skip
-    # One warp: 32 channel lanes x 1 state lane, all states x 8 steps in a thread, so softplus,
-    # exp and SiLU are not repeated per state lane. Eleventh session's sweep, bf16: 0.594 ms
-    # at 8x4096x2048 (fwd+bwd 2.715), 4.207 at 1x4096x65536, against 0.689 / 2.807 / 4.690 for
-    # 16 channel x 2 state lanes (third run: that beat 4 state lanes, 0.746-0.913). Segments
-    # once batch x blocks is under about one wave, of at least 128 steps: with 1024 the 130M
-    # prefill (1 x 1536 x 2048, 96 blocks) ran 2 segments of 1024 steps in 311 us per layer
-    # (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
-    return ScanConfig(BD=_block_d(32, dim, groups), T=T, N_B=1, num_warps=1, target=1024,
-                      min_seg=128)  # fmt: skip
+    # One warp: 16 channel lanes x 2 state lanes, 8 states x 8 steps in registers (160
+    # registers with triton 3.6). Third GPU run, 8x4096x2048 bf16: 0.656 ms against 0.746-0.913
+    # for 4 state lanes (8-32 channels, 1-4 warps, 8 or 16 steps); 4.77 ms at 1x4096x65536 with
+    # 4 segments. Segments once batch x blocks is under about one wave, of at least 128 steps:
+    # with 1024 the 130M prefill (1 x 1536 x 2048, 96 blocks) ran 2 segments of 1024 steps in
+    # 311 us per layer (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
+    return ScanConfig(BD=_block_d(16, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
+                      target=1024, min_seg=128)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
