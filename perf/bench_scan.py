@@ -76,6 +76,8 @@ def sweep_space():
         ("fwd segments under 4096", dict(fwd=S(16, 8, 2, 1, 1, 4096, 128))),
         ("fwd no segments", dict(fwd=S(16, 8, 2, 1, 1, 0, 128))),
         ("fwd segments under 512", dict(fwd=S(16, 8, 2, 1, 1, 512, 128))),
+        # none at 512-1023 programs (the 130M step's 768), as before below 512
+        ("fwd segments only 3 or more", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3))),
         ("fwd BD8 T16 NB4 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
         # one state lane: SiLU's and softplus' MUFU work not replicated (Run 13's static counts).
         # Eleventh session: BD32 T8 fastest on rows 1 and 4, 1.5x slower on rows 2 and 3
@@ -85,6 +87,8 @@ def sweep_space():
         ("fwd BD32 T8 NB1 w1", dict(fwd=S(32, 8, 1, 1, **fwd))),
         ("fwd BD32 T8 NB1 w1, segments under 256", dict(fwd=S(32, 8, 1, 1, 1, 256, 128))),
         ("fwd BD32 T8 NB1 w1, no segments", dict(fwd=S(32, 8, 1, 1, 1, 0, 128))),
+        ("fwd BD32 T8 NB1 w1, segments only 3 or more",
+         dict(fwd=S(32, 8, 1, 1, **fwd, min_split=3))),
         ("fwd BD64 T8 NB1 w2", dict(fwd=S(64, 8, 1, 2, **fwd))),
         ("bwd B/C in fp32", dict(bwd=S(8, 8, 4, 1, **bwd, **f32))),
         ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),

@@ -313,6 +313,14 @@ def test_segments_add_no_guards():
     assert flags.dim() == 1 and part.shape == (64, 16)
     assert not env.guards, env.guards
     assert segments(3 * 256, 5000, cfg) == (2, 2504)
+    # min_split 3: no segments where 2 would do, unchanged from 3 on
+    few = ScanConfig(BD=16, T=8, N_B=2, num_warps=1, target=1024, min_seg=128, min_split=3)
+    assert segments(768, 2048, few) == (1, 2048)
+    assert segments(512, 2048, few) == (1, 2048)
+    assert segments(511, 2048, few) == (3, 688)
+    assert segments(96, 2048, few) == segments(96, 2048, dataclasses.replace(few, min_split=2))
+    n_seg, _ = segments(batch * 256, seqlen, few)
+    assert not env.guards, env.guards
 
 
 def test_backward_deterministic_bitwise():

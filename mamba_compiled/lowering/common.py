@@ -220,7 +220,8 @@ class ScanConfig:
     """Launch configuration of one scan kernel. BD = channels per program, T = time steps per
     chunk, N_B = state lanes; num_warps and num_stages as Triton's. Segments: when batch ·
     channel blocks is under `target` programs, the sequence is cut into segments of at least
-    `min_seg` steps run by separate programs (target 0: never)."""
+    `min_seg` steps run by separate programs (target 0: never), when target asks for at least
+    `min_split` of them (3: not at 512-1023 programs for a target of 1024)."""
 
     BD: int
     T: int
@@ -231,6 +232,7 @@ class ScanConfig:
     min_seg: int = 1024
     rs: bool = False  # backward: per-step dB/dC summed over channels by a reduce-scatter
     bc_f32: bool = False  # per-step B, C copied to fp32 by the launcher (see stage_bc)
+    min_split: int = 2
 
 
 def segments(programs, seqlen, cfg: ScanConfig):
@@ -238,6 +240,7 @@ def segments(programs, seqlen, cfg: ScanConfig):
     for `programs` = batch · channel blocks. Integer arithmetic on sizes only (torch.sym_min /
     sym_max add no guards): batch and seqlen may be symbolic under torch.compile and export."""
     want = triton.cdiv(cfg.target, programs)
+    want = want * torch.sym_min(1, want // cfg.min_split)  # 0 (one segment) under min_split
     n_seg = torch.sym_max(1, torch.sym_min(want, triton.cdiv(seqlen, cfg.min_seg)))
     seg_len = torch.sym_max(triton.cdiv(triton.cdiv(seqlen, n_seg), cfg.T) * cfg.T, cfg.T)
     return torch.sym_max(1, triton.cdiv(seqlen, seg_len)), seg_len
