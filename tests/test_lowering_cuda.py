@@ -412,3 +412,46 @@ def test_decode_kernels_with_programmatic_dependent_launch(batch, d_model, d_inn
         results.append((x, convs, ssms))
     for without, with_pdl in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(with_pdl, without, rtol=1e-3, atol=1e-3)
+
+
+
+@pytest.mark.parametrize(
+    "E,b,L,dtype",
+    [
+        (1536, 2, 2048, torch.bfloat16),  # 130M's width, one pass of the backward's programs
+        (4096, 1, 2600, torch.bfloat16),  # 1.4B's, the backward's programs loop; a partial block
+        (768, 3, 333, torch.float16),
+        (512, 2, 1000, torch.float32),
+    ],
+)
+def test_conv_silu_kernels_model_sizes(E, b, L, dtype, monkeypatch):
+    """The training conv's kernels (`conv_silu_fwd`, `conv_silu_bwd`) on the model's (channels,
+    batch, L) memory against float64 (`_ConvSiLU` with the weights rounded as the kernels round
+    them); what the kernels allocate is NaN-filled first."""
+    from mamba_compiled.lowering import conv_silu_bwd, conv_silu_fwd
+    from mamba_compiled.ops.conv import _ConvSiLU
+
+    dev, W = "cuda", 4
+    x = torch.randn(b, E, L, device=dev).to(dtype).permute(1, 0, 2)
+    w, bias = 0.5 * torch.randn(E, W, device=dev), torch.randn(E, device=dev)
+    du = torch.randn(E, b, L, device=dev).to(dtype)
+    xr = x.double().requires_grad_(True)
+    wr, br = (t.to(dtype).double().requires_grad_(True) for t in (w, bias))
+    ref = _ConvSiLU.apply(xr, wr, br)
+    ref.backward(du.double())
+
+    nan = float("nan")
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(nan))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(nan))
+    u = conv_silu_fwd(x, w, bias)
+    dx, dw, dbias = conv_silu_bwd(du, x, w, bias)
+    monkeypatch.undo()
+    assert u.stride() == dx.stride() == x.stride()
+    rtol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    checks = [("u", u, ref.detach(), 1), ("dx", dx, xr.grad, 1), ("dw", dw, wr.grad, 5),
+              ("dbias", dbias, br.grad, 5)]  # fmt: skip
+    for name, got, want, scale in checks:
+        assert not torch.isnan(got).any(), f"{name}: an element was not written"
+        err = (got.double() - want).abs().max().item() / want.abs().max().item()
+        assert err <= scale * rtol, f"{name}: max error {err:.3g} relative to max |ref|"
