@@ -94,6 +94,9 @@ def sweep_space():
         ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),
         ("bwd segments under 2048", dict(bwd=S(8, 8, 4, 1, 1, 2048, 512, rs=True))),
         ("bwd no segments", dict(bwd=S(8, 8, 4, 1, 1, 0, 1024, rs=True))),
+        # twice the programs at the same 32 lanes (rows 2 and 3 and the 130M step have 2048,
+        # 3072 and 1536 programs of 8 channels, against row 1's 4096)
+        ("bwd BD4 NB8", dict(bwd=S(4, 8, 8, 1, **bwd))),
         ("ck16: fwd BD16 T16 NB4 w2, bwd BD4 T16 NB8",
          dict(ck=16, fwd=S(16, 16, 4, 2, **fwd), bwd=S(4, 16, 8, 1, **bwd))),
     ]  # fmt: skip
