@@ -31,14 +31,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """torch.empty returns NaN-filled floating tensors while a test runs."""
-    empty = torch.empty
+    """torch.empty and torch.empty_like return NaN-filled floating tensors while a test runs."""
 
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+    def nan_filled(alloc):
+        def poisoned(*args, **kwargs):
+            t = alloc(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", nan_empty)
+        return poisoned
+
+    monkeypatch.setattr(torch, "empty", nan_filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", nan_filled(torch.empty_like))
 
 
 @dataclasses.dataclass
@@ -624,12 +627,19 @@ def _trace_launchers():
         (4, 3, 260, 4, True, torch.bfloat16),
         (4, 2, 33, 4, True, torch.float16),
         (2, 1, 2600, 4, True, torch.float32),  # more step blocks than the backward's programs
+        # the models' widths, on the GPU only (`pytest -m cuda` through perf/gpu_check.sh)
+        *(pytest.param(*case, marks=pytest.mark.cuda) for case in [
+            (1536, 2, 2048, 4, True, torch.bfloat16),  # 130M: one pass of the backward
+            (4096, 1, 2600, 4, True, torch.bfloat16),  # 1.4B: the backward's programs loop
+            (768, 3, 333, 4, True, torch.float16),
+            (512, 2, 1000, 4, True, torch.float32),
+        ]),
     ],
 )
 def test_conv_silu_kernels(E, b, L, W, bias, dtype):
     """The conv + SiLU kernels (forward, g with dw/dbias partial sums, dx) against float64 on
     the model's (channels, batch, L) memory: the same inputs, weights rounded as the kernels
-    round them."""
+    round them. On the GPU these were otherwise checked only compiled against eager."""
     from mamba_compiled.lowering import conv_silu_bwd, conv_silu_fwd
     from mamba_compiled.ops.conv import _ConvSiLU
 
