@@ -67,38 +67,28 @@ def sweep_space():
 
     fwd = dict(target=1024, min_seg=128)
     bwd = dict(target=4096, min_seg=1024, rs=True)
-    f32 = dict(bc_f32=True)
     return [
         ("default", {}),
-        ("fwd B/C in fp32", dict(fwd=S(16, 8, 2, 1, **fwd, **f32))),
-        ("fwd B/C in fp32, segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 1024, **f32))),
-        ("fwd segments under 2048", dict(fwd=S(16, 8, 2, 1, 1, 2048, 128))),
-        ("fwd segments under 4096", dict(fwd=S(16, 8, 2, 1, 1, 4096, 128))),
+        # Twelfth session: the default cuts segments only when the target asks for 3 or more;
+        # the eleventh session's rule cut 2 at 512-1023 programs (the 130M step's 768).
+        ("fwd segments from 2 (eleventh session's default)", dict(fwd=S(16, 8, 2, 1, **fwd))),
         ("fwd no segments", dict(fwd=S(16, 8, 2, 1, 1, 0, 128))),
-        ("fwd segments under 512", dict(fwd=S(16, 8, 2, 1, 1, 512, 128))),
-        # none at 512-1023 programs (the 130M step's 768), as before below 512
-        ("fwd segments only 3 or more", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3))),
+        ("fwd segments under 512", dict(fwd=S(16, 8, 2, 1, 1, 512, 128, min_split=3))),
+        # 0.281 ms at 8x1536x2048 in the eleventh session (1536 programs, none segmented)
         ("fwd BD8 T16 NB4 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
+        ("fwd BD8 T8 NB4 w1", dict(fwd=S(8, 8, 4, 1, **fwd))),
         # one state lane: SiLU's and softplus' MUFU work not replicated (Run 13's static counts).
         # Eleventh session: BD32 T8 fastest on rows 1 and 4, 1.5x slower on rows 2 and 3
-        # (segmented there: 512 and 768 programs); BD16 T8/T16 NB4 w2, BD32 T16 NB4 w4 and
-        # BD32 T4 NB1 with B/C in fp32 lost everywhere and were dropped (perf/NOTES.md, Run 14).
-        ("fwd BD32 T4 NB1 w1", dict(fwd=S(32, 4, 1, 1, **fwd))),
+        # (segmented there: 512 and 768 programs). Dropped after it: B/C in fp32, segments
+        # under 2048/4096, BD32 T4 NB1, BD64 T8 NB1 w2, bwd without reduce-scatter, bwd
+        # segments under 2048, ck16 (all slower than the default; perf/NOTES.md, Run 14).
         ("fwd BD32 T8 NB1 w1", dict(fwd=S(32, 8, 1, 1, **fwd))),
-        ("fwd BD32 T8 NB1 w1, segments under 256", dict(fwd=S(32, 8, 1, 1, 1, 256, 128))),
         ("fwd BD32 T8 NB1 w1, no segments", dict(fwd=S(32, 8, 1, 1, 1, 0, 128))),
-        ("fwd BD32 T8 NB1 w1, segments only 3 or more",
-         dict(fwd=S(32, 8, 1, 1, **fwd, min_split=3))),
-        ("fwd BD64 T8 NB1 w2", dict(fwd=S(64, 8, 1, 2, **fwd))),
-        ("bwd B/C in fp32", dict(bwd=S(8, 8, 4, 1, **bwd, **f32))),
-        ("bwd without reduce-scatter", dict(bwd=S(8, 8, 4, 1, 1, 4096, 1024))),
-        ("bwd segments under 2048", dict(bwd=S(8, 8, 4, 1, 1, 2048, 512, rs=True))),
         ("bwd no segments", dict(bwd=S(8, 8, 4, 1, 1, 0, 1024, rs=True))),
+        ("bwd segments only 3 or more", dict(bwd=S(8, 8, 4, 1, **bwd, min_split=3))),
         # twice the programs at the same 32 lanes (rows 2 and 3 and the 130M step have 2048,
         # 3072 and 1536 programs of 8 channels, against row 1's 4096)
         ("bwd BD4 NB8", dict(bwd=S(4, 8, 8, 1, **bwd))),
-        ("ck16: fwd BD16 T16 NB4 w2, bwd BD4 T16 NB8",
-         dict(ck=16, fwd=S(16, 16, 4, 2, **fwd), bwd=S(4, 16, 8, 1, **bwd))),
     ]  # fmt: skip
 
 

@@ -353,8 +353,10 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # 4 segments. Segments once batch x blocks is under about one wave, of at least 128 steps:
     # with 1024 the 130M prefill (1 x 1536 x 2048, 96 blocks) ran 2 segments of 1024 steps in
     # 311 us per layer (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
+    # Only when the target asks for 3 or more: at 512-1023 programs (the 130M training step's
+    # 8 x 1536: 768) one segment ran in 0.352 ms against 0.472 with two (eleventh session).
     return ScanConfig(BD=_block_d(16, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
-                      target=1024, min_seg=128)  # fmt: skip
+                      target=1024, min_seg=128, min_split=3)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
