@@ -165,6 +165,25 @@ def bench_ms(fn, grad_to_none=None):
                                    return_mode="median")  # fmt: skip
 
 
+def graph_ms(fn, grad_to_none=None) -> float | None:
+    """GPU time of fn without its host time: calls replayed from one CUDA graph, each after the
+    same L2 flush as do_bench's, minus the flush alone. do_bench (ANCHORS' method) times the
+    host's launches too once they take longer than the GPU's work, as the op's eager launches
+    do at the smaller rows (perf/NOTES.md, Run 15). None if fn cannot be captured."""
+    import triton
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    try:
+        both = triton.testing.do_bench_cudagraph(
+            lambda: (flush.zero_(), fn()), rep=100, grad_to_none=grad_to_none,
+            return_mode="median")  # fmt: skip
+        alone = triton.testing.do_bench_cudagraph(flush.zero_, rep=100, return_mode="median")
+    except Exception as exc:  # reported as n/a in the table
+        print(f"graph_ms: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    return both - alone
+
+
 class Report:
     """Markdown lines to stdout and, line by line, to a file (kept if the run is cut short)."""
 
@@ -382,9 +401,10 @@ def cuda_table(rep: Report, rows):
         "delta_bias, D, per-step B/C)\n")  # fmt: skip
     rep(
         "| shape, dtype | fwd ms | vs mamba_ssm | of floor | fwd+bwd ms | vs mamba_ssm | "
-        "peak GB fwd+bwd (mamba_ssm) | target fwd / fwd+bwd | max err out, du, ddelta |"
+        "peak GB fwd+bwd (mamba_ssm) | target fwd / fwd+bwd | max err out, du, ddelta | "
+        "GPU ms fwd / fwd+bwd (CUDA graph) |"
     )
-    rep("|---|---|---|---|---|---|---|---|---|")
+    rep("|---|---|---|---|---|---|---|---|---|---|")
     for i in rows:
         torch.cuda.empty_cache()
         _table_row(rep, *ANCHORS[i])
@@ -404,6 +424,10 @@ def _table_row(rep, batch, dim, L, N, dtype, m_f, m_fb, m_mem, floor, t_f, t_fb)
     with torch.no_grad():
         fwd = bench_ms(lambda: call(kw))
     fb = bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
+    with torch.no_grad():
+        fwd_g = graph_ms(lambda: call(kw))
+    fb_g = graph_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
+    gpu = " / ".join("n/a" if t is None else f"{t:.3f}" for t in (fwd_g, fb_g))
     for t in kw.values():
         t.grad = None
     torch.cuda.synchronize()
@@ -415,7 +439,7 @@ def _table_row(rep, batch, dim, L, N, dtype, m_f, m_fb, m_mem, floor, t_f, t_fb)
     rep(
         f"| {name} | {fwd:.3f} | {m_f / fwd:.2f}x faster | {floor / fwd:.0%} | {fb:.3f} | "
         f"{m_fb / fb:.2f}x faster | {peak:.2f} ({m_mem}) | {t_f} {ok(fwd, t_f)} / {t_fb} "
-        f"{ok(fb, t_fb)} | {errs['out']:.1e}, {errs['du']:.1e}, {errs['ddelta']:.1e} |"
+        f"{ok(fb, t_fb)} | {errs['out']:.1e}, {errs['du']:.1e}, {errs['ddelta']:.1e} | {gpu} |"
     )
 
 
