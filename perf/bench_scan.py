@@ -165,7 +165,7 @@ def bench_ms(fn, grad_to_none=None):
                                    return_mode="median")  # fmt: skip
 
 
-def graph_ms(fn, grad_to_none=None) -> float | None:
+def graph_ms(fn, grad_to_none=None, rep: int = 100) -> float | None:
     """GPU time of fn without its host time: calls replayed from one CUDA graph, each after the
     same L2 flush as do_bench's, minus the flush alone. do_bench (ANCHORS' method) times the
     host's launches too once they take longer than the GPU's work, as the op's eager launches
@@ -175,9 +175,9 @@ def graph_ms(fn, grad_to_none=None) -> float | None:
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     try:
         both = triton.testing.do_bench_cudagraph(
-            lambda: (flush.zero_(), fn()), rep=100, grad_to_none=grad_to_none,
+            lambda: (flush.zero_(), fn()), rep=rep, grad_to_none=grad_to_none,
             return_mode="median")  # fmt: skip
-        alone = triton.testing.do_bench_cudagraph(flush.zero_, rep=100, return_mode="median")
+        alone = triton.testing.do_bench_cudagraph(flush.zero_, rep=rep, return_mode="median")
     except Exception as exc:  # reported as n/a in the table
         print(f"graph_ms: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None

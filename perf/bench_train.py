@@ -16,6 +16,7 @@ step's loss is finite and equal to eager's.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -75,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the conv and its SiLU as Triton kernels on CUDA (the default; "
         "--no-conv-kernels: plain PyTorch, ops.set_conv_kernels(False))",
     )
+    p.add_argument(
+        "--conv-tiles",
+        type=Path,
+        default=None,
+        help="JSON of the conv kernels' tiles ({kernel: ConvTiles fields}, "
+        "perf/bench_conv.py's best.json) instead of the defaults",
+    )
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default 989 on CUDA)")
@@ -82,15 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    if args.ck is not None:
-        from mamba_compiled.lowering import common
+    if args.ck is not None or args.conv_tiles is not None:
+        from mamba_compiled.lowering import common, conv
 
-        common.set_override(ck=args.ck)
+        tiles = json.loads(args.conv_tiles.read_text()) if args.conv_tiles else {}
+        common.set_override(
+            ck=args.ck, conv={k: conv.ConvTiles(**v) for k, v in tiles.items()} or None
+        )
     if not args.conv_kernels:
         from mamba_compiled.ops import set_conv_kernels
 
         set_conv_kernels(False)
     tags = [f"ck{args.ck}"] * (args.ck is not None) + ["plain-conv"] * (not args.conv_kernels)
+    if args.conv_tiles is not None:
+        tags.append("conv-tiles-" + args.conv_tiles.read_text())
     if tags:
         # Both change what ops decompose into inside a compiled graph, but the compile caches
         # key on the graph of op calls: without a tag, a process compiling after a run with
@@ -164,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         loss = step()
         sync(device)
         times.append(time.perf_counter() - start)
+    # The same steps back to back, one sync at the end (a loop that never waits for the GPU,
+    # as one that logs the loss only every few steps): without the start of each step, when
+    # the GPU waits for the host to launch the first kernels.
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    unsynced = (time.perf_counter() - start) / args.steps
     if not torch.isfinite(loss):
         print("FAILED: non-finite loss during timing", file=sys.stderr)
         return 1
@@ -190,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         ("device", f"{name}; torch {torch.__version__}"),
         (f"step time (median of {args.steps})", f"{1e3 * t:.1f} ms"),
         ("tokens/s", f"{tokens / t / 1e3:.1f} K"),
+        (
+            f"{args.steps} steps back to back, one sync: time per step, tokens/s",
+            f"{1e3 * unsynced:.1f} ms, {tokens / unsynced / 1e3:.1f} K",
+        ),
         ("MFU (6·N·tokens)" if train else "MFU (2·N·tokens)", mfu),
         (
             "peak memory",

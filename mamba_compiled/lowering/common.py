@@ -259,7 +259,8 @@ _override: dict[str, object] = {}
 def set_override(**kw) -> None:
     """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
     bc_atomics=bool, ck_fp32=bool, decode=(BD, num_warps) of the decode step's state
-    update. Call with no arguments to clear. Not for model code."""
+    update, conv={"fwd" | "g" | "dx": conv.ConvTiles}. Call with no arguments to clear. Not
+    for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
 

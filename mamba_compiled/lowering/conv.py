@@ -15,15 +15,31 @@ for the same math recomputed g per tap (perf/NOTES.md, Run 13). Programs: a bloc
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import launcher
+from .common import _override, launcher
 
-BR, BL, NUM_WARPS = 4, 256, 4
-NT = 8  # the backward's programs along L per block of rows (8 x BL = 2048 steps in one pass)
+
+@dataclasses.dataclass(frozen=True)
+class ConvTiles:
+    """Tiles of one conv kernel: BR rows (channel, batch) by BL steps, num_warps; NT (the g
+    kernel only) programs along L per block of rows, each looping over every NT-th step block."""
+
+    BR: int = 4
+    BL: int = 256
+    num_warps: int = 4
+    NT: int = 8
+
+
+def tiles(kernel: str) -> ConvTiles:
+    """The tiles of "fwd", "g" or "dx": common.set_override(conv={kernel: ConvTiles}) for
+    benchmarks (perf/bench_conv.py), else the default (4 x 256, 4 warps, NT 8: eleventh session)."""
+    return _override.get("conv", {}).get(kernel, ConvTiles())  # type: ignore[union-attr]
 
 
 @triton.jit
@@ -129,8 +145,8 @@ def _unit_time(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(n_rows, seqlen):
-    return (triton.cdiv(n_rows, BR), triton.cdiv(seqlen, BL))
+def _grid(n_rows, seqlen, c: ConvTiles):
+    return (triton.cdiv(n_rows, c.BR), triton.cdiv(seqlen, c.BL))
 
 
 def conv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -139,10 +155,11 @@ def conv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     weight = weight.contiguous()
     out = torch.empty_like(x)
     n_rows = E * nb
-    launcher(_conv_fwd_kernel, x)[_grid(n_rows, seqlen)](
+    c = tiles("fwd")
+    launcher(_conv_fwd_kernel, x)[_grid(n_rows, seqlen, c)](
         x, weight, bias if bias is not None else weight, out, n_rows, nb, seqlen,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        W=weight.shape[1], HAS_BIAS=bias is not None, BR=BR, BL=BL, num_warps=NUM_WARPS,
+        W=weight.shape[1], HAS_BIAS=bias is not None, BR=c.BR, BL=c.BL, num_warps=c.num_warps,
     )  # fmt: skip
     return out
 
@@ -158,17 +175,19 @@ def conv_silu_bwd(
     weight = weight.contiguous()
     n_rows = E * nb
     g = torch.empty((n_rows, seqlen), dtype=x.dtype, device=x.device)
-    part = torch.empty((NT, E, nb, W + 1), dtype=torch.float32, device=x.device)
-    launcher(_conv_bwd_g_kernel, x)[(triton.cdiv(n_rows, BR), NT)](
+    c = tiles("g")
+    part = torch.empty((c.NT, E, nb, W + 1), dtype=torch.float32, device=x.device)
+    launcher(_conv_bwd_g_kernel, x)[(triton.cdiv(n_rows, c.BR), c.NT)](
         du, x, weight, bias if bias is not None else weight, g, part, n_rows, nb, seqlen,
         du.stride(0), du.stride(1), x.stride(0), x.stride(1),
-        W=W, HAS_BIAS=bias is not None, BR=BR, BL=BL, NT=NT, WP=triton.next_power_of_2(W + 1),
-        num_warps=NUM_WARPS,
+        W=W, HAS_BIAS=bias is not None, BR=c.BR, BL=c.BL, NT=c.NT,
+        WP=triton.next_power_of_2(W + 1), num_warps=c.num_warps,
     )  # fmt: skip
     dx = torch.empty_like(x)
-    launcher(_conv_bwd_dx_kernel, x)[_grid(n_rows, seqlen)](
+    c = tiles("dx")
+    launcher(_conv_bwd_dx_kernel, x)[_grid(n_rows, seqlen, c)](
         g, weight, dx, n_rows, nb, seqlen, dx.stride(0), dx.stride(1),
-        W=W, BR=BR, BL=BL, num_warps=NUM_WARPS,
+        W=W, BR=c.BR, BL=c.BL, num_warps=c.num_warps,
     )  # fmt: skip
     part = part.sum((0, 2))
     return dx, part[:, :W].clone(), part[:, W].clone()  # outputs may not alias
