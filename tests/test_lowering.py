@@ -629,8 +629,8 @@ def _trace_launchers():
         (2, 1, 2600, 4, True, torch.float32),  # more step blocks than the backward's programs
         # the models' widths, on the GPU only (`pytest -m cuda` through perf/gpu_check.sh)
         *(pytest.param(*case, marks=pytest.mark.cuda) for case in [
-            (1536, 2, 2048, 4, True, torch.bfloat16),  # 130M: one pass of the backward
-            (4096, 1, 2600, 4, True, torch.bfloat16),  # 1.4B: the backward's programs loop
+            (1536, 2, 2048, 4, True, torch.bfloat16),  # 130M: 8 step blocks, 4 per g program
+            (4096, 1, 2600, 4, True, torch.bfloat16),  # 1.4B: a partial last step block
             (768, 3, 333, 4, True, torch.float16),
             (512, 2, 1000, 4, True, torch.float32),
         ]),

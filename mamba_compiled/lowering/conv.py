@@ -36,10 +36,16 @@ class ConvTiles:
     NT: int = 8
 
 
+# Twelfth session (perf/bench_conv.py, H200, GPU µs at 1536 / 4096 channels x 8 x 2048): the
+# backward (g + dx) 138 / 341 with the g kernel's 2 programs along L against 148 / 359 with 8;
+# every other tile within 2 % of 4 x 256, 4 warps (the forward 42 / 107).
+DEFAULT_TILES = {"fwd": ConvTiles(), "g": ConvTiles(NT=2), "dx": ConvTiles()}
+
+
 def tiles(kernel: str) -> ConvTiles:
     """The tiles of "fwd", "g" or "dx": common.set_override(conv={kernel: ConvTiles}) for
-    benchmarks (perf/bench_conv.py), else the default (4 x 256, 4 warps, NT 8: eleventh session)."""
-    return _override.get("conv", {}).get(kernel, ConvTiles())  # type: ignore[union-attr]
+    benchmarks (perf/bench_conv.py), else DEFAULT_TILES."""
+    return _override.get("conv", {}).get(kernel, DEFAULT_TILES[kernel])  # type: ignore[union-attr]
 
 
 @triton.jit
