@@ -85,6 +85,9 @@ def sweep_space():
         ("fwd BD32 T8 NB1 w1", dict(fwd=S(32, 8, 1, 1, **fwd))),
         ("fwd BD32 T8 NB1 w1, no segments", dict(fwd=S(32, 8, 1, 1, 1, 0, 128))),
         ("bwd no segments", dict(bwd=S(8, 8, 4, 1, 1, 0, 1024, rs=True))),
+        # twelfth session: segments chained after their full backward once a segment's
+        # programs fill the GPU (the default); this row keeps the adjoint-only pass always
+        ("bwd segments with the adjoint-only pass", dict(bwd_resident=1 << 30)),
         ("bwd segments only 3 or more", dict(bwd=S(8, 8, 4, 1, **bwd, min_split=3))),
         # twice the programs at the same 32 lanes (rows 2 and 3 and the 130M step have 2048,
         # 3072 and 1536 programs of 8 channels, against row 1's 4096)

@@ -125,6 +125,10 @@ CASES = [
     pytest.param(Case(batch=1, seqlen=38), id="segments5-tail"),
     pytest.param(Case(batch=1, seqlen=38, dtype=torch.bfloat16), id="segments5-bf16"),
     pytest.param(Case(batch=1, seqlen=38, deterministic=True, bwd_rs=False), id="segments5-sum"),
+    # 4 programs, as many as `bwd_resident` says run at once: the backward's segments chained
+    # without the adjoint-only pass (the cases above with batch 1 have 2 programs: with it)
+    pytest.param(Case(batch=2, seqlen=38, dtype=torch.bfloat16), id="segments4-chained-bf16"),
+    pytest.param(Case(batch=2, seqlen=37, deterministic=True), id="segments4-chained-tail"),
     pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
     pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
     # a checkpoint every two chunks: odd chunks start from the state after the even one

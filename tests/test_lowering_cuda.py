@@ -150,6 +150,18 @@ def test_scan_segments_long_memory(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scan_segments_chained(dtype, request):
+    """The backward's segments chained without the adjoint-only pass (what it does once a
+    segment's programs fill the GPU, e.g. the 130M training step's 8 x 1536 x 2048): forced
+    here at batch 1 by `bwd_resident=1`, so tens of segments wait for each other in turn."""
+    from mamba_compiled.lowering import common
+
+    common.set_override(bwd_resident=1)
+    request.addfinalizer(common.set_override)
+    check(make_inputs(1, 64, 20001, 16, dtype, slow=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch, L", [(2, 1000), (1, 20001)], ids=["L1000", "segments"])
 def test_scan_checkpoint_every_two_chunks(dtype, batch, L, request):
     """`set_override(ck=16)`: a checkpoint every two chunks of 8 steps, the backward recomputing

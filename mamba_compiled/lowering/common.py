@@ -16,6 +16,7 @@ thread (no shuffles), and Σ_n needs only log2(N_B) shuffle rounds for N_A·T va
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -259,8 +260,8 @@ _override: dict[str, object] = {}
 def set_override(**kw) -> None:
     """For benchmarks sweeping configurations: fwd=ScanConfig, bwd=ScanConfig, ck=int,
     bc_atomics=bool, ck_fp32=bool, decode=(BD, num_warps) of the decode step's state
-    update, conv={"fwd" | "g" | "dx": conv.ConvTiles}. Call with no arguments to clear. Not
-    for model code."""
+    update, conv={"fwd" | "g" | "dx": conv.ConvTiles}, bwd_resident=int (see
+    `bwd_resident`). Call with no arguments to clear. Not for model code."""
     _override.clear()
     _override.update({k: v for k, v in kw.items() if v is not None})
 
@@ -378,6 +379,22 @@ def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     n_b = min(n, 4)
     return ScanConfig(BD=bd, T=T, N_B=n_b, num_warps=1, target=4096, min_seg=1024,
                       rs=bd * n_b == 32)  # fmt: skip
+
+
+def bwd_resident(device: torch.device) -> int:
+    """About how many backward programs run at once: 8 per SM (one warp each, ~255 registers:
+    8 warps of a 64K-register file), 4 for CPU tensors (the interpreter, whose tests then see
+    both ways of chaining segments), or common.set_override(bwd_resident=n)."""
+    if "bwd_resident" in _override:
+        return int(_override["bwd_resident"])  # type: ignore[call-overload]
+    if interpreting() or device.type != "cuda":
+        return 4
+    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _block_d(want: int, dim: int, groups: tuple[int, ...]) -> int:

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import common
-from .conv import BL, BR, NT, NUM_WARPS, _conv_bwd_dx_kernel, _conv_bwd_g_kernel, _conv_fwd_kernel
+from .conv import DEFAULT_TILES, _conv_bwd_dx_kernel, _conv_bwd_g_kernel, _conv_fwd_kernel
 from .decode_step import _conv_step_kernel, _conv_x_proj_kernel, _state_update_kernel
 from .linear import (
     _decode_dot_kernel,
@@ -57,6 +57,7 @@ def jobs(dim: int = 4096, dstate: int = 16):
     ck = common.checkpoint_interval()
     dot = dict(HAS_BIAS=False, RESIDUAL=False, PARTIAL=False, EVEN_K=True, BM=64, BN=32, BK=64,
                PRECISION="tf32", DOT_F32=False, ROUND=True, GDC=False)  # fmt: skip
+    cf, cg, cd = (DEFAULT_TILES[k] for k in ("fwd", "g", "dx"))
     return [
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B), fwd.num_warps),
@@ -104,10 +105,11 @@ def jobs(dim: int = 4096, dstate: int = 16):
         ("decode_dot_split", _decode_dot_kernel, dict(dot, PARTIAL=True, EVEN_K=False), 4),
         ("split_epilogue_pdl", _split_epilogue_kernel,
          dict(HAS_BIAS=True, RESIDUAL=True, S=4, BN=256, ROUND=True, GDC=True), 4),
-        ("conv_fwd", _conv_fwd_kernel, dict(W=4, HAS_BIAS=True, BR=BR, BL=BL), NUM_WARPS),
+        ("conv_fwd", _conv_fwd_kernel, dict(W=4, HAS_BIAS=True, BR=cf.BR, BL=cf.BL),
+         cf.num_warps),
         ("conv_bwd_g", _conv_bwd_g_kernel,
-         dict(W=4, HAS_BIAS=True, BR=BR, BL=BL, NT=NT, WP=8), NUM_WARPS),
-        ("conv_bwd_dx", _conv_bwd_dx_kernel, dict(W=4, BR=BR, BL=BL), NUM_WARPS),
+         dict(W=4, HAS_BIAS=True, BR=cg.BR, BL=cg.BL, NT=cg.NT, WP=8), cg.num_warps),
+        ("conv_bwd_dx", _conv_bwd_dx_kernel, dict(W=4, BR=cd.BR, BL=cd.BL), cd.num_warps),
     ]  # fmt: skip
 
 

@@ -39,6 +39,7 @@ from .common import (
     LOG2E,
     bc_atomics,
     bwd_config,
+    bwd_resident,
     checkpoint_interval,
     interpreting,
     launcher,
@@ -268,7 +269,7 @@ def _scan_bwd_kernel(
     dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ck_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     sync_ptr, seg_ptr,
-    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
+    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, chained, B_per_group, C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od, s_ot,
     s_gb, s_gd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
@@ -350,11 +351,14 @@ def _scan_bwd_kernel(
     seg_state = seg_ptr + (seg * batch + pid_b) * slab + state_off3  # its carry, when published
 
     # 1.-3. the carry into the segment's last step (decoupled look-back, as in the forward but
-    # backwards: segment s waits for s + 1 and publishes the carry out of its first step)
+    # backwards: segment s waits for s + 1 and publishes the carry out of its first step, which
+    # it computes first in an adjoint-only pass). `chained` (when every segment's programs
+    # outnumber the resident ones): no such pass; s publishes after its full backward (4.),
+    # which s - 1, started only once every program of s had started, seldom waits for.
     carry = dlast
     c_loc = dlast
     dsum = tl.zeros((1, BD), dtype=tl.float32)
-    if seg > 0:
+    if (seg > 0) & (chained == 0):
         if seg < n_seg - 1:
             carry = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
         for _tail in range(0, has_tail):  # the sequence's partial last chunk
@@ -386,7 +390,7 @@ def _scan_bwd_kernel(
     if seg < n_seg - 1:
         wait_for(flag + batch * n_dblk)  # segment s + 1 of this (batch, block)
         carry = tl.load(seg_state + batch * slab, mask=smask3, other=0.0, cache_modifier=".cg")
-    if seg > 0:
+    if (seg > 0) & (chained == 0):
         if seg < n_seg - 1:
             c_loc += tl.exp2(A2_3 * dsum[:, :, None]) * carry
         tl.store(seg_state, c_loc, mask=smask3)
@@ -469,6 +473,9 @@ def _scan_bwd_kernel(
         dD_acc += dD_c
         dbias_acc += dbias_c
 
+    if (seg > 0) & (chained != 0):
+        tl.store(seg_state, carry, mask=smask3)
+        publish(flag)
     # per-(segment, batch, channel) partial sums, (n_seg + 1, batch, ...) with the extra row
     # zero (no dimension of size 1); the launcher sums over segments and batch
     _put_partials(seg * batch + pid_b, slab, dim, state_off3, smask3, d0, BD, dA_ptr, dBp_ptr,
@@ -547,6 +554,9 @@ def scan_bwd(
     # segments start on a checkpoint (a chunk's start state is its checkpoint or comes from the
     # chunk before it, in the same segment)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, dataclasses.replace(cfg, T=ck))
+    # segments chained without the adjoint-only pass once a segment's programs fill the GPU
+    # (1 or 0, from sizes alone: no guard)
+    chained = torch.sym_min(1, (batch * n_dblk) // bwd_resident(u.device))
     dev, f32 = u.device, torch.float32
     # du, ddelta, dz in u's layout (as the op's fake says), unit stride in time: a model that
     # keeps (channels, batch, L) memory gets its gradients that way, with no transposing copy
@@ -589,7 +599,7 @@ def scan_bwd(
         delta_bias if delta_bias is not None else A, checkpoints,
         du, ddelta, dz if z is not None else du, dA_part, dB_part, dC_part, dD_part, dbias_part,
         dinitial_state, sync, seg_carry,
-        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
+        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, chained, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         dout.stride(0), dout.stride(1), dout.stride(2),
         du.stride(0), du.stride(1),
