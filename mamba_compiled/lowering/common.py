@@ -294,6 +294,11 @@ def wait_for_previous_kernel(GDC: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+def override(name: str) -> object | None:
+    """What a benchmark set with `set_override(name=...)`, else None."""
+    return _override.get(name)
+
+
 def decode_config_override() -> tuple[int, int] | None:
     """(BD, num_warps) of the state-update kernel when a benchmark sets one, else None."""
     return _override.get("decode")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import _override, launcher
+from .common import launcher, override
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ DEFAULT_TILES = {"fwd": ConvTiles(), "g": ConvTiles(NT=2), "dx": ConvTiles()}
 def tiles(kernel: str) -> ConvTiles:
     """The tiles of "fwd", "g" or "dx": common.set_override(conv={kernel: ConvTiles}) for
     benchmarks (perf/bench_conv.py), else DEFAULT_TILES."""
-    return _override.get("conv", {}).get(kernel, DEFAULT_TILES[kernel])  # type: ignore[union-attr]
+    return (override("conv") or {}).get(kernel, DEFAULT_TILES[kernel])  # type: ignore[union-attr]
 
 
 @triton.jit

@@ -19,6 +19,13 @@ The start state is the chunk's checkpoint when the checkpoint interval CK is T; 
 (R = 2: half the checkpoints' memory) every other chunk starts from the state after the chunk
 before it, scanned from that chunk's checkpoint.
 
+When batch x blocks is small the sequence is cut into segments, run by separate programs
+chained by a look-back (`common.segments`): segment s needs the adjoint flowing out of segment
+s + 1. With few programs, each segment but the first first runs the adjoint alone over its
+steps, so that s - 1 can start at once; once a segment's programs outnumber those resident on
+the GPU (`common.bwd_resident`), segments instead publish after their full backward, which the
+programs of s - 1 (later tickets, hence a wave later) seldom wait for.
+
 Sums over time stay in registers; sums over batch are written per batch element and summed by
 the launcher. Sums over channels (dB, dC per step) are reduced inside each channel block, then
 either added with float atomics into one fp32 buffer (default: little memory) or, with
