@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamba_compiled.ops.cpu import acc_dtype
-from mamba_compiled.ops.registry import Opt, lowering, public_op
+from mamba_compiled.ops.registry import Opt, layout_of, lowering, public_op
 
 _KERNELS = {"on": True}
 
@@ -132,8 +132,7 @@ def conv1d_silu_bwd_op(
     dx, dw, dbias = _ConvSiLU.grads(du, x, weight, bias)
     if dbias is None:
         dbias = du.new_zeros(weight.shape[0], dtype=acc)
-    out = torch.empty_like(x)
-    return out.copy_(dx), dw.to(acc), dbias.to(acc)
+    return layout_of(dx, x), dw.to(acc), dbias.to(acc)
 
 
 def _setup_context(ctx, inputs, output):

@@ -51,3 +51,10 @@ def lowering():
 def empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """An uninitialized tensor on like's device, in like's dtype unless `dtype`."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """t (like's shape and dtype) with the strides of torch.empty_like(like), as the ops' fakes
+    promise for gradients in an input's layout; t itself when it has them."""
+    out = torch.empty_like(like)
+    return t if out.stride() == t.stride() else out.copy_(t)

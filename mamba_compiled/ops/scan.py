@@ -51,7 +51,7 @@ from mamba_compiled.ops.checks import (
     check_scan_inputs,
     check_state_update_inputs,
 )
-from mamba_compiled.ops.registry import Opt, empty, lowering, public_op
+from mamba_compiled.ops.registry import Opt, empty, layout_of, lowering, public_op
 
 # --------------------------------------------------------------------------------------------
 # CPU kernels as opaque ops, with their fakes (contiguous outputs, as the kernels return).
@@ -144,15 +144,9 @@ def selective_scan_bwd(
         dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
         delta_softplus,
     )
-    du, ddelta = _layout_of(du, u), _layout_of(ddelta, u)
-    dz = _layout_of(dz, u) if z is not None else dz
+    du, ddelta = layout_of(du, u), layout_of(ddelta, u)
+    dz = layout_of(dz, u) if z is not None else dz
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
-
-
-def _layout_of(t: Tensor, like: Tensor) -> Tensor:
-    """t (like's shape and dtype) with the strides of torch.empty_like(like)."""
-    out = torch.empty_like(like)
-    return t if out.stride() == t.stride() else out.copy_(t)
 
 
 @selective_scan_bwd.register_fake
