@@ -114,7 +114,7 @@ _TRAIN_FIELDS = (
     "expand", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps",
     "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "eval_sequences", "eval_lengths",
     "eval_token_budget", "target_accuracy", "seed", "log_every", "ckpt_every",
-    "keep_checkpoints", "device", "fsdp", "time_limit", "compile", "progress",
+    "keep_checkpoints", "device", "fsdp", "cuda_graph", "time_limit", "compile", "progress",
 )
 # fmt: on
 
@@ -195,6 +195,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="shard with FSDP2 (under torchrun) instead of DDP",
+    )
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        default=None,
+        help="replay each optimizer step as one CUDA graph (one process on CUDA): for small, "
+        "host-bound models such as the paper tasks'",
     )
     g.add_argument(
         "--no-compile",

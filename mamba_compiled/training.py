@@ -9,6 +9,9 @@ The loop, one optimizer step:
         (loss_sum * world_size / answers in the global batch).backward()
     clip the gradient norm, AdamW step, learning-rate schedule step
 
+With `cuda_graph` the micro-batches, clipping and AdamW are one captured CUDA graph, replayed on
+each batch (graphed_step.py).
+
 Scaling each process's summed loss by world_size / (answers in the global batch) makes the averaged
 gradient the gradient of the mean loss over the global batch, whatever the number of processes
 and micro-batches: one process with batch 8 and two with 4 each take the same step.
@@ -36,6 +39,7 @@ from torch import nn
 from mamba_compiled import checkpointing, distributed, metrics
 from mamba_compiled.distributed import DistEnv
 from mamba_compiled.evaluation import answer_stats, autocast, eval_batches, evaluate, length_sweep
+from mamba_compiled.graphed_step import GraphedStep
 from mamba_compiled.models import MambaConfig, MambaLMHeadModel
 from mamba_compiled.tasks import IGNORE, TASKS, ByteLM, generator
 
@@ -83,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = True
     fsdp: bool = False
+    cuda_graph: bool = False  # the step as one CUDA graph (one process on CUDA; graphed_step.py)
     time_limit: float = 0.0  # minutes; stop (with a checkpoint) once exceeded; 0: no limit
     target_accuracy: float = 0.0  # finish early once an evaluation reaches it; 0: never
     progress: bool = True
@@ -91,9 +96,9 @@ class TrainConfig:
 # Fields a resumed run may change: where and how it runs, not what it computes.
 # fmt: off
 RUN_CONTROL = frozenset({
-    "out_dir", "device", "compile", "fsdp", "time_limit", "target_accuracy", "progress",
-    "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_sequences", "eval_lengths",
-    "eval_token_budget",
+    "out_dir", "device", "compile", "fsdp", "cuda_graph", "time_limit", "target_accuracy",
+    "progress", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_sequences",
+    "eval_lengths", "eval_token_budget",
 })
 
 # Named starting points per task. "paper" is the paper's setting (Appendix E.1: 2 layers of
@@ -217,6 +222,8 @@ def validate(c: TrainConfig) -> None:
         raise ValueError("eval_lengths is for the induction-heads task")
     if c.model_size is not None:
         MambaConfig.from_name(c.model_size)  # raises on an unknown name
+    if c.cuda_graph and c.fsdp:
+        raise ValueError("cuda_graph runs one process: it does not combine with fsdp")
 
 
 def build_task(c: TrainConfig):
@@ -270,6 +277,7 @@ def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
 
 
 def build_optimizer(module: nn.Module, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `module`'s parameters in two groups (decayed or not), fused on CUDA."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():  # a tied lm_head appears once, as the embedding
         if p.requires_grad:
@@ -279,6 +287,21 @@ def build_optimizer(module: nn.Module, c: TrainConfig, device: torch.device) -> 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=device.type == "cuda")
+
+
+def set_runtime_options(optimizer: torch.optim.Optimizer, c: TrainConfig, device) -> None:
+    """How this run's AdamW executes, whatever a loaded checkpoint's groups say: fused on CUDA;
+    with `cuda_graph`, capturable and the learning rate a device tensor (the graph reads it; the
+    scheduler fills it). `initial_lr` stays a float, so the scheduler computes on the host.
+    Applied after the scheduler exists and a checkpoint is loaded (both expect float rates)."""
+    graphed = c.cuda_graph
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graphed else lr
+        group["initial_lr"] = float(group.get("initial_lr", lr))
+        group["fused"] = device.type == "cuda"
+        group["foreach"] = None
+        group["capturable"] = graphed
 
 
 def lr_factor(step: int, c: TrainConfig) -> float:
@@ -358,6 +381,11 @@ class Trainer:
         if c.progress:
             _require("tqdm", "the progress bar (or pass --no-progress)")
         self.env = env if env is not None else distributed.init(c.device)
+        if c.cuda_graph and (self.env.device.type != "cuda" or self.env.world_size > 1):
+            raise ValueError(
+                "cuda_graph needs one process on a CUDA device, got "
+                f"{self.env.world_size} x {self.env.device.type}"
+            )
         self.out = Path(c.out_dir)
         self.ckpt_root = self.out / "checkpoints"
         per_process, rem = divmod(c.batch_size, self.env.world_size)
@@ -413,6 +441,13 @@ class Trainer:
         )
         if trainer_state is not None:
             self._load_trainer_state(trainer_state)
+        set_runtime_options(self.optimizer, c, self.env.device)
+        self.graphed = None
+        if c.cuda_graph:
+            self.graphed = GraphedStep(
+                self.train_module, self.optimizer, c.grad_accum, self.micro_batch, c.seq_len,
+                c.grad_clip, self.env.device,
+            )  # fmt: skip
         self.log = metrics.MetricsLog(
             self.out / "metrics.jsonl",
             enabled=self.env.is_main,
@@ -510,6 +545,10 @@ class Trainer:
             env.rank * c.batch_size // env.world_size,
             (env.rank + 1) * c.batch_size // env.world_size,
         )
+        if self.graphed is not None:
+            outputs = self.graphed.step(share, scale)
+            self.scheduler.step()
+            return outputs
         loss_sum = torch.zeros((), device=env.device)
         stats = torch.zeros(4, dtype=torch.float64, device=env.device)
         for i in range(c.grad_accum):
@@ -665,7 +704,7 @@ class Trainer:
             "step": step,
             "loss": loss_sum_v / answers,
             "accuracy": correct / answers,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),  # a tensor with cuda_graph
             "grad_norm": float(grad_norm),
             "steps": n_steps,
             "tokens_per_s": timed_tokens / dt if timed_tokens else None,

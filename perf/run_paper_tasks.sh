@@ -26,7 +26,8 @@
 # Knobs: SEGMENT_MIN (default 8 for one piece at a time, 4 each when sharing one GPU: training
 # stops with a checkpoint after that long; start-up, compile, evaluation and saving fit in the
 # rest of a 10-minute job), SC_TARGET (default 0.99; 0 runs all 400K steps), IH_TARGET (default
-# 0: the paper's 25 x 8192 steps), PYTHON (default python3), TRAIN_ARGS (appended to the train
+# 0: the paper's 25 x 8192 steps), CUDA_GRAPH (default 1: `--cuda-graph`, each step one CUDA graph;
+# both tasks' models are small enough to be host-bound without it), PYTHON (default python3), TRAIN_ARGS (appended to the train
 # command, e.g. for a CPU smoke run: TRAIN_ARGS="--device cpu --steps 6 --seq-len 64
 # --eval-every 3 --ckpt-every 3").
 # The 2-GPU DDP throughput is perf/bench_ddp.py (gpu_check.sh's ddp section).
@@ -35,6 +36,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 SC_TARGET=${SC_TARGET:-0.99}
 IH_TARGET=${IH_TARGET:-0}
+graph=()
+[[ ${CUDA_GRAPH:-1} == 1 ]] && graph=(--cuda-graph)
 RUNS=runs
 case "${1:-}" in
     sc | ih | ih-eval | status | "") ;;
@@ -62,7 +65,7 @@ segment() {  # segment TASK NAME TARGET MINUTES: one training segment, resumed i
     fi
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
     "$PYTHON" -m mamba_compiled train --task "$task" --preset paper --out "$dir" --device cuda \
-        --time-limit "$minutes" --target-accuracy "$target" --no-progress "${resume[@]}" \
+        --time-limit "$minutes" --target-accuracy "$target" --no-progress "${resume[@]}" "${graph[@]}" \
         ${TRAIN_ARGS:-}
     pack "$name"
     if [[ -f "$dir/summary.json" ]]; then

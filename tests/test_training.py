@@ -83,6 +83,7 @@ def test_weight_decay_groups_follow_the_recipe():
         pytest.param({"model_size": "7b"}, "7b", id="size"),
         pytest.param({"eval_lengths": [64]}, "eval_lengths", id="lengths"),
         pytest.param({"colour": "red"}, "colour", id="unknown"),
+        pytest.param({"cuda_graph": True, "fsdp": True}, "cuda_graph", id="graph-fsdp"),
     ],
 )
 def test_bad_config(overrides, match):
@@ -93,6 +94,31 @@ def test_bad_config(overrides, match):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset 'huge'"):
         make_config("induction-heads", "huge")
+
+
+def test_cuda_graph_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graph needs one process on a CUDA device"):
+        train(tiny(tmp_path, device="cpu", cuda_graph=True))
+
+
+def test_optimizer_runs_this_runs_way_after_loading_a_checkpoint():
+    """A checkpoint written by a graphed CUDA run (capturable, tensor lr) loads into a CPU run
+    as a plain AdamW with a float lr, and the other way round (the groups' runtime options are
+    this run's, whatever the checkpoint says)."""
+    from mamba_compiled.training import set_runtime_options
+
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=8))
+    opt = build_optimizer(Objective(model), TrainConfig(lr=0.25), torch.device("cpu"))
+    for group in opt.param_groups:
+        group.update(lr=torch.tensor(0.125), initial_lr=torch.tensor(0.25), capturable=True)
+        group.update(fused=True)
+    set_runtime_options(opt, TrainConfig(lr=0.25), torch.device("cpu"))
+    for group in opt.param_groups:
+        assert group["lr"] == 0.125 and isinstance(group["lr"], float)
+        assert group["initial_lr"] == 0.25 and isinstance(group["initial_lr"], float)
+        assert not group["capturable"] and not group["fused"]
+    model(torch.randint(0, 8, (2, 8))).logits.sum().backward()
+    opt.step()  # a plain CPU step with these options
 
 
 def test_grad_accumulation_takes_the_same_steps(tmp_path):
