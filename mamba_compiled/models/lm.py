@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba_compiled.models import checkpoints
@@ -88,6 +89,40 @@ class Block(nn.Module):
         return x + mixer.step(h, conv_state, ssm_state, constants)
 
 
+SMALL_VOCAB = 256  # embeddings of at most this many rows take their gradient as a matmul
+
+
+class _SmallEmbedding(torch.autograd.Function):
+    """F.embedding whose weight gradient is one_hot(ids)^T @ grad, a matmul, instead of a scatter
+    of atomic adds. With few rows (the synthetic tasks' 16 tokens, bytes' 256) every row takes
+    thousands of atomic adds to the same addresses: Inductor's scatter took 1.25 ms of a 10.7 ms
+    Selective Copying step (64 x 4096 tokens, vocabulary 16) on an H200 (perf/NOTES.md)."""
+
+    @staticmethod
+    def forward(ids: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ids, weight = inputs
+        ctx.save_for_backward(ids)
+        ctx.rows = weight.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        one_hot = F.one_hot(ids.reshape(-1), ctx.rows).to(grad.dtype)  # (tokens, rows)
+        return None, one_hot.t() @ grad.reshape(-1, grad.shape[-1])
+
+
+def embed(embedding: nn.Embedding, ids: Tensor) -> Tensor:
+    """embedding(ids), with `_SmallEmbedding`'s gradient for small vocabularies when training."""
+    w = embedding.weight
+    if w.shape[0] <= SMALL_VOCAB and w.requires_grad and torch.is_grad_enabled():
+        return _SmallEmbedding.apply(ids, w)
+    return embedding(ids)
+
+
 class MixerModel(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
@@ -106,7 +141,7 @@ class MixerModel(nn.Module):
 
     def forward(self, input_ids: Tensor, states: LayerStates | None = None, mask=None) -> Tensor:
         """(b, l) token ids -> (b, l, d_model) normalized hidden states."""
-        x = self._residual(self.embedding(input_ids))  # (b, l, d_model)
+        x = self._residual(embed(self.embedding, input_ids))  # (b, l, d_model)
         for i, layer in enumerate(self.layers):
             conv_state, ssm_state = (None, None) if states is None else states[i]
             x = layer(x, conv_state, ssm_state, mask)
