@@ -59,6 +59,7 @@ class GraphedStep:
         self.targets = torch.zeros(shape, dtype=torch.long, device=device)
         self.scale = torch.zeros((), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _body(self):
         loss_sum = torch.zeros((), device=self.scale.device)

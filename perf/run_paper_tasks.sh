@@ -26,10 +26,10 @@
 # Knobs: SEGMENT_MIN (default 8 for one piece at a time, 4 each when sharing one GPU: training
 # stops with a checkpoint after that long; start-up, compile, evaluation and saving fit in the
 # rest of a 10-minute job), SC_TARGET (default 0.99; 0 runs all 400K steps), IH_TARGET (default
-# 0: the paper's 25 x 8192 steps), CUDA_GRAPH (default 1: `--cuda-graph`, each step one CUDA graph;
-# both tasks' models are small enough to be host-bound without it), PYTHON (default python3), TRAIN_ARGS (appended to the train
-# command, e.g. for a CPU smoke run: TRAIN_ARGS="--device cpu --steps 6 --seq-len 64
-# --eval-every 3 --ckpt-every 3").
+# 0: the paper's 25 x 8192 steps), CUDA_GRAPH (default 1: `--cuda-graph`, each step one CUDA
+# graph; both tasks' models are host-bound without it; 0 for a CPU run), PYTHON (default
+# python3), TRAIN_ARGS (appended to the train command, e.g. for a CPU smoke run: CUDA_GRAPH=0
+# TRAIN_ARGS="--device cpu --steps 6 --seq-len 64 --eval-every 3 --ckpt-every 3").
 # The 2-GPU DDP throughput is perf/bench_ddp.py (gpu_check.sh's ddp section).
 set -euo pipefail
 
