@@ -195,23 +195,24 @@ def test_conv_silu_backward(seqlen, width, bias):
 
 def test_small_vocabulary_embedding_gradient_equals_the_scatters():
     """Up to SMALL_VOCAB rows the embedding's weight gradient is a one-hot matmul (no atomic
-    adds); it equals nn.Embedding's. Larger vocabularies and inference keep nn.Embedding."""
-    from mamba_compiled.models.lm import SMALL_VOCAB, embed
+    adds); it equals nn.Embedding's. Larger vocabularies and inference keep nn.Embedding's."""
+    from mamba_compiled.models.lm import SMALL_VOCAB, Embedding
 
     for rows in (16, SMALL_VOCAB):
-        emb = torch.nn.Embedding(rows, 8, dtype=torch.float64)
+        emb = Embedding(rows, 8, dtype=torch.float64)
         ids = torch.randint(0, rows, (3, 50))
         grad = torch.randn(3, 50, 8, dtype=torch.float64)
-        out = embed(emb, ids)
+        out = emb(ids)
         assert "SmallEmbedding" in out.grad_fn.name()
         out.backward(grad)
         got, emb.weight.grad = emb.weight.grad, None
-        emb(ids).backward(grad)
+        F.embedding(ids, emb.weight).backward(grad)
         torch.testing.assert_close(got, emb.weight.grad, rtol=1e-12, atol=1e-12)
-    big = torch.nn.Embedding(SMALL_VOCAB + 8, 8)
-    assert embed(big, ids).grad_fn.name() == "EmbeddingBackward0"
+    assert Embedding(SMALL_VOCAB + 8, 8)(ids).grad_fn.name() == "EmbeddingBackward0"
     with torch.no_grad():
-        assert embed(emb, ids).grad_fn is None
+        assert emb(ids).grad_fn is None
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=8))
+    assert isinstance(model.backbone.embedding, Embedding)  # an nn.Embedding, same names
 
 
 def test_num_last_tokens_and_position_ids():

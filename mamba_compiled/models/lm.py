@@ -4,7 +4,7 @@ norm and a (tied) LM head. Module tree and parameter names are mamba_ssm's
 
     MambaLMHeadModel
       backbone: MixerModel
-        embedding            nn.Embedding(padded_vocab_size, d_model)
+        embedding            Embedding(padded_vocab_size, d_model): an nn.Embedding
         layers[i]: Block
           norm               RMSNorm (or LayerNorm)
           mixer: Mamba       in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj
@@ -115,19 +115,22 @@ class _SmallEmbedding(torch.autograd.Function):
         return None, one_hot.t() @ grad.reshape(-1, grad.shape[-1])
 
 
-def embed(embedding: nn.Embedding, ids: Tensor) -> Tensor:
-    """embedding(ids), with `_SmallEmbedding`'s gradient for small vocabularies when training."""
-    w = embedding.weight
-    if w.shape[0] <= SMALL_VOCAB and w.requires_grad and torch.is_grad_enabled():
-        return _SmallEmbedding.apply(ids, w)
-    return embedding(ids)
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameters and state dict) whose weight gradient, for vocabularies of
+    at most SMALL_VOCAB rows, is `_SmallEmbedding`'s matmul when training."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = self.weight
+        if w.shape[0] <= SMALL_VOCAB and w.requires_grad and torch.is_grad_enabled():
+            return _SmallEmbedding.apply(ids, w)
+        return super().forward(ids)
 
 
 class MixerModel(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.embedding = nn.Embedding(
+        self.embedding = Embedding(
             config.padded_vocab_size, config.d_model, device=device, dtype=dtype
         )
         self.layers = nn.ModuleList(
@@ -141,7 +144,7 @@ class MixerModel(nn.Module):
 
     def forward(self, input_ids: Tensor, states: LayerStates | None = None, mask=None) -> Tensor:
         """(b, l) token ids -> (b, l, d_model) normalized hidden states."""
-        x = self._residual(embed(self.embedding, input_ids))  # (b, l, d_model)
+        x = self._residual(self.embedding(input_ids))  # (b, l, d_model)
         for i, layer in enumerate(self.layers):
             conv_state, ssm_state = (None, None) if states is None else states[i]
             x = layer(x, conv_state, ssm_state, mask)
