@@ -193,6 +193,21 @@ def _rs_stage(x, d, t_off, na_off, M: tl.constexpr, FAST: tl.constexpr):
     return x, t_off, na_off
 
 
+def cdiv(a, b):
+    """ceil(a / b) of host sizes (ints or SymInts). Launchers use this and `next_power_of_2`
+    rather than triton's: those are constexpr functions, whose wrapper costs microseconds per
+    call from host code (a third of scan_fwd's Python time went to nine such calls)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n, for host sizes (triton.next_power_of_2's arithmetic)."""
+    n -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -240,11 +255,11 @@ def segments(programs, seqlen, cfg: ScanConfig):
     """(n_seg, seg_len): the number of segments and their length in steps (a multiple of cfg.T),
     for `programs` = batch · channel blocks. Integer arithmetic on sizes only (torch.sym_min /
     sym_max add no guards): batch and seqlen may be symbolic under torch.compile and export."""
-    want = triton.cdiv(cfg.target, programs)
+    want = cdiv(cfg.target, programs)
     want = want * torch.sym_min(1, want // cfg.min_split)  # 0 (one segment) under min_split
-    n_seg = torch.sym_max(1, torch.sym_min(want, triton.cdiv(seqlen, cfg.min_seg)))
-    seg_len = torch.sym_max(triton.cdiv(triton.cdiv(seqlen, n_seg), cfg.T) * cfg.T, cfg.T)
-    return torch.sym_max(1, triton.cdiv(seqlen, seg_len)), seg_len
+    n_seg = torch.sym_max(1, torch.sym_min(want, cdiv(seqlen, cfg.min_seg)))
+    seg_len = torch.sym_max(cdiv(cdiv(seqlen, n_seg), cfg.T) * cfg.T, cfg.T)
+    return torch.sym_max(1, cdiv(seqlen, seg_len)), seg_len
 
 
 # The checkpoint interval: the forward writes the state at the start of every CK steps, the
@@ -339,7 +354,7 @@ def stage_bc(M, cfg: ScanConfig):
 
 def state_pad(dstate: int) -> int:
     """dstate padded to a power of two (dstate is a model constant; this does not touch L)."""
-    return triton.next_power_of_2(dstate)
+    return next_power_of_2(dstate)
 
 
 def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:

@@ -51,7 +51,7 @@ def jobs(dim: int = 4096, dstate: int = 16):
     """(name, kernel, constexprs, num_warps) for the default configurations, every option on."""
     fwd = common.fwd_config(dim, dstate, (1, 1))
     bwd = common.bwd_config(dim, dstate, (1, 1))
-    n = triton.next_power_of_2(dstate)
+    n = common.next_power_of_2(dstate)
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST_MATH=True, N=n)
     scan = dict(flags, B_SHARED=False, C_SHARED=False, EVEN_D=dim % 16 == 0, EVEN_N=n == dstate)
     ck = common.checkpoint_interval()

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import launcher, override
+from .common import cdiv, launcher, next_power_of_2, override
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _unit_time(t: Tensor) -> Tensor:
 
 
 def _grid(n_rows, seqlen, c: ConvTiles):
-    return (triton.cdiv(n_rows, c.BR), triton.cdiv(seqlen, c.BL))
+    return (cdiv(n_rows, c.BR), cdiv(seqlen, c.BL))
 
 
 def conv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -183,11 +183,11 @@ def conv_silu_bwd(
     g = torch.empty((n_rows, seqlen), dtype=x.dtype, device=x.device)
     c = tiles("g")
     part = torch.empty((c.NT, E, nb, W + 1), dtype=torch.float32, device=x.device)
-    launcher(_conv_bwd_g_kernel, x)[(triton.cdiv(n_rows, c.BR), c.NT)](
+    launcher(_conv_bwd_g_kernel, x)[(cdiv(n_rows, c.BR), c.NT)](
         du, x, weight, bias if bias is not None else weight, g, part, n_rows, nb, seqlen,
         du.stride(0), du.stride(1), x.stride(0), x.stride(1),
         W=W, HAS_BIAS=bias is not None, BR=c.BR, BL=c.BL, NT=c.NT,
-        WP=triton.next_power_of_2(W + 1), num_warps=c.num_warps,
+        WP=next_power_of_2(W + 1), num_warps=c.num_warps,
     )  # fmt: skip
     dx = torch.empty_like(x)
     c = tiles("dx")

@@ -31,9 +31,11 @@ from torch import Tensor
 
 from .common import (
     LOG2E,
+    cdiv,
     decode_config_override,
     interpreting,
     launcher,
+    next_power_of_2,
     pdl,
     sigmoid,
     softplus,
@@ -232,7 +234,7 @@ def state_update(
             xd[:, :rank], dt_weight, None, None, 0.0, None, pdl_launch=pdl_launch, out_fp32=True
         )
         x_dbl, dt_weight = xd[None], None
-    N = triton.next_power_of_2(dstate)
+    N = next_power_of_2(dstate)
     # fixed config (never autotuned, see above; a benchmark may set
     # common.set_override(decode=(BD, num_warps))): about 512 state elements per program and 4
     # warps; above batch 8, 1024 and 2 warps (H200, batch 64, dim 1536 and 4096: 1024 rather
@@ -240,7 +242,7 @@ def state_update(
     # perf/RESULTS.md seventh session; 2 warps rather than 4 took dt_proj's product and this
     # kernel 6.66 -> 6.25 and 11.82 -> 11.34 us, eighth session)
     per_program = 1024 if batch > 8 else 512
-    BD = max(1, min(triton.next_power_of_2(dim), per_program // N))
+    BD = max(1, min(next_power_of_2(dim), per_program // N))
     num_warps = (2 if batch > 8 else 4) if BD * N >= 512 else 1
     BD, num_warps = decode_config_override() or (BD, num_warps)
     out = torch.empty((batch, dim), dtype=like.dtype, device=like.device)
@@ -266,7 +268,7 @@ def state_update(
     cw = conv_weight if conv_weight is not None else A
     cw_strides = conv_weight.stride() if conv_weight is not None else (0, 0)
     cb = conv_bias if conv_bias is not None else A
-    grid = (triton.cdiv(dim, BD), batch)
+    grid = (cdiv(dim, BD), batch)
     launcher(_state_update_kernel, like)[grid](
         state, x_, dt, A, B, C, D if D is not None else A, z_,
         dt_bias if dt_bias is not None else A, out, dtw, conv, cx, cw, cb, xdbl,
@@ -277,10 +279,10 @@ def state_update(
         dtw.stride(0), *conv_strides, cx.stride(0), cx.stride(1), *cw_strides, *xdbl_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), DT_PROJ=dt_weight is not None,
-        R=triton.next_power_of_2(rank), CONV=conv_state is not None,
-        W=triton.next_power_of_2(width), CONV_U=conv_weight is not None,
+        R=next_power_of_2(rank), CONV=conv_state is not None,
+        W=next_power_of_2(width), CONV_U=conv_weight is not None,
         HAS_CB=conv_bias is not None, XDBL=x_dbl is not None,
-        P=triton.next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
+        P=next_power_of_2(n_part), BD=BD, N=N, FAST_MATH=not interpreting(),
         num_warps=num_warps, **pdl(like, pdl_launch),
     )  # fmt: skip
     return out
@@ -354,8 +356,8 @@ def _conv_x_proj_kernel(
 def conv_x_proj_slices(dim: int) -> tuple[int, int]:
     """(channels per slice, slices) of `conv_x_proj`'s one-kernel form for `dim` channels: at
     most 64 slices (the decode kernel sums them per program), at least 32 channels each."""
-    per = max(32, triton.next_power_of_2(triton.cdiv(dim, 64)))
-    return per, triton.cdiv(dim, per)
+    per = max(32, next_power_of_2(cdiv(dim, 64)))
+    return per, cdiv(dim, per)
 
 
 def conv_x_proj_parts(batch: int, dim: int, dtype: torch.dtype) -> int:
@@ -408,11 +410,11 @@ def conv_x_proj(
     rows, width = x_proj_weight.shape[0], conv_state.shape[2]
     if dot_rows(batch, conv_x.dtype):
         u = torch.empty_like(conv_x, memory_format=torch.contiguous_format)
-        BE = min(256, triton.next_power_of_2(dim))
-        launcher(_conv_step_kernel, conv_x)[(triton.cdiv(dim, BE), batch)](
+        BE = min(256, next_power_of_2(dim))
+        launcher(_conv_step_kernel, conv_x)[(cdiv(dim, BE), batch)](
             conv_state, conv_x, conv_weight, conv_bias if conv_bias is not None else conv_weight,
             u, dim, width, *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(),
-            HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, num_warps=4,
+            HAS_CB=conv_bias is not None, W=next_power_of_2(width), BE=BE, num_warps=4,
             **pdl(conv_x, pdl_launch),
         )  # fmt: skip
         out = decode_linear(
@@ -420,7 +422,7 @@ def conv_x_proj(
         )
         return out[None]
     BE, n_part = conv_x_proj_slices(dim)
-    ROWS = triton.next_power_of_2(rows)
+    ROWS = next_power_of_2(rows)
     out = torch.empty((n_part, batch, rows), dtype=torch.float32, device=conv_x.device)
     cb = conv_bias if conv_bias is not None else conv_weight
     grid = (n_part, batch)
@@ -429,7 +431,7 @@ def conv_x_proj(
         dim, rows, width,
         *conv_state.stride(), *conv_x.stride(), *conv_weight.stride(), x_proj_weight.stride(0),
         out.stride(0), out.stride(1),
-        HAS_CB=conv_bias is not None, W=triton.next_power_of_2(width), BE=BE, ROWS=ROWS,
+        HAS_CB=conv_bias is not None, W=next_power_of_2(width), BE=BE, ROWS=ROWS,
         num_warps=max(1, min(8, ROWS * BE // 2048)), **pdl(conv_x, pdl_launch),
     )  # fmt: skip
     return out

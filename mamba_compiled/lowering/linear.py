@@ -40,7 +40,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import interpreting, launcher, pdl, wait_for_previous_kernel
+from .common import (
+    cdiv,
+    interpreting,
+    launcher,
+    next_power_of_2,
+    pdl,
+    wait_for_previous_kernel,
+)
 
 # weight elements per program, the fewest programs (two per SM of an H200), and the most programs
 # that take 8 warps (more take 4): the best of perf/bench_scan.py's sweep on the H200 at the
@@ -102,12 +109,12 @@ def decode_linear_config(
 ) -> tuple[int, int, int]:
     """(BN, KP, num_warps) for x (batch, K) and a (N, K) weight; `tile` weight elements per
     program at most (perf/bench_scan.py sweeps it and num_warps)."""
-    KP = triton.next_power_of_2(K)
+    KP = next_power_of_2(K)
     BN = max(1, min(64, tile // KP))
-    while BN > 1 and triton.cdiv(N, BN) * batch < MIN_PROGRAMS:
+    while BN > 1 and cdiv(N, BN) * batch < MIN_PROGRAMS:
         BN //= 2
     if num_warps is None:
-        num_warps = 8 if triton.cdiv(N, BN) * batch <= MAX_PROGRAMS_8_WARPS else 4
+        num_warps = 8 if cdiv(N, BN) * batch <= MAX_PROGRAMS_8_WARPS else 4
     return BN, KP, num_warps
 
 
@@ -144,7 +151,7 @@ def decode_linear(
         return decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_launch)
     BN, KP, num_warps = config or decode_linear_config(batch, N, K)
     res = residual if residual is not None else out  # placeholders are never read
-    grid = (triton.cdiv(N, BN), batch)
+    grid = (cdiv(N, BN), batch)
     launcher(_decode_linear_kernel, x)[grid](
         x, weight, bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight, res, out,
@@ -179,9 +186,9 @@ def decode_dot_config(batch: int, N: int, K: int, x_bytes: int = 2, w_bytes: int
     of perf/bench_scan.py's sweep at batch 64 on the H200 for the 130M and 1.4B models'
     in_proj, out_proj, x_proj and dt_proj. Stages (then BK) shrink to keep the pipeline's
     tiles within 160 KB of shared memory."""
-    BM = min(64, max(16, triton.next_power_of_2(batch)))
+    BM = min(64, max(16, next_power_of_2(batch)))
     BN = min(64, max(16, _pow2_floor(N // 96)))
-    tiles = triton.cdiv(N, BN) * triton.cdiv(batch, BM)
+    tiles = cdiv(N, BN) * cdiv(batch, BM)
     BK, SPLIT = (128, 1) if tiles >= 48 or K < 512 else (64, 8)
     if SPLIT == 1 and K >= 4096:  # a long serial chain along K: 64-wide tiles, K in 8 pieces
         BN, BK, SPLIT = 64, 64, 8
@@ -193,7 +200,7 @@ def decode_dot_config(batch: int, N: int, K: int, x_bytes: int = 2, w_bytes: int
             stages -= 1
         else:
             BK //= 2
-    return DotConfig(BM, BN, min(BK, max(16, triton.next_power_of_2(K))), SPLIT, 4, stages)
+    return DotConfig(BM, BN, min(BK, max(16, next_power_of_2(K))), SPLIT, 4, stages)
 
 
 def _pow2_floor(n: int) -> int:
@@ -312,14 +319,14 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
     M, K = x.shape
     N = weight.shape[0]
     c = config
-    steps = triton.cdiv(K, c.BK)
-    k_per_split = triton.cdiv(steps, c.SPLIT) * c.BK
-    split = triton.cdiv(K, k_per_split)
+    steps = cdiv(K, c.BK)
+    k_per_split = cdiv(steps, c.SPLIT) * c.BK
+    split = cdiv(K, k_per_split)
     if norm_weight is not None:  # h = the norm of x, (M, K) contiguous in the norm's dtype
         h = torch.empty((M, K), dtype=norm_weight.dtype, device=x.device)
         launcher(_rms_norm_rows_kernel, x)[(M,)](
             x, norm_weight, h, K, float(eps), x.stride(0),
-            KP=triton.next_power_of_2(K), num_warps=4, **pdl(x, pdl_launch),
+            KP=next_power_of_2(K), num_warps=4, **pdl(x, pdl_launch),
         )  # fmt: skip
         x = h
     res = residual if residual is not None else out  # placeholders are never read
@@ -329,7 +336,7 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
     part = out
     if split > 1:
         part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, c.BN), triton.cdiv(M, c.BM), split)
+    grid = (cdiv(N, c.BN), cdiv(M, c.BM), split)
     launcher(_decode_dot_kernel, x)[grid](
         x, weight, bias if bias is not None else weight, res, part,
         M, N, K, k_per_split,
@@ -340,12 +347,12 @@ def decode_dot(x, weight, bias, norm_weight, eps, residual, out, config, pdl_lau
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl(x, pdl_launch),
     )  # fmt: skip
     if split > 1:
-        BN = min(256, triton.next_power_of_2(N))
-        launcher(_split_epilogue_kernel, x)[(triton.cdiv(N, BN), M)](
+        BN = min(256, next_power_of_2(N))
+        launcher(_split_epilogue_kernel, x)[(cdiv(N, BN), M)](
             part, bias if bias is not None else weight, res, out, weight,
             N, split, part.stride(0), part.stride(1), res.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-            S=triton.next_power_of_2(split), BN=BN, ROUND=round_out, num_warps=4,
+            S=next_power_of_2(split), BN=BN, ROUND=round_out, num_warps=4,
             **pdl(x, pdl_launch),
         )  # fmt: skip
     return out

@@ -47,10 +47,12 @@ from .common import (
     bc_atomics,
     bwd_config,
     bwd_resident,
+    cdiv,
     checkpoint_interval,
     interpreting,
     launcher,
     linear_combine,
+    next_power_of_2,
     publish,
     segments,
     shifted_combine,
@@ -550,14 +552,14 @@ def scan_bwd(
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     ck = checkpoint_interval()
-    n_ck = triton.cdiv(seqlen, ck)
+    n_ck = cdiv(seqlen, ck)
     cfg = bwd_config(dim, dstate, groups_of(B, C))
     if ck not in (cfg.T, 2 * cfg.T):
         raise ValueError(f"checkpoint interval {ck} must be the chunk {cfg.T} or twice it")
     assert not cfg.rs or interpreting() or (cfg.num_warps == 1 and cfg.BD * cfg.N_B == 32), (
         "the reduce-scatter of dB/dC works across the lanes of one warp: BD * N_B == 32"
     )
-    n_dblk = triton.cdiv(dim, cfg.BD)
+    n_dblk = cdiv(dim, cfg.BD)
     # segments start on a checkpoint (a chunk's start state is its checkpoint or comes from the
     # chunk before it, in the same segment)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, dataclasses.replace(cfg, T=ck))
@@ -598,7 +600,7 @@ def scan_bwd(
     B_shared, B_per_group, s_Bb, s_Bg, s_Bn = bc_args(B, dim)
     C_shared, C_per_group, s_Cb, s_Cg, s_Cn = bc_args(C, dim)
     z_ = z if z is not None else u
-    N = triton.next_power_of_2(dstate)
+    N = next_power_of_2(dstate)
     grid = (n_seg * batch * n_dblk,)
     launcher(_scan_bwd_kernel, u)[grid](
         dout, dlast_state if dlast_state is not None else A,

@@ -33,12 +33,14 @@ from torch import Tensor
 
 from .common import (
     LOG2E,
+    cdiv,
     checkpoint_dtype,
     checkpoint_interval,
     fwd_config,
     interpreting,
     launcher,
     linear_combine,
+    next_power_of_2,
     publish,
     segments,
     sigmoid,
@@ -361,10 +363,10 @@ def scan_fwd(
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     ck = checkpoint_interval()
-    n_ck = triton.cdiv(seqlen, ck)
+    n_ck = cdiv(seqlen, ck)
     cfg = fwd_config(dim, dstate, groups_of(B, C))
     assert cfg.T % ck == 0 or ck % cfg.T == 0, "chunks and checkpoint intervals must nest"
-    n_dblk = triton.cdiv(dim, cfg.BD)
+    n_dblk = cdiv(dim, cfg.BD)
     n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
     B, C = stage_bc(B, cfg), stage_bc(C, cfg)
     # out in u's layout when u is dense (a model that keeps (channels, batch, L) in memory gets
@@ -386,7 +388,7 @@ def scan_fwd(
     B_shared, B_per_group, s_Bb, s_Bg, s_Bn = bc_args(B, dim)
     C_shared, C_per_group, s_Cb, s_Cg, s_Cn = bc_args(C, dim)
     z_ = z if z is not None else u
-    N = triton.next_power_of_2(dstate)
+    N = next_power_of_2(dstate)
     grid = (n_seg * batch * n_dblk,)
     launcher(_scan_fwd_kernel, u)[grid](
         u, delta, A, B, C,
