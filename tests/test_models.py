@@ -209,6 +209,7 @@ def test_small_vocabulary_embedding_gradient_equals_the_scatters():
         F.embedding(ids, emb.weight).backward(grad)
         torch.testing.assert_close(got, emb.weight.grad, rtol=1e-12, atol=1e-12)
     assert Embedding(SMALL_VOCAB + 8, 8)(ids).grad_fn.name() == "EmbeddingBackward0"
+    assert Embedding(16, 8, padding_idx=0)(ids % 16).grad_fn.name() == "EmbeddingBackward0"
     with torch.no_grad():
         assert emb(ids).grad_fn is None
     model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=8))

@@ -117,11 +117,14 @@ class _SmallEmbedding(torch.autograd.Function):
 
 class Embedding(nn.Embedding):
     """nn.Embedding (same parameters and state dict) whose weight gradient, for vocabularies of
-    at most SMALL_VOCAB rows, is `_SmallEmbedding`'s matmul when training."""
+    at most SMALL_VOCAB rows, is `_SmallEmbedding`'s matmul when training (the plain lookup
+    only: with padding_idx, max_norm, scale_grad_by_freq or sparse, nn.Embedding's own)."""
 
     def forward(self, ids: Tensor) -> Tensor:
         w = self.weight
-        if w.shape[0] <= SMALL_VOCAB and w.requires_grad and torch.is_grad_enabled():
+        plain = self.padding_idx is None and self.max_norm is None
+        plain = plain and not (self.scale_grad_by_freq or self.sparse)
+        if plain and w.shape[0] <= SMALL_VOCAB and w.requires_grad and torch.is_grad_enabled():
             return _SmallEmbedding.apply(ids, w)
         return super().forward(ids)
 
