@@ -80,6 +80,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _lengths(text: str) -> list[int]:
     """'64,128,1024', '2^6..2^20' (every power of two in between) or a mix, comma-separated."""
     out: list[int] = []
@@ -110,11 +117,12 @@ def _lengths(text: str) -> list[int]:
 # Options spelled as TrainConfig fields (--seq-len -> seq_len); --out is out_dir.
 # fmt: off
 _TRAIN_FIELDS = (
-    "seq_len", "vocab_size", "num_tokens", "data", "model_size", "d_model", "n_layer", "d_state",
-    "expand", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps",
-    "min_lr_ratio", "weight_decay", "grad_clip", "eval_every", "eval_sequences", "eval_lengths",
-    "eval_token_budget", "target_accuracy", "seed", "log_every", "ckpt_every",
-    "keep_checkpoints", "device", "fsdp", "cuda_graph", "time_limit", "compile", "progress",
+    "seq_len", "vocab_size", "num_tokens", "answer_format", "data", "model_size", "d_model",
+    "n_layer", "d_state", "expand", "steps", "batch_size", "grad_accum", "lr", "schedule",
+    "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "eval_every",
+    "eval_sequences", "eval_lengths", "eval_token_budget", "target_accuracy", "seed", "log_every",
+    "ckpt_every", "keep_checkpoints", "device", "fsdp", "cuda_graph", "time_limit", "compile",
+    "progress",
 )
 # fmt: on
 
@@ -134,6 +142,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=_positive_int, help="training sequence length")
     g.add_argument("--vocab-size", type=_positive_int, help="synthetic tasks' vocabulary")
     g.add_argument("--num-tokens", type=_positive_int, help="selective copying: tokens to memorize")
+    g.add_argument(
+        "--answer-format",
+        choices=["copy", "markers"],
+        help="selective copying: answers after a separator, teacher-forced (copy; can be "
+        "sampled with generate), or read at M marker tokens (markers: the paper's data)",
+    )
     g.add_argument("--data", help="bytes: a text file or folder (default: Python's stdlib)")
     g = p.add_argument_group("model")
     g.add_argument(
@@ -158,6 +172,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=_count)
     g.add_argument("--min-lr-ratio", type=_non_negative_float, help="cosine floor, x peak lr")
     g.add_argument("--weight-decay", type=_non_negative_float)
+    g.add_argument("--beta1", type=_unit_interval, help="AdamW's beta1, in [0, 1)")
+    g.add_argument("--beta2", type=_unit_interval, help="AdamW's beta2, in [0, 1)")
     g.add_argument("--grad-clip", type=_non_negative_float, help="max gradient norm; 0: off")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=_count, help="steps between evaluations; 0: at the end")

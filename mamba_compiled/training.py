@@ -42,6 +42,7 @@ from mamba_compiled.evaluation import answer_stats, autocast, eval_batches, eval
 from mamba_compiled.graphed_step import GraphedStep
 from mamba_compiled.models import MambaConfig, MambaLMHeadModel
 from mamba_compiled.tasks import IGNORE, TASKS, ByteLM, generator
+from mamba_compiled.tasks.selective_copying import ANSWER_FORMATS
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainConfig:
     seq_len: int = 256
     vocab_size: int = 16  # synthetic tasks (byte-level LM: always 256)
     num_tokens: int = 16  # selective copying: data tokens to memorize
+    answer_format: str = "copy"  # selective copying: "copy" or "markers" (tasks/selective_copying)
     data: str | None = None  # byte-level LM: a text file or folder (default: Python's stdlib)
     # the model
     model_size: str | None = None  # a named size ("130m", ...) instead of d_model / n_layer
@@ -106,10 +108,10 @@ RUN_CONTROL = frozenset({
 # selective copying being the main job's; "tiny" is for tests.
 PRESETS: dict[str, dict[str, dict]] = {
     "selective-copying": {
-        "paper": dict(seq_len=4096, vocab_size=16, num_tokens=16, d_model=64, n_layer=2,
-                      batch_size=64, lr=1e-4, schedule="constant", warmup_steps=0,
-                      steps=400_000, eval_every=2000, ckpt_every=2000, log_every=100,
-                      eval_sequences=1024),
+        "paper": dict(seq_len=4096, vocab_size=16, num_tokens=16, answer_format="markers",
+                      d_model=64, n_layer=2, batch_size=64, lr=1e-4, schedule="constant",
+                      warmup_steps=0, steps=400_000, eval_every=2000, ckpt_every=2000,
+                      log_every=100, eval_sequences=1024),
         "cpu": dict(seq_len=32, vocab_size=16, num_tokens=4, d_model=64, n_layer=2,
                     batch_size=128, lr=1e-2, schedule="cosine", warmup_steps=20, steps=1000,
                     eval_every=50, ckpt_every=200, log_every=10, eval_sequences=512,
@@ -208,6 +210,8 @@ def validate(c: TrainConfig) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(c, name)!r}")
     if c.task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {c.task!r}")
+    if c.answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {c.answer_format!r}")
     if c.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {c.schedule!r}")
     if c.warmup_steps > c.steps:
@@ -228,7 +232,12 @@ def validate(c: TrainConfig) -> None:
 
 def build_task(c: TrainConfig):
     if c.task == "selective-copying":
-        return TASKS[c.task](seq_len=c.seq_len, vocab_size=c.vocab_size, num_tokens=c.num_tokens)
+        return TASKS[c.task](
+            seq_len=c.seq_len,
+            vocab_size=c.vocab_size,
+            num_tokens=c.num_tokens,
+            answer_format=c.answer_format,
+        )
     if c.task == "induction-heads":
         return TASKS[c.task](seq_len=c.seq_len, vocab_size=c.vocab_size)
     return TASKS[c.task](seq_len=c.seq_len, data=c.data)

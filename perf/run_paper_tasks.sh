@@ -5,8 +5,8 @@
 #
 # RUNS (default: runs) holds the run directories sc-paper/ and ih-paper/. Pieces:
 #
-#   sc       Selective Copying, `paper` preset (length 4096, 16 tokens, 2 x 64, batch 64, lr 1e-4
-#            constant): one training segment of at most SEGMENT_MIN minutes, resumed from the
+#   sc       Selective Copying, `paper` preset (length 4096, 16 tokens read at 16 markers as in the
+#            paper's data, 2 x 64, batch 64, lr 1e-4 constant): one training segment of at most SEGMENT_MIN minutes, resumed from the
 #            newest checkpoint when there is one; finishes when an evaluation (1024 sequences)
 #            reaches SC_TARGET, or after the paper's 400K steps
 #   ih       Induction Heads, `paper` preset (length 256, 2 x 64, batch 8, Adam lr 1e-3 constant,

@@ -47,6 +47,8 @@ def test_every_listed_command_exists(capsys):
         pytest.param(["train", "--eval-lengths", "2^9..2^3"], "--eval-lengths", id="lengths"),
         pytest.param(["train", "--resume", "--overwrite"], "contradict", id="resume-overwrite"),
         pytest.param(["train", "--bogus"], "--bogus", id="unknown-option"),
+        pytest.param(["train", "--beta2", "1"], "--beta2", id="beta2"),
+        pytest.param(["train", "--answer-format", "echo"], "--answer-format", id="answer-format"),
         pytest.param(["eval"], "checkpoint", id="eval-no-checkpoint"),
         pytest.param(["bench", "nope"], "nope", id="bench-unknown"),
     ],

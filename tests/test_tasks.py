@@ -43,6 +43,29 @@ def test_selective_copying_layout(seq_len, vocab, M):
     assert prompt.shape == (6, P + 1) and torch.equal(answer, data)
 
 
+@pytest.mark.parametrize("seq_len, vocab, M", [(4096, 16, 16), (37, 5, 3), (8, 3, 4)])
+def test_selective_copying_markers_layout(seq_len, vocab, M):
+    """The paper's data (S4's generator): M markers at the end, the k-th answer at the k-th."""
+    task = SelectiveCopying(seq_len, vocab, M, answer_format="markers")
+    b = task.sample(6, generator(0, "train", 0))
+    P = seq_len - M
+    assert b.inputs.shape == b.targets.shape == (6, seq_len)
+    data = b.targets[:, P:]
+    assert ((data >= 1) & (data <= vocab - 2)).all()
+    assert (b.targets[:, :P] == IGNORE).all()
+    assert (b.inputs[:, P:] == vocab - 1).all()  # nothing but markers after the data
+    for row in range(6):
+        region = b.inputs[row, :P]
+        assert torch.equal(region[region != 0], data[row])
+    assert b.num_targets == 6 * M
+    # The same draw as the copy format: only the tail differs.
+    copy = SelectiveCopying(seq_len=seq_len, vocab_size=vocab, num_tokens=M)
+    c = copy.sample(6, generator(0, "train", 0))
+    assert torch.equal(c.inputs[:, :P], b.inputs[:, :P]) and torch.equal(c.targets, b.targets)
+    with pytest.raises(ValueError, match="answer_format 'copy'"):
+        task.split_for_generation(b)
+
+
 def test_selective_copying_positions_vary_and_are_seeded():
     task = SelectiveCopying(seq_len=64, vocab_size=16, num_tokens=8)
     a = task.sample(16, generator(3, "train", 0))
@@ -75,6 +98,9 @@ def test_induction_heads_layout(seq_len):
         pytest.param(lambda: SelectiveCopying(vocab_size=2), "vocab_size", id="sc-vocab"),
         pytest.param(lambda: SelectiveCopying(num_tokens=0), "num_tokens", id="sc-tokens"),
         pytest.param(lambda: SelectiveCopying(seq_len=20, num_tokens=11), "seq_len", id="sc-len"),
+        pytest.param(
+            lambda: SelectiveCopying(answer_format="echo"), "answer_format", id="sc-format"
+        ),
         pytest.param(lambda: InductionHeads(seq_len=2), "seq_len", id="ih-len"),
         pytest.param(lambda: InductionHeads(vocab_size=2), "vocab_size", id="ih-vocab"),
         pytest.param(lambda: ByteLM(seq_len=0), "seq_len", id="bytes-len"),

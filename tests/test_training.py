@@ -80,6 +80,7 @@ def test_weight_decay_groups_follow_the_recipe():
         pytest.param({"schedule": "linear"}, "schedule", id="schedule"),
         pytest.param({"warmup_steps": 50, "steps": 10}, "warmup_steps", id="warmup"),
         pytest.param({"beta2": 1.0}, "beta2", id="beta2"),
+        pytest.param({"answer_format": "echo"}, "answer_format", id="answer-format"),
         pytest.param({"model_size": "7b"}, "7b", id="size"),
         pytest.param({"eval_lengths": [64]}, "eval_lengths", id="lengths"),
         pytest.param({"colour": "red"}, "colour", id="unknown"),
@@ -89,6 +90,14 @@ def test_weight_decay_groups_follow_the_recipe():
 def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):
         make_config("selective-copying", "tiny", **overrides)
+
+
+def test_paper_preset_reads_answers_at_markers():
+    """The paper's Selective Copying data ends with markers; the small presets keep `copy`, which
+    the main job samples with generate. A config saved before the option existed loads as copy."""
+    assert make_config("selective-copying", "paper").answer_format == "markers"
+    assert make_config("selective-copying", "cpu").answer_format == "copy"
+    assert TrainConfig().answer_format == "copy"
 
 
 def test_unknown_preset():
