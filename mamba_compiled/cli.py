@@ -129,6 +129,7 @@ _TRAIN_FIELDS = (
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from mamba_compiled.tasks import TASKS
+    from mamba_compiled.tasks.selective_copying import ANSWER_FORMATS
     from mamba_compiled.training import DEFAULT_PRESET, PRESETS
 
     presets = "; ".join(
@@ -144,7 +145,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-tokens", type=_positive_int, help="selective copying: tokens to memorize")
     g.add_argument(
         "--answer-format",
-        choices=["copy", "markers"],
+        choices=ANSWER_FORMATS,
         help="selective copying: answers after a separator, teacher-forced (copy; can be "
         "sampled with generate), or read at M marker tokens (markers: the paper's data)",
     )
