@@ -91,11 +91,9 @@ class SelectiveCopying:
         positions = positions.sort(dim=1).values  # (batch, M)
         region = torch.full((batch_size, P), self.noise_token, dtype=torch.long)
         region.scatter_(1, positions, data)
-        if self.answer_format == "markers":
-            tail = torch.full((batch_size, M), self.separator, dtype=torch.long)
-        else:
-            separator = torch.full((batch_size, 1), self.separator, dtype=torch.long)
-            tail = torch.cat([separator, data[:, :-1]], dim=1)
+        tail = torch.full((batch_size, M), self.separator, dtype=torch.long)  # M markers
+        if self.answer_format == "copy":  # one separator, then the answers teacher-forced
+            tail[:, 1:] = data[:, :-1]
         inputs = torch.cat([region, tail], dim=1)  # (batch, L)
         targets = torch.full((batch_size, L), IGNORE, dtype=torch.long)
         targets[:, P:] = data
