@@ -18,7 +18,7 @@
 # GENERATE_ARGS, e.g. --no-pdl or "--decode-mode max-autotune", go to generate-<model>@<batch>),
 # profile-decode-eager, ncu
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
-# (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval (one of its pieces),
+# (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval, ih-seeds (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile), pdl-check
 # (perf/pdl_check.py).
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
@@ -140,6 +140,9 @@ run_lane() {  # run_lane LANE SECTION...
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ${DDP_BUCKETS:+--bucket-mb $DDP_BUCKETS} ;;
             tasks)  # one resumable segment of each paper task; runs/ travels back as tarballs
                 section "$lane" tasks env OUT="$OUT" bash perf/run_paper_tasks.sh runs ;;
+            ih-seeds)  # several runs: each run directory comes back as $OUT/runs-<name>.tar.gz
+                # as soon as it is done, so a call cut short keeps the seeds it finished
+                section "$lane" "$s" env OUT="$OUT" bash perf/run_paper_tasks.sh runs "$s" ;;
             sc | ih | ih-eval)  # one piece of the paper tasks on this lane's GPU; its run directory
                 # comes back as runs-<name>.tar.gz inside the lane's archive (8 files come back)
                 section "$lane" "$s" env OUT="$w" bash perf/run_paper_tasks.sh runs "$s" ;;

@@ -15,6 +15,11 @@
 #   ih-eval  the length sweep alone on ih-paper's newest checkpoint (256 sequences per length;
 #            batch 1 at 2^20; sequences beyond 2^20 tokens would be prefilled in chunks), in bf16
 #            autocast as in training and in fp32 (lengths-bf16.json, lengths-fp32.json)
+#   ih-seeds the `ih` recipe with other seeds (IH_SEEDS, default "2 3 4 5"), each from scratch
+#            into ih-paper-seed<N>/, with evaluations only every 8 epochs; a seed starts only
+#            while IH_SEEDS_S (default 420) seconds of the piece are not spent: a seed takes
+#            about 2 minutes with its length sweep. Length generalization varies strongly
+#            between seeds of one recipe (perf/NOTES.md, Run 18): this measures how.
 #   status   where the runs stand
 #
 # Default pieces: sc and ih, at the same time on two GPUs when two are visible, else one after
@@ -40,7 +45,7 @@ graph=()
 [[ ${CUDA_GRAPH:-1} == 1 ]] && graph=(--cuda-graph)
 RUNS=runs
 case "${1:-}" in
-    sc | ih | ih-eval | status | "") ;;
+    sc | ih | ih-eval | ih-seeds | status | "") ;;
     *) RUNS=$1; shift ;;
 esac
 pieces=("$@")
@@ -82,8 +87,8 @@ from pathlib import Path
 
 from mamba_compiled import checkpointing, metrics
 
-for name in ("sc-paper", "ih-paper"):
-    run = Path(sys.argv[1]) / name
+for run in sorted(Path(sys.argv[1]).glob("[si][ch]-paper*")):
+    name = run.name
     found = checkpointing.list_checkpoints(run / "checkpoints")
     records = metrics.read(run / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
@@ -109,8 +114,19 @@ run_piece() {  # run_piece PIECE MINUTES
                     --json "$RUNS/ih-paper/lengths-$precision.json"
             done
             pack ih-paper ;;
+        ih-seeds)
+            local start=$SECONDS seed
+            for seed in ${IH_SEEDS:-2 3 4 5}; do
+                if ((SECONDS - start + 150 > ${IH_SEEDS_S:-420})); then
+                    echo "ih-seeds: no time left for seed $seed"
+                    break
+                fi
+                # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
+                TRAIN_ARGS="--seed $seed --eval-every 65536 --ckpt-every 65536 ${TRAIN_ARGS:-}" \
+                    segment induction-heads "ih-paper-seed$seed" "$IH_TARGET" "$2"
+            done ;;
         status) status ;;
-        *) echo "unknown piece $1 (sc, ih, ih-eval, status)" >&2; return 2 ;;
+        *) echo "unknown piece $1 (sc, ih, ih-eval, ih-seeds, status)" >&2; return 2 ;;
     esac
 }
 
