@@ -88,7 +88,8 @@ def main() -> None:
             t = first + 4 + s
             hit = [memory[j] for j in (gap[:, s] > args.threshold).nonzero().flatten().tolist()]
             patterns[tuple(seq[t - 3 : t + 1].tolist())] += 1
-            print(f"  t {t}: Δ max {gap[:, s].max().item():.2f} on {hit}, tokens {seq[t - 8 : t + 1].tolist()}")
+            before = seq[t - 8 : t + 1].tolist()
+            print(f"  t {t}: Δ max {gap[:, s].max().item():.2f} on {hit}, tokens {before}")
     print("last four tokens before a spike, most common:", patterns.most_common(8))
 
 
