@@ -20,7 +20,8 @@
 # (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval, ih-seeds (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile), pdl-check
-# (perf/pdl_check.py), scan-aot (perf/triton_aot.py bench: carry perf/aot).
+# (perf/pdl_check.py), scan-aot (perf/triton_aot.py bench: carry perf/aot), ncu-aot (its
+# profile under Nsight Compute).
 # ddp and tasks use every GPU their lane sees: give such a lane "2:" (or a call of its own).
 #
 # Runs from the repository root with the machine's own python3 (torch, triton); the package is
@@ -138,6 +139,12 @@ run_lane() {  # run_lane LANE SECTION...
             scan-aot)  # the scan kernels as triton 3.9 compiled them (perf/triton_aot.py build,
                 # here; carry perf/aot) against the device's JIT
                 section "$lane" scan-aot $PY perf/triton_aot.py bench --aot perf/aot --out "$w/scan-aot" ;;
+            ncu-aot)  # Nsight Compute on the first row's forward: the JIT's kernel, then triton 3.9's
+                section "$lane" ncu-aot ncu --clock-control none --kernel-name _scan_fwd_kernel --launch-count 4 \
+                    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+                    --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
+                    -f -o "$w/ncu-aot" $PY perf/triton_aot.py profile --aot perf/aot
+                section "$lane" ncu-aot-details sh -c "ncu --import '$w/ncu-aot.ncu-rep' --page details > '$w/ncu-aot.txt'" ;;
             ddp)
                 # DDP_BUCKETS: gradient bucket sizes (MB) to compare on the multi-GPU runs
                 section "$lane" ddp $PY perf/bench_ddp.py --out "$w/ddp" ${DDP_BUCKETS:+--bucket-mb $DDP_BUCKETS} ;;

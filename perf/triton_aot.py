@@ -7,6 +7,7 @@ Its wheel (286 MB) cannot travel to the device, but the kernels it compiles can:
 
     python perf/triton_aot.py build --out perf/aot          # here: triton 3.9, no GPU needed
     python perf/triton_aot.py bench --aot perf/aot --out DIR  # there: triton 3.6, the H200
+    python perf/triton_aot.py profile --aot perf/aot          # under ncu (gpu_check.sh ncu-aot)
 
 `build` runs the launchers `lowering.scan_fwd` / `scan_bwd` on CPU tensors of each ANCHORS row
 with the kernel launch recorded instead of run, specializes every argument as Triton's JIT does
@@ -299,6 +300,18 @@ def bench(aot: pathlib.Path, out: pathlib.Path | None) -> None:
             (out / "triton_aot.md").write_text("\n".join(lines) + "\n")
 
 
+def profile(aot: pathlib.Path) -> None:
+    """The first row's forward twice through the JIT, then twice prebuilt: for Nsight Compute
+    (`ncu --kernel-name _scan_fwd_kernel --launch-count 4`; gpu_check.sh's ncu-aot)."""
+    cubins = Cubins(aot)
+    kw = _inputs(*ROWS[0], device="cuda")
+    for launcher in (scan_forward.launcher, cubins.launcher):
+        scan_forward.launcher = launcher
+        for _ in range(2):
+            _fwd(kw)
+    torch.cuda.synchronize()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -307,11 +320,15 @@ def main() -> int:
     r = sub.add_parser("bench")
     r.add_argument("--aot", type=pathlib.Path, default=pathlib.Path("perf/aot"))
     r.add_argument("--out", type=pathlib.Path, default=None)
+    f = sub.add_parser("profile")
+    f.add_argument("--aot", type=pathlib.Path, default=pathlib.Path("perf/aot"))
     args = p.parse_args()
     if args.cmd == "build":
         build(args.out)
-    else:
+    elif args.cmd == "bench":
         bench(args.aot, args.out)
+    else:
+        profile(args.aot)
     return 0
 
 
