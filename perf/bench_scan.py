@@ -92,6 +92,10 @@ def sweep_space():
         # twice the programs at the same 32 lanes (rows 2 and 3 and the 130M step have 2048,
         # 3072 and 1536 programs of 8 channels, against row 1's 4096)
         ("bwd BD4 NB8", dict(bwd=S(4, 8, 8, 1, **bwd))),
+        # fifteenth session: at 158-160 registers 12 one-warp programs fit an SM, so row 1's
+        # 2048 programs ran 1.29 waves (ncu); capped at 128 all fit (ptxas, triton 3.6: no spills)
+        ("fwd maxnreg 128", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128))),
+        ("fwd maxnreg 96", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=96))),
     ]  # fmt: skip
 
 
@@ -319,8 +323,15 @@ def _time_fwd_fb(kw: dict, dout: torch.Tensor) -> tuple[float, float]:
     return fwd, bench_ms(lambda: call(kw).backward(dout), grad_to_none=list(kw.values()))
 
 
-def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None, timeout_s: float = 200):
-    """Verify every configuration of sweep_space() in parallel processes (which also compiles
+def cuda_sweep(
+    rep: Report,
+    workers: int,
+    wait_for: pathlib.Path | None,
+    timeout_s: float = 200,
+    only: tuple[str, ...] = (),
+):
+    """Verify every configuration of sweep_space() (those whose names contain one of `only`, and
+    the default, when given) in parallel processes (which also compiles
     them into Triton's shared cache), then time the verified ones here; keep the fastest
     verified forward and backward settings for the rest of the run."""
     import concurrent.futures
@@ -328,7 +339,11 @@ def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None, timeout
 
     from mamba_compiled.lowering import common
 
-    space = sweep_space()
+    space = [
+        (n, ov)
+        for n, ov in sweep_space()
+        if n == "default" or not only or any(o in n for o in only)
+    ]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
@@ -380,8 +395,11 @@ def cuda_sweep(rep: Report, workers: int, wait_for: pathlib.Path | None, timeout
         scored = [(t, tg) for t, (_, tg) in zip(times, shapes, strict=True) if tg is not None]
         results.append((name, ov, sum(f / tf for (f, _), (tf, _) in scored),
                         sum(fb / tfb for (_, fb), (_, tfb) in scored)))  # fmt: skip
-        rep(f"| {name} | " + " | ".join(f"{f:.3f} | {fb:.3f}" for f, fb in times)
-            + f" | {errs['out']:.1e}, {errs['du']:.1e}, {errs['dB']:.1e}, {errs['dA']:.1e} |")
+        rep(
+            f"| {name} | "
+            + " | ".join(f"{f:.3f} | {fb:.3f}" for f, fb in times)
+            + f" | {errs['out']:.1e}, {errs['du']:.1e}, {errs['dB']:.1e}, {errs['dA']:.1e} |"
+        )
     inputs.clear()
     torch.cuda.empty_cache()
     # forward settings by the forward score, backward by the fwd+bwd score with the default
@@ -1059,6 +1077,9 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="CPU: a small shape")
     parser.add_argument("--workers", type=int, default=8, help="--sweep: checking processes")
+    parser.add_argument(
+        "--sweep-only", default="", help="--sweep: only configs whose names contain one of these"
+    )
     parser.add_argument("--wait-for", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if args.out is not None:
@@ -1072,7 +1093,8 @@ def main() -> int:
             f"{triton.__version__}; command: `python {' '.join(sys.argv)}`")  # fmt: skip
         if args.sweep:
             with rep.section("config sweep"):
-                cuda_sweep(rep, args.workers, args.wait_for)
+                only = tuple(o for o in args.sweep_only.split(",") if o)
+                cuda_sweep(rep, args.workers, args.wait_for, only=only)
         elif args.wait_for is not None:
             while not args.wait_for.exists():
                 time.sleep(1.0)

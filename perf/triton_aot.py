@@ -100,7 +100,7 @@ def _specialize(kernel, args, kwargs):
     signature, constexprs, attrs, key = {}, {}, {}, []
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args, strict=False))  # constexprs come as kwargs
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
@@ -119,13 +119,23 @@ def _specialize(kernel, args, kwargs):
     return signature, constexprs, attrs, options, key
 
 
-def build(out: pathlib.Path) -> None:
+def _fwd_maxnreg(n: int | None) -> None:
+    """Cap the forward's registers (ScanConfig.maxnreg) in every launch of this process."""
+    import dataclasses
+
+    if n is not None:
+        fwd = dataclasses.replace(common.fwd_config(4096, 16, (1, 1)), maxnreg=n)
+        common.set_override(**{**common._override, "fwd": fwd})
+
+
+def build(out: pathlib.Path, fwd_maxnreg: int | None = None) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     out.mkdir(parents=True, exist_ok=True)
     common.set_override(bwd_resident=8 * H200_SMS)  # the H200's, as bwd_resident computes it
+    _fwd_maxnreg(fwd_maxnreg)
     index = []
     for row in ROWS:
         rec = Recorder()
@@ -271,9 +281,10 @@ def _bench_row(row, launchers: dict) -> str:
     )
 
 
-def bench(aot: pathlib.Path, out: pathlib.Path | None) -> None:
+def bench(aot: pathlib.Path, out: pathlib.Path | None, fwd_maxnreg: int | None = None) -> None:
     import triton
 
+    _fwd_maxnreg(fwd_maxnreg)
     cubins = Cubins(aot)
     launchers = {
         "jit": (scan_forward.launcher, scan_backward.launcher),
@@ -281,7 +292,8 @@ def bench(aot: pathlib.Path, out: pathlib.Path | None) -> None:
     }
     lines = [
         f"prebuilt with triton {cubins.index['triton']}; JIT here: triton {triton.__version__}, "
-        f"torch {torch.__version__}, {torch.cuda.get_device_name()}",
+        f"torch {torch.__version__}, {torch.cuda.get_device_name()}; forward maxnreg "
+        f"{fwd_maxnreg or 'unset'}",
         "",
         "| shape, dtype | fwd ms, JIT | fwd ms, prebuilt | fwd+bwd ms, JIT | fwd+bwd ms, prebuilt "
         "| max diff out / du / ddelta / dA / dB (prebuilt - JIT) | max err vs float64 (prebuilt) |",
@@ -317,16 +329,18 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", type=pathlib.Path, default=pathlib.Path("perf/aot"))
+    b.add_argument("--fwd-maxnreg", type=int, default=None)
     r = sub.add_parser("bench")
     r.add_argument("--aot", type=pathlib.Path, default=pathlib.Path("perf/aot"))
     r.add_argument("--out", type=pathlib.Path, default=None)
+    r.add_argument("--fwd-maxnreg", type=int, default=None)
     f = sub.add_parser("profile")
     f.add_argument("--aot", type=pathlib.Path, default=pathlib.Path("perf/aot"))
     args = p.parse_args()
     if args.cmd == "build":
-        build(args.out)
+        build(args.out, args.fwd_maxnreg)
     elif args.cmd == "bench":
-        bench(args.aot, args.out)
+        bench(args.aot, args.out, args.fwd_maxnreg)
     else:
         profile(args.aot)
     return 0

@@ -249,6 +249,17 @@ class ScanConfig:
     rs: bool = False  # backward: per-step dB/dC summed over channels by a reduce-scatter
     bc_f32: bool = False  # per-step B, C copied to fp32 by the launcher (see stage_bc)
     min_split: int = 2
+    # registers per thread as ptxas' cap (Triton's maxnreg), in eager launches only: torch's
+    # wrap_triton takes num_warps and num_stages but no maxnreg, so traced graphs keep the default
+    maxnreg: int | None = None
+
+
+def launch_options(cfg: ScanConfig, like: Tensor) -> dict:
+    """num_warps, num_stages and, in eager on CUDA, maxnreg for a launch of `cfg`."""
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None and not traced(like) and not interpreting():
+        options["maxnreg"] = cfg.maxnreg
+    return options
 
 
 def segments(programs, seqlen, cfg: ScanConfig):

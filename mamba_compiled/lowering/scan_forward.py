@@ -38,6 +38,7 @@ from .common import (
     checkpoint_interval,
     fwd_config,
     interpreting,
+    launch_options,
     launcher,
     linear_combine,
     next_power_of_2,
@@ -405,6 +406,6 @@ def scan_fwd(
         B_SHARED=B_shared, C_SHARED=C_shared,
         BD=cfg.BD, T=cfg.T, CK=ck, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg, u),
     )  # fmt: skip
     return out, last_state, checkpoints
