@@ -94,8 +94,10 @@ def sweep_space():
         ("bwd BD4 NB8", dict(bwd=S(4, 8, 8, 1, **bwd))),
         # fifteenth session: at 158-160 registers 12 one-warp programs fit an SM, so row 1's
         # 2048 programs ran 1.29 waves (ncu); capped at 128 all fit (ptxas, triton 3.6: no spills)
+        # (the default caps them from 10 programs per SM; these rows at any grid)
         ("fwd maxnreg 128", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128))),
         ("fwd maxnreg 96", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=96))),
+        ("fwd no maxnreg", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3))),
     ]  # fmt: skip
 
 

@@ -249,15 +249,20 @@ class ScanConfig:
     rs: bool = False  # backward: per-step dB/dC summed over channels by a reduce-scatter
     bc_f32: bool = False  # per-step B, C copied to fp32 by the launcher (see stage_bc)
     min_split: int = 2
-    # registers per thread as ptxas' cap (Triton's maxnreg), in eager launches only: torch's
-    # wrap_triton takes num_warps and num_stages but no maxnreg, so traced graphs keep the default
+    # registers per thread as ptxas' cap (Triton's maxnreg), in eager launches of at least
+    # maxnreg_from programs per SM only: torch's wrap_triton takes num_warps and num_stages but
+    # no maxnreg, so traced graphs keep the default
     maxnreg: int | None = None
+    maxnreg_from: int = 0
 
 
-def launch_options(cfg: ScanConfig, like: Tensor) -> dict:
-    """num_warps, num_stages and, in eager on CUDA, maxnreg for a launch of `cfg`."""
+def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:
+    """num_warps, num_stages and, in eager on CUDA from cfg.maxnreg_from programs per SM on,
+    maxnreg for a launch of `programs` programs of `cfg`."""
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.maxnreg is not None and not traced(like) and not interpreting():
+    if cfg.maxnreg is None or traced(like) or interpreting():
+        return options
+    if programs >= cfg.maxnreg_from * _sm_count(like.device.index or 0):
         options["maxnreg"] = cfg.maxnreg
     return options
 
@@ -388,8 +393,13 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # 311 us per layer (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
     # Only when the target asks for 3 or more: at 512-1023 programs (the 130M training step's
     # 8 x 1536: 768) one segment ran in 0.352 ms against 0.472 with two (eleventh session).
+    # Registers capped at 128 from 10 programs per SM (fifteenth session): at 158-160 registers
+    # 12 one-warp programs fit an SM, so 8x4096x2048's 2048 programs ran 1.29 waves (ncu);
+    # capped, 16 fit and ptxas needs no spills: 0.688 -> 0.585 ms there, 0.952 -> 0.896 at
+    # 16x1536x4096 (11.6 per SM); at 7.75 per SM (8x2048x2048, 1x4096x65536) no gain.
     return ScanConfig(BD=_block_d(16, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
-                      target=1024, min_seg=128, min_split=3)  # fmt: skip
+                      target=1024, min_seg=128, min_split=3, maxnreg=128,
+                      maxnreg_from=10)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:

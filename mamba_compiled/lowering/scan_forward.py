@@ -406,6 +406,6 @@ def scan_fwd(
         B_SHARED=B_shared, C_SHARED=C_shared,
         BD=cfg.BD, T=cfg.T, CK=ck, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
-        **launch_options(cfg, u),
+        **launch_options(cfg, u, n_seg * batch * n_dblk),
     )  # fmt: skip
     return out, last_state, checkpoints
