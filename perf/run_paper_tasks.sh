@@ -18,7 +18,7 @@
 #   ih-seeds the `ih` recipe with other seeds (IH_SEEDS, default "2 3 4 5"), each from scratch
 #            into ih-paper-seed<N>/, with evaluations only every 8 epochs; a seed starts only
 #            while IH_SEEDS_S (default 420) seconds of the piece are not spent: a seed takes
-#            about 2 minutes with its length sweep. Length generalization varies strongly
+#            about 160 s on an H200 with its length sweep. Length generalization varies strongly
 #            between seeds of one recipe (perf/NOTES.md, Run 18): this measures how.
 #   status   where the runs stand
 #

@@ -292,6 +292,23 @@ def test_segments_are_used():
         assert common.segments(2 * (8 // cfg.BD), 4, cfg)[0] == 1
 
 
+def test_register_cap_only_where_it_helps(monkeypatch):
+    """The forward's `maxnreg` goes to eager launches of 16-bit inputs only: not to fp32 tiles
+    (they spill), not under the interpreter (no registers), not to traced launches
+    (wrap_triton takes no maxnreg)."""
+    from mamba_compiled.lowering import common
+
+    cfg = common.ScanConfig(16, 8, 2, 1, maxnreg=128, maxnreg_from=0)
+    expected = dict(num_warps=1, num_stages=1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert common.launch_options(cfg, torch.zeros(2, dtype=torch.bfloat16), 10**6) == expected
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert common.launch_options(cfg, torch.zeros(2), 10**6) == expected  # fp32
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.zeros(2, dtype=torch.bfloat16))
+        assert common.launch_options(cfg, fake, 10**6) == expected
+
+
 def test_segments_add_no_guards():
     """The number of segments comes from batch and seqlen by integer arithmetic on sizes only:
     symbolic sizes (torch.compile, export with dynamic batch and seqlen) get no guards, and the
