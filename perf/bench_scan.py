@@ -98,6 +98,10 @@ def sweep_space():
         ("fwd maxnreg 128", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128))),
         ("fwd maxnreg 96", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=96))),
         ("fwd no maxnreg", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3))),
+        # row 4 (256 channel blocks) in 8 segments instead of 4: 2048 programs, one capped wave
+        # (min_split 4 keeps the 130M step's 768 programs in one segment)
+        ("fwd segments under 2048, from 4", dict(fwd=S(16, 8, 2, 1, 1, 2048, 128, min_split=4,
+                                                        maxnreg=128, maxnreg_from=10))),
     ]  # fmt: skip
 
 
