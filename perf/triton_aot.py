@@ -17,7 +17,8 @@ launchers on CUDA tensors twice: as they are (the device's Triton JIT) and with 
 replaced by the prebuilt cubin (loaded and launched through the CUDA driver API); it checks that
 both give the same outputs and gradients and that they match float64 on a few channels, then
 times both with do_bench (median ms). A launch whose arguments differ from what was compiled
-raises: no fallback.
+raises: no fallback. `--fwd-maxnreg N` (both commands): the forward capped at N registers in
+every launch, 0 for none; without it, the package's rule (capped from 10 programs per SM).
 """
 
 from __future__ import annotations
@@ -120,11 +121,14 @@ def _specialize(kernel, args, kwargs):
 
 
 def _fwd_maxnreg(n: int | None) -> None:
-    """Cap the forward's registers (ScanConfig.maxnreg) in every launch of this process."""
+    """The forward's register cap in every launch of this process: n > 0 caps at n, 0 leaves
+    every launch uncapped, None keeps the package's rule (ScanConfig.maxnreg_from)."""
     import dataclasses
 
     if n is not None:
-        fwd = dataclasses.replace(common.fwd_config(4096, 16, (1, 1)), maxnreg=n)
+        fwd = dataclasses.replace(
+            common.fwd_config(4096, 16, (1, 1)), maxnreg=n or None, maxnreg_from=0
+        )
         common.set_override(**{**common._override, "fwd": fwd})
 
 
@@ -134,7 +138,9 @@ def build(out: pathlib.Path, fwd_maxnreg: int | None = None) -> None:
     from triton.compiler import ASTSource
 
     out.mkdir(parents=True, exist_ok=True)
-    common.set_override(bwd_resident=8 * H200_SMS)  # the H200's, as bwd_resident computes it
+    # the H200's, where the launchers would ask the GPU: backward residency, SMs for the cap
+    common.set_override(bwd_resident=8 * H200_SMS)
+    common._sm_count = lambda index: H200_SMS
     _fwd_maxnreg(fwd_maxnreg)
     index = []
     for row in ROWS:
@@ -156,7 +162,7 @@ def build(out: pathlib.Path, fwd_maxnreg: int | None = None) -> None:
             index.append(dict(
                 row=list(row), kernel=kernel.fn.__name__, function=meta.name, cubin=f"{name}.cubin",
                 key=key, constexprs={k: v for k, v in constexprs.items()}, grid=list(grid),
-                num_warps=meta.num_warps, shared=meta.shared,
+                num_warps=meta.num_warps, maxnreg=options.get("maxnreg"), shared=meta.shared,
                 global_scratch=meta.global_scratch_size, profile_scratch=meta.profile_scratch_size,
             ))  # fmt: skip
             print(
@@ -206,12 +212,13 @@ class Cubins:
 
     def entry_for(self, kernel, args, kwargs):
         """(the prebuilt kernel compiled for this launch's specialization, its parameters)."""
-        _, constexprs, _, _, key = _specialize(kernel, args, kwargs)
+        _, constexprs, _, options, key = _specialize(kernel, args, kwargs)
         key = [list(k) for k in key]
         for entry in self.index["kernels"]:
             if (
                 entry["kernel"] == kernel.fn.__name__
                 and entry["key"] == key
+                and entry["maxnreg"] == options.get("maxnreg")
                 and all(entry["constexprs"].get(k) == v for k, v in constexprs.items())
             ):
                 break
@@ -329,11 +336,11 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", type=pathlib.Path, default=pathlib.Path("perf/aot"))
-    b.add_argument("--fwd-maxnreg", type=int, default=None)
+    b.add_argument("--fwd-maxnreg", type=int, default=None, help="0: uncapped")
     r = sub.add_parser("bench")
     r.add_argument("--aot", type=pathlib.Path, default=pathlib.Path("perf/aot"))
     r.add_argument("--out", type=pathlib.Path, default=None)
-    r.add_argument("--fwd-maxnreg", type=int, default=None)
+    r.add_argument("--fwd-maxnreg", type=int, default=None, help="0: uncapped")
     f = sub.add_parser("profile")
     f.add_argument("--aot", type=pathlib.Path, default=pathlib.Path("perf/aot"))
     args = p.parse_args()
