@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("run", type=pathlib.Path)
     p.add_argument("--length", type=lambda s: _lengths(s)[0], default=1 << 16)
     p.add_argument("--index", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    p.add_argument("--sequences", type=int, default=512, help="as in the sweep they came from")
     p.add_argument("--token-budget", type=int, default=1 << 20)
     p.add_argument("--threshold", type=float, default=0.3)
     args = p.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
 
     mamba_module.Mamba._conv_and_projections = capture
     L = args.length
-    batch_size = max(1, min(512, args.token_budget // L))
+    batch_size = max(1, min(args.sequences, args.token_budget // L))  # ih_errors' batches
     patterns: collections.Counter = collections.Counter()
     for index in args.index:
         draw, row = divmod(index, batch_size)

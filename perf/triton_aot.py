@@ -120,16 +120,16 @@ def _specialize(kernel, args, kwargs):
     return signature, constexprs, attrs, options, key
 
 
-def _fwd_maxnreg(n: int | None) -> None:
-    """The forward's register cap in every launch of this process: n > 0 caps at n, 0 leaves
-    every launch uncapped, None keeps the package's rule (ScanConfig.maxnreg_from)."""
+def _fwd_cap(n: int | None):
+    """The forward's config for `--fwd-maxnreg n`: n > 0 caps every launch at n registers, 0
+    leaves every launch uncapped, None keeps the package's rule (ScanConfig.maxnreg_from)."""
     import dataclasses
 
-    if n is not None:
-        fwd = dataclasses.replace(
-            common.fwd_config(4096, 16, (1, 1)), maxnreg=n or None, maxnreg_from=0
-        )
-        common.set_override(**{**common._override, "fwd": fwd})
+    if n is None:
+        return None  # set_override drops it
+    return dataclasses.replace(
+        common.fwd_config(4096, 16, (1, 1)), maxnreg=n or None, maxnreg_from=0
+    )
 
 
 def build(out: pathlib.Path, fwd_maxnreg: int | None = None) -> None:
@@ -139,9 +139,8 @@ def build(out: pathlib.Path, fwd_maxnreg: int | None = None) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     # the H200's, where the launchers would ask the GPU: backward residency, SMs for the cap
-    common.set_override(bwd_resident=8 * H200_SMS)
+    common.set_override(bwd_resident=8 * H200_SMS, fwd=_fwd_cap(fwd_maxnreg))
     common._sm_count = lambda index: H200_SMS
-    _fwd_maxnreg(fwd_maxnreg)
     index = []
     for row in ROWS:
         rec = Recorder()
@@ -291,7 +290,7 @@ def _bench_row(row, launchers: dict) -> str:
 def bench(aot: pathlib.Path, out: pathlib.Path | None, fwd_maxnreg: int | None = None) -> None:
     import triton
 
-    _fwd_maxnreg(fwd_maxnreg)
+    common.set_override(fwd=_fwd_cap(fwd_maxnreg))
     cubins = Cubins(aot)
     launchers = {
         "jit": (scan_forward.launcher, scan_backward.launcher),
