@@ -93,15 +93,31 @@ def sweep_space():
         # 3072 and 1536 programs of 8 channels, against row 1's 4096)
         ("bwd BD4 NB8", dict(bwd=S(4, 8, 8, 1, **bwd))),
         # fifteenth session: at 158-160 registers 12 one-warp programs fit an SM, so row 1's
-        # 2048 programs ran 1.29 waves (ncu); capped at 128 all fit (ptxas, triton 3.6: no spills)
-        # (the default caps them from 10 programs per SM; these rows at any grid)
+        # 2048 programs ran 1.29 waves (ncu); capped at 128 all fit (ptxas, triton 3.6: no
+        # spills). The default caps them from 10 programs per SM; "maxnreg 96" and "no maxnreg"
+        # were slower on rows 1 and 3 (Run 18).
         ("fwd maxnreg 128", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128))),
-        ("fwd maxnreg 96", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=96))),
-        ("fwd no maxnreg", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3))),
         # row 4 (256 channel blocks) in 8 segments instead of 4: 2048 programs, one capped wave
         # (min_split 4 keeps the 130M step's 768 programs in one segment)
         ("fwd segments under 2048, from 4", dict(fwd=S(16, 8, 2, 1, 1, 2048, 128, min_split=4,
                                                         maxnreg=128, maxnreg_from=10))),
+        # sixteenth session: chunks of 4 steps with B and C staged in fp32 (triton 3.6, static:
+        # 11.6 instructions per state element at 128 registers without spills, against 12.8
+        # for the default; the fp32 tiles cross lanes once instead of every thread unpacking
+        # 16-bit values)
+        ("fwd T4 bc_f32", dict(fwd=S(16, 4, 2, 1, **fwd, min_split=3, bc_f32=True, maxnreg=128,
+                                     maxnreg_from=10))),
+        ("fwd T4", dict(fwd=S(16, 4, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10))),
+        ("fwd T4 bc_f32 maxnreg 112", dict(fwd=S(16, 4, 2, 1, **fwd, min_split=3, bc_f32=True,
+                                                 maxnreg=112))),
+        ("fwd T4 bc_f32 segments under 2048, from 4",
+         dict(fwd=S(16, 4, 2, 1, 1, 2048, 128, min_split=4, bc_f32=True, maxnreg=128,
+                    maxnreg_from=10))),
+        # twice the programs (rows 2 and 4 run 7.75 per SM, ~2 warps per scheduler): 8
+        # channels x 4 state lanes, 96 registers (static: 16.0 instructions per element)
+        ("fwd BD8 T4 NB4 bc_f32 maxnreg 96, segments under 2048",
+         dict(fwd=S(8, 4, 4, 1, 1, 2048, 128, min_split=4, bc_f32=True, maxnreg=96))),
+        ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 
 
