@@ -441,7 +441,9 @@ def cuda_sweep(
 
 def cuda_table(rep: Report, rows):
     rep("\n### Selective scan (public op, u/delta/z/B/C in the row's dtype, z, delta_softplus, "
-        "delta_bias, D, per-step B/C)\n")  # fmt: skip
+        "delta_bias, D, per-step B/C)\n\nfwd: under torch.no_grad, as inference runs it (no "
+        "checkpoints written for a backward); fwd+bwd: the training forward (with checkpoints) "
+        "and the backward.\n")  # fmt: skip
     rep(
         "| shape, dtype | fwd ms | vs mamba_ssm | of floor | fwd+bwd ms | vs mamba_ssm | "
         "peak GB fwd+bwd (mamba_ssm) | target fwd / fwd+bwd | max err out, du, ddelta | "

@@ -205,6 +205,20 @@ def test_checkpoint_dtype_leaves_the_forward_alone(request):
         _close(f"d{name}", g16, g32.double(), TOL[torch.bfloat16])
 
 
+def test_forward_without_checkpoints():
+    """save_checkpoints=False (inference): the kernel stores no checkpoint, and the output and
+    last state are those of the forward that does, bit for bit (segments included)."""
+    from mamba_compiled.lowering import scan_fwd
+
+    case = Case(batch=1, seqlen=38, dtype=torch.bfloat16)  # 5 segments under the interpreter
+    kw = case.inputs()
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    out, last, ck = scan_fwd(*args, True)
+    out_ng, last_ng, ck_ng = scan_fwd(*args, True, False)
+    assert ck.numel() > 0 and ck_ng.shape == (1, 0, *ck.shape[2:])
+    assert torch.equal(out_ng, out) and torch.equal(last_ng, last)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_scan_forward_backward(case: Case, request):
     from mamba_compiled.lowering import common, scan_bwd, scan_fwd

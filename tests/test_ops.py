@@ -192,6 +192,27 @@ def test_scan_in_two_pieces(device, seqlen, split):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_no_checkpoints_without_grad(device):
+    """Under no_grad the forward keeps nothing for a backward (the kernel writes no checkpoints)
+    and returns the same output and last state, bit for bit; the op called without them on
+    inputs that need gradients refuses the backward with a clear error."""
+    case = ScanCase(seqlen=300, C_layout="g2", device=device, dtype=torch.float32)
+    kw = case.inputs(requires_grad=True)
+    out, last = selective_scan_fn(**kw)
+    with torch.no_grad():
+        out_ng, last_ng = selective_scan_fn(**kw)
+    assert torch.equal(out_ng, out) and torch.equal(last_ng, last)
+    args = (kw["u"], kw["delta"], kw["A"], kw["B"].unsqueeze(1), kw["C"], kw["D"], kw["z"],
+            kw["delta_bias"], kw["initial_state"], True)  # fmt: skip
+    ops = torch.ops.mamba_compiled
+    assert ops.selective_scan_fwd(*args)[2].numel() > 0
+    out_op, _, checkpoints = ops.selective_scan_fwd(*args, False)
+    assert checkpoints.numel() == 0
+    with pytest.raises(RuntimeError, match="save_checkpoints=False"):
+        out_op.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_decode_equals_scan(device, groups, dtype):
@@ -294,13 +315,16 @@ def test_opcheck(device):
     cases = [(ops.conv1d_silu, conv_args), (ops.conv1d_silu, (*conv_args[:2], None)),
              (ops.conv1d_silu_bwd, conv_bwd_args),
              (ops.selective_scan_fwd, fwd_args), (ops.selective_scan_bwd, bwd_args),
+             (ops.selective_scan_fwd, (*fwd_args, False)),  # no checkpoints (inference)
              (ops.selective_scan_fwd, cm_fwd_args), (ops.selective_scan_bwd, cm_bwd_args),
              (ops.selective_state_update, upd_args), (ops.ssm_decode_step, dec_args),
              (ops.ssm_decode_step, dec12_args), (ops.conv_x_proj, xproj_args),
              (ops.conv_x_proj, xproj12_args), (ops.decode_linear, linear_args),
              (ops.decode_linear, dot_args)]
     if device == "cpu":
-        cases += [(ops.selective_scan_fwd_cpu, fwd_args), (ops.selective_state_update_cpu, upd_args)]
+        cases += [(ops.selective_scan_fwd_cpu, (*fwd_args, True)),
+                  (ops.selective_scan_fwd_cpu, (*fwd_args, False)),
+                  (ops.selective_state_update_cpu, upd_args)]
     elif torch.cuda.get_device_capability()[0] >= 9:  # the opaque twins launched with PDL
         cases += [(ops.decode_linear_pdl, linear_args), (ops.decode_linear_pdl, dot_args),
                   (ops.conv_x_proj_pdl, xproj_args), (ops.conv_x_proj_pdl, xproj12_args),

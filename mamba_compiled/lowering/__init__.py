@@ -5,8 +5,9 @@ tests call directly under TRITON_INTERPRET=1). Importing this package does not i
 each launcher imports its kernel module on first call, so the package imports (and the CPU ops
 work) where triton is not installed.
 
-    scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
-        -> (out, last_state, checkpoints)
+    scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+             save_checkpoints=True)
+        -> (out, last_state, checkpoints)   (none written without save_checkpoints: inference)
     scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
              delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
@@ -42,10 +43,14 @@ __all__ = [
 # functions: importing a submodule sets an attribute of the package with the submodule's name.
 
 
-def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def scan_fwd(
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints=True
+):
     from .scan_forward import scan_fwd as launch
 
-    return launch(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return launch(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints
+    )
 
 
 def scan_bwd(

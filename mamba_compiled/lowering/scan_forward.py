@@ -5,7 +5,8 @@ walks it in chunks of T steps: load (T, BD) tiles of delta, u, z and (T, N) tile
 Ā = exp2(Δ·A·log2 e) and B̄u = Δ·B·u over (T, N_A, BD, N_B) (see common.py for the frame); fold
 the carried state into the first step (b_0 += Ā_0·h_prev) and scan along T; contract with C; add
 D·u; gate with silu(z); store the (T, BD) output. The state before every CK steps is written as a
-checkpoint for the backward; the expanded (batch, dim, L, dstate) tensor never leaves registers.
+checkpoint for the backward (unless no backward can follow: STORE_CK); the expanded
+(batch, dim, L, dstate) tensor never leaves registers.
 
 Segments (when batch · channel blocks alone would leave the GPU idle, e.g. batch 1 at long L):
 the sequence is cut into n_seg segments processed by separate programs, chained by a decoupled
@@ -148,10 +149,10 @@ def _fwd_chunk(
     t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-    T: tl.constexpr, CK: tl.constexpr, FAST_MATH: tl.constexpr,
+    T: tl.constexpr, CK: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
 ):  # fmt: skip
-    """The full forward over one chunk (c: its index, t0 its first step): checkpoints, output.
-    Returns the state after the chunk."""
+    """The full forward over one chunk (c: its index, t0 its first step): checkpoints (when
+    STORE_CK), output. Returns the state after the chunk."""
     delta = _delta(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
     if MASKED:
         m2 = (t0 + t2 < seqlen) & dmask2
@@ -160,7 +161,9 @@ def _fwd_chunk(
     hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED)
     # checkpoints: the state before steps t0, t0 + CK, ... (CK < T), or before this chunk when
     # it starts one of every CK // T chunks (CK >= T)
-    if CK >= T:
+    if not STORE_CK:
+        pass
+    elif CK >= T:
         if c % (CK // T) == 0:
             _store_checkpoint(ck_base, c // (CK // T), h, slab, n3, smask3, n_ck, MASKED)
     else:
@@ -200,7 +203,7 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, CK: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
     n_dblk = tl.cdiv(dim, BD)
@@ -309,6 +312,7 @@ def _scan_fwd_kernel(
             h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
             t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
             HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK, FAST_MATH,
+            STORE_CK,
         )  # fmt: skip
     for c in range(n_full, tl.cdiv(t_end - t_begin, T)):  # the partial last chunk, if any
         t0 = t_begin + c * T
@@ -320,12 +324,16 @@ def _scan_fwd_kernel(
             h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
             t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
             HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, True, EVEN_D, T, CK, FAST_MATH,
+            STORE_CK,
         )  # fmt: skip
 
     if seg == n_seg - 1:
         tl.store(last_ptr + pid_b * slab + state_off3, h, mask=smask3)
-        # the extra last slot (n_ck may be a constant: the JIT specializes arguments equal to 1)
-        tl.store(ck_base + (pid_b * 0 + n_ck) * slab, h.to(ck_base.dtype.element_ty), mask=smask3)
+        if STORE_CK:
+            # the extra last slot (n_ck may be a constant: the JIT specializes arguments equal
+            # to 1)
+            tl.store(ck_base + (pid_b * 0 + n_ck) * slab, h.to(ck_base.dtype.element_ty),
+                     mask=smask3)  # fmt: skip
 
 
 def bc_args(M: Tensor, dim: int) -> tuple[bool, int, int, int, int]:
@@ -350,6 +358,7 @@ def scan_fwd(
     delta_bias: Tensor | None,
     initial_state: Tensor | None,
     delta_softplus: bool,
+    save_checkpoints: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward scan on CUDA (or under TRITON_INTERPRET=1 on CPU).
 
@@ -359,7 +368,9 @@ def scan_fwd(
     (batch, dim, dstate) fp32, and the checkpoints (batch, cdiv(L, CK) + 1, dim, dstate) in
     `checkpoint_dtype(u.dtype)`: the state before steps 0, CK, 2·CK, ..., then the last state.
     (The extra slot keeps that dimension from being 1 for short sequences: the compiler would
-    guard on a size-1 dimension and specialize a dynamic seqlen.)
+    guard on a size-1 dimension and specialize a dynamic seqlen.) Without save_checkpoints (no
+    backward will run: inference) the kernel writes none and the checkpoints are
+    (batch, 0, dim, dstate).
     """
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -375,8 +386,9 @@ def scan_fwd(
     out = torch.empty_like(u, memory_format=torch.preserve_format)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     checkpoints = torch.empty(
-        (batch, n_ck + 1, dim, dstate), dtype=checkpoint_dtype(u.dtype), device=u.device
-    )
+        (batch, n_ck + 1 if save_checkpoints else 0, dim, dstate),
+        dtype=checkpoint_dtype(u.dtype), device=u.device,
+    )  # fmt: skip
     # the segments' end states in fp32, read by the next segment (transient; n_seg + 1 rows, as
     # the partial sums' buffers: a size that is never 1, and no comparison of a symbolic n_seg)
     carry = torch.empty((n_seg + 1, batch, dim, dstate), dtype=torch.float32, device=u.device)
@@ -396,7 +408,9 @@ def scan_fwd(
         D if D is not None else A, z_,
         delta_bias if delta_bias is not None else A,
         initial_state if initial_state is not None else A,
-        out, last_state, checkpoints, carry, sync,
+        # (without checkpoints the kernel stores none: A stands in, as for absent inputs; an
+        # empty tensor's null pointer would fail the launcher's check)
+        out, last_state, checkpoints if save_checkpoints else A, carry, sync,
         batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         out.stride(0), out.stride(1),
@@ -406,6 +420,6 @@ def scan_fwd(
         B_SHARED=B_shared, C_SHARED=C_shared,
         BD=cfg.BD, T=cfg.T, CK=ck, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
-        **launch_options(cfg, u, n_seg * batch * n_dblk),
+        STORE_CK=bool(save_checkpoints), **launch_options(cfg, u, n_seg * batch * n_dblk),
     )  # fmt: skip
     return out, last_state, checkpoints

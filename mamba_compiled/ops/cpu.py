@@ -148,18 +148,24 @@ class _Scan:
         return dA, hs
 
 
-def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    """Forward: (out (b, d, L), last_state (b, d, n), checkpoints (n_chunks + 1, b, d, n))."""
+def scan_fwd(
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints=True
+):
+    """Forward: (out (b, d, L), last_state (b, d, n), checkpoints (n_chunks + 1, b, d, n));
+    without save_checkpoints (no backward to come) the checkpoints are (0, b, d, n)."""
     s = _Scan(u, delta, A, B, C, delta_bias, delta_softplus)
-    checkpoints = torch.empty(n_checkpoints(s.seqlen), s.batch, s.dim, A.shape[1], dtype=s.acc)
+    n_ck = n_checkpoints(s.seqlen) if save_checkpoints else 0
+    checkpoints = torch.empty(n_ck, s.batch, s.dim, A.shape[1], dtype=s.acc)
     h = torch.zeros_like(s.hs[0]) if initial_state is None else initial_state.to(s.acc)
     y = torch.empty_like(s.u)  # (L, b, d)
     for c, t0, t1 in s.chunks():
-        checkpoints[c] = h
+        if n_ck:
+            checkpoints[c] = h
         _, hs = s.recur(t0, t1, h)
         y[t0:t1] = s.C.contract(hs[1:], t0, t1)  # y_t = C_t·h_t
         h = hs[t1 - t0]
-    checkpoints[-1] = h
+    if n_ck:
+        checkpoints[-1] = h
     if D is not None:
         y += D.to(s.acc) * s.u
     if z is not None:

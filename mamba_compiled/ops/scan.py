@@ -2,8 +2,11 @@
 
 Registered ops:
 
-    selective_scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, delta_softplus)
+    selective_scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, delta_softplus,
+                       save_checkpoints=True)
         -> (out, last_state, checkpoints)
+                    (save_checkpoints=False: inference, no backward can follow; the kernel
+                    writes no checkpoints and `checkpoints` has no elements)
     selective_scan_bwd(dout, dlast_state?, u, delta, A, B, C, D?, z?, delta_bias?, initial_state?,
                        checkpoints, delta_softplus, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
@@ -60,19 +63,22 @@ from mamba_compiled.ops.registry import Opt, empty, layout_of, lowering, public_
 @custom_op("mamba_compiled::selective_scan_fwd_cpu", mutates_args=(), device_types="cpu")
 def _scan_fwd_cpu(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
-    delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
+    delta_bias: Opt, initial_state: Opt, delta_softplus: bool, save_checkpoints: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return cpu.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return cpu.scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints
+    )
 
 
 @_scan_fwd_cpu.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints):
     batch, dim, seqlen = u.shape
     acc = cpu.acc_dtype(u.dtype)
+    n_ck = cpu.n_checkpoints(seqlen) if save_checkpoints else 0
     return (
         empty((batch, dim, seqlen), u),
         empty((batch, dim, A.shape[1]), u, acc),
-        empty((cpu.n_checkpoints(seqlen), batch, dim, A.shape[1]), u, acc),
+        empty((n_ck, batch, dim, A.shape[1]), u, acc),
     )
 
 
@@ -116,15 +122,12 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 @public_op("mamba_compiled::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt,
-    delta_bias: Opt, initial_state: Opt, delta_softplus: bool,
+    delta_bias: Opt, initial_state: Opt, delta_softplus: bool, save_checkpoints: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints)
     if u.device.type == "cuda":
-        return lowering().scan_fwd(
-            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
-        )
-    return torch.ops.mamba_compiled.selective_scan_fwd_cpu(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
-    )
+        return lowering().scan_fwd(*args)
+    return torch.ops.mamba_compiled.selective_scan_fwd_cpu(*args)
 
 
 @custom_op("mamba_compiled::selective_scan_bwd", mutates_args=())
@@ -224,12 +227,18 @@ def conv_step(
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
     ctx.delta_softplus = delta_softplus
+    ctx.save_checkpoints = save_checkpoints
 
 
 def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    if not ctx.save_checkpoints:
+        raise RuntimeError(
+            "selective_scan_fwd ran with save_checkpoints=False (inference): it kept nothing for "
+            "a backward; call it with save_checkpoints=True on inputs that need gradients"
+        )
     u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
@@ -248,6 +257,7 @@ def _backward(ctx, dout, dlast_state, _dcheckpoints):
         dz if z is not None else None,
         ddelta_bias if delta_bias is not None else None,
         dinitial_state if initial_state is not None else None,
+        None,
         None,
     )
 
@@ -284,7 +294,12 @@ def selective_scan_fn(
     the last step, (batch, dim, dstate) float32.
     """
     args = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    out, last_state, _ = torch.ops.mamba_compiled.selective_scan_fwd(*args, bool(delta_softplus))
+    # checkpoints for the backward only when one can follow (under no_grad / inference_mode, or
+    # on inputs that need no gradient, the kernel writes none: a third of its bytes at bf16)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    out, last_state, _ = torch.ops.mamba_compiled.selective_scan_fwd(
+        *args, bool(delta_softplus), grad
+    )
     return (out, last_state) if return_last_state else out
 
 

@@ -1,0 +1,53 @@
+"""Probe (sixteenth session): the scan forward's time against its checkpoint interval.
+
+    python perf/probes/fwd_ck.py
+
+The forward writes the state every CK steps for the backward (bf16, a third of its bytes at
+row 1). Under torch.no_grad nothing needs them: this times `lowering.scan_fwd` alone at CK 8
+(the default), 16, 64 and 2048 (about none) on every ANCHORS row, after checking that the
+output is bitwise the same for every CK.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+import triton
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "perf"))
+
+from bench_scan import ANCHORS, make_inputs  # noqa: E402
+
+from mamba_compiled.lowering import common, scan_fwd  # noqa: E402
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| row | " + " | ".join(f"CK {ck} ms" for ck in (8, 16, 64, 2048)) + " |")
+    print("|---|---|---|---|---|")
+    for b, d, L, n, dtype, *_ in ANCHORS:
+        kw = make_inputs(b, d, L, n, dtype, "cuda")
+        kw["B"], kw["C"] = kw["B"][:, None], kw["C"][:, None]  # (batch, groups, dstate, L)
+        args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        times, ref = [], None
+        for ck in (8, 16, 64, 2048):
+            common.set_override(ck=ck)
+            try:
+                out = scan_fwd(*args, None, True)[0]
+                if ref is None:
+                    ref = out
+                assert torch.equal(out, ref), f"CK {ck}: output differs"
+                times.append(triton.testing.do_bench(lambda: scan_fwd(*args, None, True),
+                                                     warmup=25, rep=100, return_mode="median"))
+            finally:
+                common.set_override()
+        print(f"| {b}x{d}x{L} {str(dtype)[6:]} | " + " | ".join(f"{t:.3f}" for t in times) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
