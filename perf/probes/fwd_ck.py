@@ -41,7 +41,7 @@ def main() -> None:
                 if ref is None:
                     ref = out
                 assert torch.equal(out, ref), f"CK {ck}: output differs"
-                times.append(triton.testing.do_bench(lambda: scan_fwd(*args, None, True),
+                times.append(triton.testing.do_bench(lambda a=args: scan_fwd(*a, None, True),
                                                      warmup=25, rep=100, return_mode="median"))
             finally:
                 common.set_override()
