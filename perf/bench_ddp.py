@@ -90,7 +90,8 @@ def worker(args: argparse.Namespace) -> None:
             "mode": "FSDP2"
             if args.fsdp
             else (
-                ("DDP" + ("" if args.bucket_mb is None else f", buckets {args.bucket_mb:g} MB"))
+                ("DDP" + (", one bucket (the default)" if args.bucket_mb is None
+                          else f", buckets {args.bucket_mb:g} MB"))
                 if env.world_size > 1
                 else "single"
             ),
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         nargs="+",
         default=None,
-        help="DDP gradient bucket sizes to compare (MB; default: DDP's 25); each multi-GPU "
+        help="DDP gradient bucket sizes to compare (MiB; default: distributed.wrap's, one bucket "
+        "when compiled); each multi-GPU "
         "count runs once per size",
     )
     p.add_argument("--no-compile", action="store_true")
