@@ -397,7 +397,9 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # Registers capped at 128 from 10 programs per SM (fifteenth session): at 158-160 registers
     # 12 one-warp programs fit an SM, so 8x4096x2048's 2048 programs ran 1.29 waves (ncu);
     # capped, 16 fit and ptxas needs no spills: 0.688 -> 0.585 ms there, 0.952 -> 0.896 at
-    # 16x1536x4096 (11.6 per SM); at 7.75 per SM (8x2048x2048, 1x4096x65536) no gain.
+    # 16x1536x4096 (11.6 per SM); at 7.75 per SM (8x2048x2048, 1x4096x65536) no gain: row 2
+    # lands at ~0.37 or ~0.30-0.33 ms depending on the compiled variant, capped or not
+    # (sixteenth session, perf/NOTES.md Run 19). Chunks of 4 steps: 25-30 % slower.
     return ScanConfig(BD=_block_d(16, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
                       target=1024, min_seg=128, min_split=3, maxnreg=128,
                       maxnreg_from=10)  # fmt: skip

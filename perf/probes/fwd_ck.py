@@ -4,8 +4,9 @@
 
 The forward writes the state every CK steps for the backward (bf16, a third of its bytes at
 row 1). Under torch.no_grad nothing needs them: this times `lowering.scan_fwd` alone at CK 8
-(the default), 16, 64 and 2048 (about none) on every ANCHORS row, after checking that the
-output is bitwise the same for every CK.
+(the default), 16, 64 and 2048 (about none), and with save_checkpoints=False (none: the
+kernel's STORE_CK=False variant, what no_grad runs), on every ANCHORS row, after checking that
+the output is bitwise the same for each.
 """
 
 from __future__ import annotations
@@ -27,22 +28,25 @@ from mamba_compiled.lowering import common, scan_fwd  # noqa: E402
 
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("| row | " + " | ".join(f"CK {ck} ms" for ck in (8, 16, 64, 2048)) + " |")
-    print("|---|---|---|---|---|")
+    variants = [(8, True), (16, True), (64, True), (2048, True), (8, False)]
+    print("| row | " + " | ".join(f"CK {ck} ms" if save else "none ms" for ck, save in variants)
+          + " |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for b, d, L, n, dtype, *_ in ANCHORS:
         kw = make_inputs(b, d, L, n, dtype, "cuda")
         kw["B"], kw["C"] = kw["B"][:, None], kw["C"][:, None]  # (batch, groups, dstate, L)
         args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         times, ref = [], None
-        for ck in (8, 16, 64, 2048):
+        for ck, save in variants:
             common.set_override(ck=ck)
             try:
-                out = scan_fwd(*args, None, True)[0]
+                out = scan_fwd(*args, None, True, save)[0]
                 if ref is None:
                     ref = out
-                assert torch.equal(out, ref), f"CK {ck}: output differs"
-                times.append(triton.testing.do_bench(lambda a=args: scan_fwd(*a, None, True),
-                                                     warmup=25, rep=100, return_mode="median"))
+                assert torch.equal(out, ref), f"CK {ck} {save}: output differs"
+                run = lambda a=args, s=save: scan_fwd(*a, None, True, s)  # noqa: E731
+                times.append(triton.testing.do_bench(run, warmup=25, rep=100,
+                                                     return_mode="median"))  # fmt: skip
             finally:
                 common.set_override()
         print(f"| {b}x{d}x{L} {str(dtype)[6:]} | " + " | ".join(f"{t:.3f}" for t in times) + " |",
