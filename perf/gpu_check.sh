@@ -17,7 +17,8 @@
 # PROFILE_ARGS, e.g. --no-pdl;
 # GENERATE_ARGS, e.g. --no-pdl or "--decode-mode max-autotune", go to generate-<model>@<batch>),
 # profile-decode-eager, ncu
-# (Nsight Compute on the scan kernel inside its NVTX range), ddp (perf/bench_ddp.py), tasks
+# (Nsight Compute on the scan kernel inside its NVTX range), ncu-fwd (on the first row's forward
+# with per-instruction stall samples; perf/ncu_stalls.py reads the stall reasons), ddp (perf/bench_ddp.py), tasks
 # (perf/run_paper_tasks.sh: carry runs/ to continue a run), sc, ih, ih-eval, ih-seeds (one of its pieces),
 # task-step (perf/profile_task_step.py: the paper tasks' step time and its profile), pdl-check
 # (perf/pdl_check.py), scan-aot (perf/triton_aot.py bench: carry perf/aot), ncu-aot (its
@@ -139,6 +140,13 @@ run_lane() {  # run_lane LANE SECTION...
             scan-aot)  # the scan kernels as triton 3.9 compiled them (perf/triton_aot.py build,
                 # here; carry perf/aot) against the device's JIT
                 section "$lane" scan-aot $PY perf/triton_aot.py bench --aot perf/aot --out "$w/scan-aot" ;;
+            ncu-fwd)  # Nsight Compute on the first row's forward (the JIT's kernel, with checkpoints
+                # twice, then without): warp states, per-instruction stall samples (SASS, CSV as .txt)
+                section "$lane" ncu-fwd ncu --clock-control none --kernel-name _scan_fwd_kernel --launch-count 4 \
+                    --section WarpStateStats --section SchedulerStats --section SourceCounters --section Occupancy \
+                    --section LaunchStats -f -o "$w/ncu-fwd" $PY perf/probes/fwd_ck.py --launch 0
+                section "$lane" ncu-fwd-stalls sh -c "$PY perf/ncu_stalls.py '$w/ncu-fwd.ncu-rep' > '$w/ncu-fwd-stalls.txt'"
+                section "$lane" ncu-fwd-source sh -c "ncu --import '$w/ncu-fwd.ncu-rep' --page source --csv --print-source sass > '$w/ncu-fwd-source.txt'" ;;
             ncu-aot)  # Nsight Compute on the first row's forward: the JIT's kernel, then triton 3.9's
                 section "$lane" ncu-aot ncu --clock-control none --kernel-name _scan_fwd_kernel --launch-count 4 \
                     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \

@@ -1,6 +1,7 @@
 """Probe (sixteenth session): the scan forward's time against its checkpoint interval.
 
     python perf/probes/fwd_ck.py
+    python perf/probes/fwd_ck.py --launch ROW    # ROW's forward 4 times, for Nsight Compute
 
 The forward writes the state every CK steps for the backward (bf16, a third of its bytes at
 row 1). Under torch.no_grad nothing needs them: this times `lowering.scan_fwd` alone at CK 8
@@ -26,7 +27,21 @@ from bench_scan import ANCHORS, make_inputs  # noqa: E402
 from mamba_compiled.lowering import common, scan_fwd  # noqa: E402
 
 
+def launch(row: int) -> None:
+    """Row `row`'s forward twice with checkpoints, then twice without: for Nsight Compute
+    (`gpu_check.sh ncu-fwd`)."""
+    b, d, L, n, dtype, *_ = ANCHORS[row]
+    kw = make_inputs(b, d, L, n, dtype, "cuda")
+    kw["B"], kw["C"] = kw["B"][:, None], kw["C"][:, None]
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    for save in (True, True, False, False):
+        scan_fwd(*args, None, True, save)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--launch":
+        return launch(int(sys.argv[2]))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     variants = [(8, True), (16, True), (64, True), (2048, True), (8, False)]
     print("| row | " + " | ".join(f"CK {ck} ms" if save else "none ms" for ck, save in variants)
