@@ -117,6 +117,14 @@ def sweep_space():
         # channels x 4 state lanes, 96 registers (static: 16.0 instructions per element)
         ("fwd BD8 T4 NB4 bc_f32 maxnreg 96, segments under 2048",
          dict(fwd=S(8, 4, 4, 1, 1, 2048, 128, min_split=4, bc_f32=True, maxnreg=96))),
+        # after the sixteenth session's calls: the forward's largest stall is the long
+        # scoreboard (waiting on global loads; perf/NOTES.md Run 19); Triton's pipeliner keeps
+        # the next chunks' tiles in flight as cp.async copies into shared memory, read from
+        # there straight into the compute layout (triton 3.6: 128 registers, no spills; the
+        # same instruction count)
+        *((f"fwd cp.async pipeline, {k} stages",
+           dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10, pipe=k)))
+          for k in (2, 3, 4)),
         ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 

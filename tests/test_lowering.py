@@ -65,6 +65,7 @@ class Case:
     deterministic: bool = False  # per-block dB/dC partial sums instead of atomics
     bwd_rs: bool = True  # interpreter: backward dB/dC by the reduce-scatter (else tl.sum)
     bc_f32: bool = False  # interpreter: per-step B, C staged in fp32 by the launchers
+    pipe: int = 1  # interpreter: the forward's chunk loops through Triton's pipeliner (stages)
     ck: int | None = None  # checkpoint interval (8: two chunks of 4 per checkpoint)
 
     def bc(self, layout: str) -> torch.Tensor:
@@ -131,6 +132,7 @@ CASES = [
     pytest.param(Case(batch=2, seqlen=37, deterministic=True), id="segments4-chained-tail"),
     pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
     pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
+    pytest.param(Case(batch=1, seqlen=38, pipe=3), id="segments5-pipe3"),
     # a checkpoint every two chunks: odd chunks start from the state after the even one
     pytest.param(Case(ck=8), id="ck2chunks-L13-tail-odd"),
     pytest.param(Case(ck=8, seqlen=21, B="shared", deterministic=True), id="ck2chunks-shared-B"),
@@ -227,11 +229,11 @@ def test_scan_forward_backward(case: Case, request):
     if case.ck is not None:
         common.set_override(ck=case.ck)
         request.addfinalizer(common.set_override)
-    if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32):
+    if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32 or case.pipe > 1):
         fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
         bwd = common.bwd_config(case.dim, case.dstate, (1, 1))
         common.set_override(
-            fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32),
+            fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32, pipe=case.pipe),
             bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32),
             ck=case.ck,
         )

@@ -254,6 +254,10 @@ class ScanConfig:
     # no maxnreg, so traced graphs keep the default
     maxnreg: int | None = None
     maxnreg_from: int = 0
+    # forward: 1 = the next chunk's tiles loaded into registers by hand; k > 1 = Triton's
+    # pipeliner copies the next k - 1 chunks' tiles into shared memory (cp.async) and reads them
+    # from there in the compute layout (no register prefetch, no layout exchange per tile)
+    pipe: int = 1
 
 
 def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:

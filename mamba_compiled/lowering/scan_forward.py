@@ -204,6 +204,7 @@ def _scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, CK: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
+    PIPE: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
     n_dblk = tl.cdiv(dim, BD)
@@ -267,7 +268,7 @@ def _scan_fwd_kernel(
     if seg < n_seg - 1:  # the segment is whole chunks inside the sequence: no time masks
         if seg > 0:
             h = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-        for c in range(0, n_full):
+        for c in tl.range(0, n_full, num_stages=PIPE):  # PIPE > 1: cp.async stages
             t0 = t_begin + c * T
             delta, u, _, B_raw, _ = _load_chunk(
                 t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
@@ -292,28 +293,45 @@ def _scan_fwd_kernel(
         tl.store(carry_base + (seg * batch).to(tl.int64) * slab, h_loc, mask=smask3)
         publish(flag)
 
-    # 4. the full forward over the segment. Software pipelining by hand: the loads of chunk
-    # c + 1 are issued before the math of chunk c (few warps fit per SM at these register counts).
+    # 4. the full forward over the segment, whole chunks first. PIPE > 1: Triton's pipeliner
+    # copies the tiles of the next PIPE - 1 chunks into shared memory (cp.async) while this one
+    # computes, and reads them from there straight into the compute layout. PIPE = 1: software
+    # pipelining by hand, the loads of chunk c + 1 issued into registers before the math of
+    # chunk c, then exchanged through shared memory.
     c_begin = t_begin // T
-    delta_n, u_n, z_n, B_n, C_n = _load_chunk(  # masked: the segment may hold no full chunk
-        t_begin, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-        HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
-    )  # fmt: skip
-    for c in range(0, n_full):
-        t0 = t_begin + c * T
-        delta, u, z, B_raw, C_raw = delta_n, u_n, z_n, B_n, C_n
-        # the next full chunk (the last one again at the end: in bounds, never masked)
-        delta_n, u_n, z_n, B_n, C_n = _load_chunk(
-            t_begin + tl.minimum(c + 1, n_full - 1) * T, seqlen, t2, t3, dmask2, ntmask3,
-            delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-            HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+    if PIPE > 1:
+        for c in tl.range(0, n_full, num_stages=PIPE):
+            t0 = t_begin + c * T
+            delta, u, z, B_raw, C_raw = _load_chunk(
+                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+                HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+            )  # fmt: skip
+            h = _fwd_chunk(
+                h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh,
+                C_sh, t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK,
+                FAST_MATH, STORE_CK,
+            )  # fmt: skip
+    else:
+        delta_n, u_n, z_n, B_n, C_n = _load_chunk(  # masked: the segment may hold no full chunk
+            t_begin, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+            HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
-        h = _fwd_chunk(
-            h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
-            t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
-            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK, FAST_MATH,
-            STORE_CK,
-        )  # fmt: skip
+        for c in range(0, n_full):
+            t0 = t_begin + c * T
+            delta, u, z, B_raw, C_raw = delta_n, u_n, z_n, B_n, C_n
+            # the next full chunk (the last one again at the end: in bounds, never masked)
+            delta_n, u_n, z_n, B_n, C_n = _load_chunk(
+                t_begin + tl.minimum(c + 1, n_full - 1) * T, seqlen, t2, t3, dmask2, ntmask3,
+                delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+                HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+            )  # fmt: skip
+            h = _fwd_chunk(
+                h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh,
+                C_sh, t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK,
+                FAST_MATH, STORE_CK,
+            )  # fmt: skip
     for c in range(n_full, tl.cdiv(t_end - t_begin, T)):  # the partial last chunk, if any
         t0 = t_begin + c * T
         delta, u, z, B_raw, C_raw = _load_chunk(
@@ -420,6 +438,7 @@ def scan_fwd(
         B_SHARED=B_shared, C_SHARED=C_shared,
         BD=cfg.BD, T=cfg.T, CK=ck, N=N, N_B=cfg.N_B,
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
-        STORE_CK=bool(save_checkpoints), **launch_options(cfg, u, n_seg * batch * n_dblk),
+        STORE_CK=bool(save_checkpoints), PIPE=cfg.pipe,
+        **launch_options(cfg, u, n_seg * batch * n_dblk),
     )  # fmt: skip
     return out, last_state, checkpoints
