@@ -299,26 +299,19 @@ def _scan_fwd_kernel(
     # pipelining by hand, the loads of chunk c + 1 issued into registers before the math of
     # chunk c, then exchanged through shared memory.
     c_begin = t_begin // T
-    if PIPE > 1:
-        for c in tl.range(0, n_full, num_stages=PIPE):
-            t0 = t_begin + c * T
-            delta, u, z, B_raw, C_raw = _load_chunk(
-                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-                HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
-            )  # fmt: skip
-            h = _fwd_chunk(
-                h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh,
-                C_sh, t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
-                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK,
-                FAST_MATH, STORE_CK,
-            )  # fmt: skip
-    else:
+    if PIPE == 1:
         delta_n, u_n, z_n, B_n, C_n = _load_chunk(  # masked: the segment may hold no full chunk
             t_begin, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
             HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
-        for c in range(0, n_full):
-            t0 = t_begin + c * T
+    for c in tl.range(0, n_full, num_stages=PIPE):
+        t0 = t_begin + c * T
+        if PIPE > 1:
+            delta, u, z, B_raw, C_raw = _load_chunk(
+                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
+                HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+            )  # fmt: skip
+        else:
             delta, u, z, B_raw, C_raw = delta_n, u_n, z_n, B_n, C_n
             # the next full chunk (the last one again at the end: in bounds, never masked)
             delta_n, u_n, z_n, B_n, C_n = _load_chunk(
@@ -326,12 +319,12 @@ def _scan_fwd_kernel(
                 delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
                 HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
             )  # fmt: skip
-            h = _fwd_chunk(
-                h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh,
-                C_sh, t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
-                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK,
-                FAST_MATH, STORE_CK,
-            )  # fmt: skip
+        h = _fwd_chunk(
+            h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
+            t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK, FAST_MATH,
+            STORE_CK,
+        )  # fmt: skip
     for c in range(n_full, tl.cdiv(t_end - t_begin, T)):  # the partial last chunk, if any
         t0 = t_begin + c * T
         delta, u, z, B_raw, C_raw = _load_chunk(
