@@ -125,6 +125,13 @@ def sweep_space():
         *((f"fwd cp.async pipeline, {k} stages",
            dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10, pipe=k)))
           for k in (2, 3, 4)),
+        # with B and C staged in fp32: their tiles reach the compute layout without the 16-bit
+        # unpacking every thread repeats (triton 3.6: 663 instructions per chunk against 800,
+        # 48 B of spills at 128 registers)
+        *((f"fwd cp.async pipeline, {k} stages, bc_f32",
+           dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10, pipe=k,
+                      bc_f32=True)))
+          for k in (2, 3)),
         ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 
