@@ -191,6 +191,12 @@ def test_scan_in_two_pieces(device, seqlen, split):
         torch.testing.assert_close(a, b, rtol=rtol * 5, atol=atol * 10 * scale, msg=name)
 
 
+def _scan_op_args(kw):
+    """selective_scan_fwd's positional arguments from ScanCase inputs (B per step, 1 group)."""
+    return (kw["u"], kw["delta"], kw["A"], kw["B"].unsqueeze(1), kw["C"], kw["D"], kw["z"],
+            kw["delta_bias"], kw["initial_state"], True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_checkpoints_without_grad(device):
     """Under no_grad the forward keeps nothing for a backward (the kernel writes no checkpoints)
@@ -202,8 +208,7 @@ def test_no_checkpoints_without_grad(device):
     with torch.no_grad():
         out_ng, last_ng = selective_scan_fn(**kw)
     assert torch.equal(out_ng, out) and torch.equal(last_ng, last)
-    args = (kw["u"], kw["delta"], kw["A"], kw["B"].unsqueeze(1), kw["C"], kw["D"], kw["z"],
-            kw["delta_bias"], kw["initial_state"], True)  # fmt: skip
+    args = _scan_op_args(kw)
     ops = torch.ops.mamba_compiled
     assert ops.selective_scan_fwd(*args)[2].numel() > 0
     out_op, _, checkpoints = ops.selective_scan_fwd(*args, False)
@@ -254,9 +259,9 @@ def test_decode_matches_oracle():
 
 
 def _opcheck_scan_args(device):
-    kw = ScanCase(seqlen=70, C_layout="g2", dtype=torch.float32, device=device).inputs()
-    return (kw["u"], kw["delta"], kw["A"], kw["B"].unsqueeze(1), kw["C"], kw["D"], kw["z"],
-            kw["delta_bias"], kw["initial_state"], True)
+    return _scan_op_args(
+        ScanCase(seqlen=70, C_layout="g2", dtype=torch.float32, device=device).inputs()
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
