@@ -62,81 +62,25 @@ MAMBA_DECODE_US = 50.0  # ANCHORS: mamba_ssm's Triton decode step, eager, B <= 6
 def sweep_space():
     """Launch configurations compared by --sweep: (name, overrides for common.set_override).
     Forward and backward settings are independent (the backward's T is the checkpoint interval,
-    and the forward's T must be a multiple of it)."""
+    and the forward's T must be a multiple of it). The variants measured until the seventeenth
+    session, and what they gave, are in perf/NOTES.md (Runs 3-20)."""
     from mamba_compiled.lowering.common import ScanConfig as S
 
-    fwd = dict(target=1024, min_seg=128)
-    bwd = dict(target=4096, min_seg=1024, rs=True)
+    seg = dict(target=1024, min_seg=128, min_split=3)  # the default's segments
     return [
         ("default", {}),
-        # Twelfth session: the default cuts segments only when the target asks for 3 or more;
-        # the eleventh session's rule cut 2 at 512-1023 programs (the 130M step's 768).
-        ("fwd segments from 2 (eleventh session's default)", dict(fwd=S(16, 8, 2, 1, **fwd))),
-        ("fwd no segments", dict(fwd=S(16, 8, 2, 1, 1, 0, 128))),
-        ("fwd segments under 512", dict(fwd=S(16, 8, 2, 1, 1, 512, 128, min_split=3))),
-        # 0.281 ms at 8x1536x2048 in the eleventh session (1536 programs, none segmented)
-        ("fwd BD8 T16 NB4 w1", dict(fwd=S(8, 16, 4, 1, **fwd))),
-        ("fwd BD8 T8 NB4 w1", dict(fwd=S(8, 8, 4, 1, **fwd))),
-        # one state lane: SiLU's and softplus' MUFU work not replicated (Run 13's static counts).
-        # Eleventh session: BD32 T8 fastest on rows 1 and 4, 1.5x slower on rows 2 and 3
-        # (segmented there: 512 and 768 programs). Dropped after it: B/C in fp32, segments
-        # under 2048/4096, BD32 T4 NB1, BD64 T8 NB1 w2, bwd without reduce-scatter, bwd
-        # segments under 2048, ck16 (all slower than the default; perf/NOTES.md, Run 14).
-        ("fwd BD32 T8 NB1 w1", dict(fwd=S(32, 8, 1, 1, **fwd))),
-        ("fwd BD32 T8 NB1 w1, no segments", dict(fwd=S(32, 8, 1, 1, 1, 0, 128))),
-        ("bwd no segments", dict(bwd=S(8, 8, 4, 1, 1, 0, 1024, rs=True))),
-        # twelfth session: segments chained after their full backward once a segment's
-        # programs fill the GPU (the default); this row keeps the adjoint-only pass always
-        ("bwd segments with the adjoint-only pass", dict(bwd_resident=1 << 30)),
-        ("bwd segments only 3 or more", dict(bwd=S(8, 8, 4, 1, **bwd, min_split=3))),
-        # twice the programs at the same 32 lanes (rows 2 and 3 and the 130M step have 2048,
-        # 3072 and 1536 programs of 8 channels, against row 1's 4096)
-        ("bwd BD4 NB8", dict(bwd=S(4, 8, 8, 1, **bwd))),
-        # fifteenth session: at 158-160 registers 12 one-warp programs fit an SM, so row 1's
-        # 2048 programs ran 1.29 waves (ncu); capped at 128 all fit (ptxas, triton 3.6: no
-        # spills). The default caps them from 10 programs per SM; "maxnreg 96" and "no maxnreg"
-        # were slower on rows 1 and 3 (Run 18).
-        ("fwd maxnreg 128", dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128))),
-        # row 4 (256 channel blocks) in 8 segments instead of 4: 2048 programs, one capped wave
-        # (min_split 4 keeps the 130M step's 768 programs in one segment)
-        ("fwd segments under 2048, from 4", dict(fwd=S(16, 8, 2, 1, 1, 2048, 128, min_split=4,
-                                                        maxnreg=128, maxnreg_from=10))),
-        # sixteenth session: chunks of 4 steps with B and C staged in fp32 (triton 3.6, static:
-        # 11.6 instructions per state element at 128 registers without spills, against 12.8
-        # for the default; the fp32 tiles cross lanes once instead of every thread unpacking
-        # 16-bit values)
-        ("fwd T4 bc_f32", dict(fwd=S(16, 4, 2, 1, **fwd, min_split=3, bc_f32=True, maxnreg=128,
-                                     maxnreg_from=10))),
-        ("fwd T4", dict(fwd=S(16, 4, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10))),
-        ("fwd T4 bc_f32 maxnreg 112", dict(fwd=S(16, 4, 2, 1, **fwd, min_split=3, bc_f32=True,
-                                                 maxnreg=112))),
-        ("fwd T4 bc_f32 segments under 2048, from 4",
-         dict(fwd=S(16, 4, 2, 1, 1, 2048, 128, min_split=4, bc_f32=True, maxnreg=128,
-                    maxnreg_from=10))),
-        # twice the programs (rows 2 and 4 run 7.75 per SM, ~2 warps per scheduler): 8
-        # channels x 4 state lanes, 96 registers (static: 16.0 instructions per element)
-        ("fwd BD8 T4 NB4 bc_f32 maxnreg 96, segments under 2048",
-         dict(fwd=S(8, 4, 4, 1, 1, 2048, 128, min_split=4, bc_f32=True, maxnreg=96))),
-        # after the sixteenth session's calls: the forward's largest stall is the long
-        # scoreboard (waiting on global loads; perf/NOTES.md Run 19); Triton's pipeliner keeps
-        # the next chunks' tiles in flight as cp.async copies into shared memory, read from
-        # there straight into the compute layout (triton 3.6: 128 registers, no spills; the
-        # same instruction count)
-        *((f"fwd cp.async pipeline, {k} stages",
-           dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10, pipe=k)))
-          for k in (2, 3, 4)),
-        # with B and C staged in fp32: their tiles reach the compute layout without the 16-bit
-        # unpacking every thread repeats (triton 3.6: 663 instructions per chunk against 800,
-        # 48 B of spills at 128 registers)
-        *((f"fwd cp.async pipeline, {k} stages, bc_f32",
-           dict(fwd=S(16, 8, 2, 1, **fwd, min_split=3, maxnreg=128, maxnreg_from=10, pipe=k,
-                      bc_f32=True)))
-          for k in (2, 3)),
-        # row 4 in 8 segments once the segments' local pass is pipelined too (it loads each
-        # chunk synchronously at PIPE 1: 5.32 ms against 4.71 with 4 segments, call 1)
-        ("fwd cp.async pipeline, 3 stages, segments under 2048, from 4",
-         dict(fwd=S(16, 8, 2, 1, 1, 2048, 128, min_split=4, maxnreg=128, maxnreg_from=10,
-                    pipe=3))),
+        # the sixteenth session's default: 8-step chunks capped at 128 registers from 10
+        # programs per SM, the next chunk's tiles prefetched into registers by hand, per-step B
+        # and C read in bf16
+        ("fwd sixteenth session's default",
+         dict(fwd=S(16, 8, 2, 1, **seg, maxnreg=128, maxnreg_from=10))),
+        # the seventeenth session's first call: 8-step chunks with the cp.async pipeline and
+        # fp32 B/C, capped as above
+        ("fwd T8 pipeline",
+         dict(fwd=S(16, 8, 2, 1, **seg, maxnreg=128, maxnreg_from=10, bc_f32=True, pipe=3))),
+        # the pipeline's depth at 16-step chunks
+        *((f"fwd pipeline, {k} stages", dict(fwd=S(16, 16, 2, 1, **seg, bc_f32=True, pipe=k)))
+          for k in (2, 4)),
         ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 

@@ -390,23 +390,21 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     if interpreting():  # tiny blocks; segments of 2 chunks once there are under 16 programs
         return ScanConfig(BD=_block_d(4, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
                           target=16, min_seg=2 * ck)  # fmt: skip
-    # One warp: 16 channel lanes x 2 state lanes, 8 states x 8 steps in registers (160
-    # registers with triton 3.6). Third GPU run, 8x4096x2048 bf16: 0.656 ms against 0.746-0.913
-    # for 4 state lanes (8-32 channels, 1-4 warps, 8 or 16 steps); 4.77 ms at 1x4096x65536 with
-    # 4 segments. Segments once batch x blocks is under about one wave, of at least 128 steps:
-    # with 1024 the 130M prefill (1 x 1536 x 2048, 96 blocks) ran 2 segments of 1024 steps in
-    # 311 us per layer (fourth run), latency-bound; 11 segments of 192 steps fill the GPU.
-    # Only when the target asks for 3 or more: at 512-1023 programs (the 130M training step's
-    # 8 x 1536: 768) one segment ran in 0.352 ms against 0.472 with two (eleventh session).
-    # Registers capped at 128 from 10 programs per SM (fifteenth session): at 158-160 registers
-    # 12 one-warp programs fit an SM, so 8x4096x2048's 2048 programs ran 1.29 waves (ncu);
-    # capped, 16 fit and ptxas needs no spills: 0.688 -> 0.585 ms there, 0.952 -> 0.896 at
-    # 16x1536x4096 (11.6 per SM); at 7.75 per SM (8x2048x2048, 1x4096x65536) no gain: row 2
-    # lands at ~0.37 or ~0.30-0.33 ms depending on the compiled variant, capped or not
-    # (sixteenth session, perf/NOTES.md Run 19). Chunks of 4 steps: 25-30 % slower.
-    return ScanConfig(BD=_block_d(16, dim, groups), T=T, N_B=min(n, 2), num_warps=1,
-                      target=1024, min_seg=128, min_split=3, maxnreg=128,
-                      maxnreg_from=10)  # fmt: skip
+    # One warp: 16 channel lanes x 2 state lanes, 8 states per thread (third GPU run: against
+    # 4 state lanes, 8-32 channels, 1-4 warps). Segments once batch x blocks is under about one
+    # wave, of at least 128 steps, when the target asks for 3 or more: the 130M prefill
+    # (1 x 1536 x 2048, 96 blocks) is latency-bound in 2 segments, and at 512-1023 programs (the
+    # 130M training step's 768) one segment beat two (eleventh session). Seventeenth session
+    # (perf/NOTES.md Run 20): the next two chunks' tiles in flight by cp.async (pipe=3), per-step
+    # B and C staged in fp32, chunks of twice the checkpoint interval (16 steps: 255 registers,
+    # 8 programs per SM; 9.4 instructions per state element against 10.2 for 8 steps, and twice
+    # the independent work per warp). Against the sixteenth session's default (8 steps, capped
+    # at 128 registers, prefetch into registers): 0.596 -> 0.477 ms at 8x4096x2048, 0.368 ->
+    # 0.251 at 8x2048x2048, 0.911 -> 0.756 at 16x1536x4096, 4.53 -> 3.73 at 1x4096x65536.
+    # 16 steps only up to 16 states (8 per thread), where the registers hold them.
+    return ScanConfig(BD=_block_d(16, dim, groups), T=2 * T if n <= 16 else T, N_B=min(n, 2),
+                      num_warps=1, target=1024, min_seg=128, min_split=3, bc_f32=True,
+                      pipe=3)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:

@@ -7,7 +7,8 @@ The forward writes the state every CK steps for the backward (bf16, a third of i
 row 1). Under torch.no_grad nothing needs them: this times `lowering.scan_fwd` alone at CK 8
 (the default), 16, 64 and 2048 (about none), and with save_checkpoints=False (none: the
 kernel's STORE_CK=False variant, what no_grad runs), on every ANCHORS row, after checking that
-the output is bitwise the same for each.
+the outputs agree (bitwise across CK; the STORE_CK=False kernel is compiled apart, and its
+rounding may differ).
 """
 
 from __future__ import annotations
@@ -58,14 +59,19 @@ def main() -> None:
                 out = scan_fwd(*args, None, True, save)[0]
                 if ref is None:
                     ref = out
-                assert torch.equal(out, ref), f"CK {ck} {save}: output differs"
+                if save:
+                    assert torch.equal(out, ref), f"CK {ck}: output differs"
+                else:
+                    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
                 run = lambda a=args, s=save: scan_fwd(*a, None, True, s)  # noqa: E731
                 times.append(triton.testing.do_bench(run, warmup=25, rep=100,
                                                      return_mode="median"))  # fmt: skip
             finally:
                 common.set_override()
-        print(f"| {b}x{d}x{L} {str(dtype)[6:]} | " + " | ".join(f"{t:.3f}" for t in times) + " |",
-              flush=True)
+        print(
+            f"| {b}x{d}x{L} {str(dtype)[6:]} | " + " | ".join(f"{t:.3f}" for t in times) + " |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
