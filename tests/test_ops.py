@@ -218,6 +218,40 @@ def test_no_checkpoints_without_grad(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_eager_path_equals_op(device):
+    """In eager, selective_scan_fn calls the op's kernels and autograd formula directly (no
+    torch.library dispatch: its host time); the output, last state and every gradient equal the
+    op's, bit for bit. Under a dispatch mode (as under tracing) it calls the op, which the mode
+    then sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    case = ScanCase(seqlen=300, C_layout="g2", device=device, dtype=torch.float32)
+    kw = case.inputs(requires_grad=True)
+    leaves = list(tensors(kw).values())
+    out, last = selective_scan_fn(**kw)
+    assert "EagerScan" in type(out.grad_fn).__name__
+    grads = torch.autograd.grad((out * out).sum() + last.sum(), leaves)
+    out_op, last_op, _ = torch.ops.mamba_compiled.selective_scan_fwd(*_scan_op_args(kw), True)
+    grads_op = torch.autograd.grad((out_op * out_op).sum() + last_op.sum(), leaves)
+    assert torch.equal(out, out_op) and torch.equal(last, last_op)
+    for name, g, g_op in zip(tensors(kw), grads, grads_op, strict=True):
+        assert torch.equal(g, g_op), name
+    with Seen() as seen:
+        out_mode = selective_scan_fn(**kw)[0]
+    assert "mamba_compiled::selective_scan_fwd" in seen.ops
+    assert torch.equal(out_mode, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_decode_equals_scan(device, groups, dtype):

@@ -136,6 +136,17 @@ def selective_scan_bwd(
     D: Opt, z: Opt, delta_bias: Opt, initial_state: Opt, checkpoints: Tensor,
     delta_softplus: bool, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_bwd(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+        delta_softplus, deterministic,
+    )  # fmt: skip
+
+
+def _scan_bwd(
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+    delta_softplus, deterministic,
+):  # fmt: skip
+    """The backward op's body (also the eager path's backward, `_EagerScan`)."""
     if u.device.type == "cuda":
         return lowering().scan_bwd(
             dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
@@ -234,6 +245,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    return _gradients(ctx, dout, dlast_state, torch.ops.mamba_compiled.selective_scan_bwd)
+
+
+def _gradients(ctx, dout, dlast_state, scan_bwd):
+    """The 11 gradients of the forward's inputs, by `scan_bwd` (the op, or its body)."""
     if not ctx.save_checkpoints:
         raise RuntimeError(
             "selective_scan_fwd ran with save_checkpoints=False (inference): it kept nothing for "
@@ -245,12 +261,10 @@ def _backward(ctx, dout, dlast_state, _dcheckpoints):
     # dout may have any strides (e.g. out_proj's gradient, transposed): both kernels take them.
     if dlast_state is not None:
         dlast_state = dlast_state.contiguous()
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = (
-        torch.ops.mamba_compiled.selective_scan_bwd(
-            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
-            ctx.delta_softplus, torch.are_deterministic_algorithms_enabled(),
-        )
-    )
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = scan_bwd(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+        ctx.delta_softplus, torch.are_deterministic_algorithms_enabled(),
+    )  # fmt: skip
     return (
         du, ddelta, dA, dB, dC,
         dD if D is not None else None,
@@ -263,6 +277,42 @@ def _backward(ctx, dout, dlast_state, _dcheckpoints):
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerScan(torch.autograd.Function):
+    """`selective_scan_fn` in eager: the op's kernels and autograd formula, called directly.
+
+    Through torch.library an eager call of the op and of its backward costs ~0.3-0.5 ms of host
+    time each (the custom op's autograd wrapper, redispatch and alias checks), as much as the
+    GPU's work at 8x2048x2048: such calls were host-bound (perf/NOTES.md, Run 20). Whenever
+    anything could be watching (torch.compile, export, fake or functional tensors, a torch
+    function or dispatch mode, functorch), `selective_scan_fn` calls the op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, *args):
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, as in the op
+        u = args[0]
+        scan_fwd = lowering().scan_fwd if u.device.type == "cuda" else cpu.scan_fwd
+        out, last_state, checkpoints = scan_fwd(*args)
+        _setup_context(ctx, args, (out, last_state, checkpoints))
+        return out, last_state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlast_state):
+        return _gradients(ctx, dout, dlast_state, _scan_bwd)
+
+
+def _watched(args) -> bool:
+    """Whether a call may be traced or intercepted: then it must go through the op."""
+    return (
+        torch.compiler.is_compiling()
+        or any(t is not None and type(t) is not Tensor for t in args)
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +347,12 @@ def selective_scan_fn(
     # checkpoints for the backward only when one can follow (under no_grad / inference_mode, or
     # on inputs that need no gradient, the kernel writes none: a third of its bytes at bf16)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    out, last_state, _ = torch.ops.mamba_compiled.selective_scan_fwd(
-        *args, bool(delta_softplus), grad
-    )
+    if _watched(args):
+        out, last_state, _ = torch.ops.mamba_compiled.selective_scan_fwd(
+            *args, bool(delta_softplus), grad
+        )
+    else:
+        out, last_state = _EagerScan.apply(*args, bool(delta_softplus), grad)
     return (out, last_state) if return_last_state else out
 
 
