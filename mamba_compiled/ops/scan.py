@@ -242,6 +242,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
     ctx.delta_softplus = delta_softplus
     ctx.save_checkpoints = save_checkpoints
+    # an unused output's gradient comes as None: no zeros the size of the checkpoints (the
+    # checkpoints' gradient is never used; at 8x4096x2048 bf16 a 0.27 GB fill per backward)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlast_state, _dcheckpoints):
@@ -291,7 +294,6 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, as in the op
         u = args[0]
         scan_fwd = lowering().scan_fwd if u.device.type == "cuda" else cpu.scan_fwd
         out, last_state, checkpoints = scan_fwd(*args)
