@@ -239,6 +239,8 @@ def test_eager_path_equals_op(device):
     leaves = list(tensors(kw).values())
     out, last = selective_scan_fn(**kw)
     assert "EagerScan" in type(out.grad_fn).__name__
+    as_parameter = dict(kw, D=torch.nn.Parameter(kw["D"].detach()))  # as a model passes D
+    assert "EagerScan" in type(selective_scan_fn(**as_parameter)[0].grad_fn).__name__
     grads = torch.autograd.grad((out * out).sum() + last.sum(), leaves)
     out_op, last_op, _ = torch.ops.mamba_compiled.selective_scan_fwd(*_scan_op_args(kw), True)
     grads_op = torch.autograd.grad((out_op * out_op).sum() + last_op.sum(), leaves)

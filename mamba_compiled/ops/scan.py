@@ -306,11 +306,14 @@ class _EagerScan(torch.autograd.Function):
         return _gradients(ctx, dout, dlast_state, _scan_bwd)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # a model's D and delta_bias are parameters
+
+
 def _watched(args) -> bool:
     """Whether a call may be traced or intercepted: then it must go through the op."""
     return (
         torch.compiler.is_compiling()
-        or any(t is not None and type(t) is not Tensor for t in args)
+        or any(t is not None and type(t) not in _PLAIN for t in args)
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._are_functorch_transforms_active()
