@@ -66,6 +66,7 @@ class Case:
     bwd_rs: bool = True  # interpreter: backward dB/dC by the reduce-scatter (else tl.sum)
     bc_f32: bool = False  # interpreter: per-step B, C staged in fp32 by the launchers
     pipe: int = 1  # interpreter: the forward's chunk loops through Triton's pipeliner (stages)
+    fwd_t2: bool = False  # interpreter: forward chunks of two checkpoint intervals (as on GPUs)
     ck: int | None = None  # checkpoint interval (8: two chunks of 4 per checkpoint)
 
     def bc(self, layout: str) -> torch.Tensor:
@@ -133,6 +134,10 @@ CASES = [
     pytest.param(Case(B="g2", C="g2", seqlen=11, bwd_rs=False), id="groups2-sum"),
     pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
     pytest.param(Case(batch=1, seqlen=38, pipe=3), id="segments5-pipe3"),
+    # the GPU default's forward: a checkpoint in the middle of each chunk, the pipeline, fp32
+    # B/C, segments
+    pytest.param(Case(batch=1, seqlen=45, dtype=torch.bfloat16, pipe=3, bc_f32=True, fwd_t2=True),
+                 id="segments-t2-pipe3-bc-fp32"),
     # a checkpoint every two chunks: odd chunks start from the state after the even one
     pytest.param(Case(ck=8), id="ck2chunks-L13-tail-odd"),
     pytest.param(Case(ck=8, seqlen=21, B="shared", deterministic=True), id="ck2chunks-shared-B"),
@@ -229,11 +234,12 @@ def test_scan_forward_backward(case: Case, request):
     if case.ck is not None:
         common.set_override(ck=case.ck)
         request.addfinalizer(common.set_override)
-    if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32 or case.pipe > 1):
+    if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32 or case.pipe > 1 or case.fwd_t2):
         fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
         bwd = common.bwd_config(case.dim, case.dstate, (1, 1))
         common.set_override(
-            fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32, pipe=case.pipe),
+            fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32, pipe=case.pipe,
+                                    T=2 * fwd.T if case.fwd_t2 else fwd.T),
             bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32),
             ck=case.ck,
         )
