@@ -78,6 +78,11 @@ def sweep_space():
         # fp32 B/C, capped as above
         ("fwd T8 pipeline",
          dict(fwd=S(16, 8, 2, 1, **seg, maxnreg=128, maxnreg_from=10, bc_f32=True, pipe=3))),
+        # each softplus computed by one of a channel's two state lanes, not both (triton 3.6:
+        # 176 -> 160 MUFU operations, 1204 -> 1177 instructions per 16-step chunk; the forward
+        # is at the MUFU limit as much as at the issue limit)
+        ("fwd softplus split over the state lanes",
+         dict(fwd=S(16, 16, 2, 1, **seg, bc_f32=True, pipe=3, sp_split=True))),
         # the pipeline's depth at 16-step chunks
         *((f"fwd pipeline, {k} stages", dict(fwd=S(16, 16, 2, 1, **seg, bc_f32=True, pipe=k)))
           for k in (2, 4)),

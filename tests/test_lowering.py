@@ -226,6 +226,26 @@ def test_forward_without_checkpoints():
     assert torch.equal(out_ng, out) and torch.equal(last_ng, last)
 
 
+def test_softplus_split_is_exact(request):
+    """The forward with each softplus computed by one of a channel's two state lanes and shared
+    (`ScanConfig.sp_split`) returns the same output, last state and checkpoints, bit for bit
+    (segments included)."""
+    from mamba_compiled.lowering import common, scan_fwd
+
+    request.addfinalizer(common.set_override)
+    case = Case(batch=1, seqlen=38, dtype=torch.bfloat16)  # 5 segments under the interpreter
+    kw = case.inputs()
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
+    assert fwd.N_B == 2
+    results = []
+    for split in (False, True):
+        common.set_override(fwd=dataclasses.replace(fwd, sp_split=split))
+        results.append(scan_fwd(*args, True))
+    for name, a, b in zip(("out", "last", "checkpoints"), *results, strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_scan_forward_backward(case: Case, request):
     from mamba_compiled.lowering import common, scan_bwd, scan_fwd

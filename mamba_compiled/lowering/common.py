@@ -258,6 +258,9 @@ class ScanConfig:
     # pipeliner copies the next k - 1 chunks' tiles into shared memory (cp.async) and reads them
     # from there in the compute layout (no register prefetch, no layout exchange per tile)
     pipe: int = 1
+    # forward, N_B = 2: each state lane computes the softplus of half of a chunk's steps and the
+    # two share them (scan_forward._delta_split), instead of both computing all of them
+    sp_split: bool = False
 
 
 def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:
