@@ -38,6 +38,9 @@ compiled training step runs the same kernel as eager (2.8 against 3.6 ms at 8x40
 a backward is never part of an exported or AOTInductor inference graph.
 
 The forward's autograd formula calls the registered backward op, so AOT autograd traces it.
+In plain eager use `selective_scan_fn` skips torch.library's dispatch (its host time) and calls
+the same kernels and formula through `_EagerScan`; whenever anything traces or intercepts the
+call, it goes through the registered op.
 """
 
 from __future__ import annotations
