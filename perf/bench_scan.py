@@ -63,29 +63,30 @@ def sweep_space():
     """Launch configurations compared by --sweep: (name, overrides for common.set_override).
     Forward and backward settings are independent (the backward's T is the checkpoint interval,
     and the forward's T must be a multiple of it). The variants measured until the seventeenth
-    session, and what they gave, are in perf/NOTES.md (Runs 3-20)."""
+    session, and what they gave, are in perf/NOTES.md (Runs 3-21)."""
     from mamba_compiled.lowering.common import ScanConfig as S
 
     seg = dict(target=1024, min_seg=128, min_split=3)  # the default's segments
+    fwd = dict(bc_f32=True, pipe=3)  # the default's pipeline and fp32 B/C
+    bwd = dict(target=4096, min_seg=1024)  # the default's segments (BD8 T8 N_B4, one warp)
     return [
         ("default", {}),
-        # the sixteenth session's default: 8-step chunks capped at 128 registers from 10
-        # programs per SM, the next chunk's tiles prefetched into registers by hand, per-step B
-        # and C read in bf16
-        ("fwd sixteenth session's default",
-         dict(fwd=S(16, 8, 2, 1, **seg, maxnreg=128, maxnreg_from=10))),
-        # the seventeenth session's first call: 8-step chunks with the cp.async pipeline and
-        # fp32 B/C, capped as above
-        ("fwd T8 pipeline",
-         dict(fwd=S(16, 8, 2, 1, **seg, maxnreg=128, maxnreg_from=10, bc_f32=True, pipe=3))),
+        # the look-back as until the seventeenth session: program s + 1 scans segment s before
+        # the chain, the last segment's program idles meanwhile (8 backward segments at
+        # 1 x 4096 x 65536: no cap at a wave of programs)
+        ("fwd look-back by segment", dict(fwd=S(16, 16, 2, 1, **seg, **fwd, balance=False))),
+        ("bwd look-back by segment", dict(bwd=S(8, 8, 4, 1, **bwd, rs=True, balance=False))),
+        # the balanced look-back with 3 / 5 / 8 forward segments at batch 1 x 4096 (4 by default)
+        *((f"fwd balanced, {k} segments at 256 blocks",
+           dict(fwd=S(16, 16, 2, 1, target=256 * k, min_seg=128, min_split=3, **fwd)))
+          for k in (3, 5, 8)),
+        # the backward's balanced look-back on two waves (4 segments at 1 x 4096 x 65536; also
+        # unchains rows 2 and 3, whose 2048 and 3072 programs are then under the "resident")
+        ("bwd balanced, two waves", dict(bwd_resident=2 * 1056)),
         # each softplus computed by one of a channel's two state lanes, not both (triton 3.6:
-        # 176 -> 160 MUFU operations, 1204 -> 1177 instructions per 16-step chunk; the forward
-        # is at the MUFU limit as much as at the issue limit)
+        # 176 -> 160 MUFU operations, 1204 -> 1177 instructions per 16-step chunk)
         ("fwd softplus split over the state lanes",
-         dict(fwd=S(16, 16, 2, 1, **seg, bc_f32=True, pipe=3, sp_split=True))),
-        # the pipeline's depth at 16-step chunks
-        *((f"fwd pipeline, {k} stages", dict(fwd=S(16, 16, 2, 1, **seg, bc_f32=True, pipe=k)))
-          for k in (2, 4)),
+         dict(fwd=S(16, 16, 2, 1, **seg, **fwd, sp_split=True))),
         ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 

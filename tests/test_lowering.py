@@ -68,6 +68,8 @@ class Case:
     pipe: int = 1  # interpreter: the forward's chunk loops through Triton's pipeliner (stages)
     fwd_t2: bool = False  # interpreter: forward chunks of two checkpoint intervals (as on GPUs)
     ck: int | None = None  # checkpoint interval (8: two chunks of 4 per checkpoint)
+    balance: bool = True  # look-back: local pass shared evenly (else by segment)
+    bwd_resident: int | None = None  # backward programs resident at once (interpreter: 4)
 
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -139,6 +141,14 @@ CASES = [
     pytest.param(Case(batch=1, seqlen=45, dtype=torch.bfloat16, pipe=3, bc_f32=True, fwd_t2=True),
                  id="segments-t2-pipe3-bc-fp32"),
     # a checkpoint every two chunks: odd chunks start from the state after the even one
+    # 8 segments of 13 chunks, each cut into 8 pieces of 1-2 chunks (the balanced look-back),
+    # and the look-back by segment
+    pytest.param(Case(batch=1, seqlen=403, dtype=torch.bfloat16), id="segments8-pieces"),
+    pytest.param(Case(batch=1, seqlen=403, balance=False), id="segments8-by-segment"),
+    # the backward's balanced look-back takes at most a wave (`bwd_resident`) of programs: here
+    # 8 segments for its 2 programs per segment (4 under the interpreter's default)
+    pytest.param(Case(batch=1, seqlen=403, bwd_resident=16, deterministic=True),
+                 id="segments8-bwd-pieces"),
     pytest.param(Case(ck=8), id="ck2chunks-L13-tail-odd"),
     pytest.param(Case(ck=8, seqlen=21, B="shared", deterministic=True), id="ck2chunks-shared-B"),
     pytest.param(Case(ck=8, batch=1, seqlen=38, dtype=torch.bfloat16), id="ck2chunks-segments"),
@@ -251,18 +261,22 @@ def test_scan_forward_backward(case: Case, request):
     from mamba_compiled.lowering import common, scan_bwd, scan_fwd
     from mamba_compiled.lowering.common import checkpoint_dtype, checkpoint_interval
 
-    if case.ck is not None:
-        common.set_override(ck=case.ck)
+    if case.ck is not None or case.bwd_resident is not None:
+        common.set_override(ck=case.ck, bwd_resident=case.bwd_resident)
         request.addfinalizer(common.set_override)
-    if DEVICE == "cpu" and (not case.bwd_rs or case.bc_f32 or case.pipe > 1 or case.fwd_t2):
+    if DEVICE == "cpu" and (
+        not case.bwd_rs or case.bc_f32 or case.pipe > 1 or case.fwd_t2 or not case.balance
+    ):
         fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
         bwd = common.bwd_config(case.dim, case.dstate, (1, 1))
         common.set_override(
             fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32, pipe=case.pipe,
-                                    T=2 * fwd.T if case.fwd_t2 else fwd.T),
-            bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32),
-            ck=case.ck,
-        )
+                                    T=2 * fwd.T if case.fwd_t2 else fwd.T,
+                                    balance=case.balance),
+            bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32,
+                                    balance=case.balance),
+            ck=case.ck, bwd_resident=case.bwd_resident,
+        )  # fmt: skip
         request.addfinalizer(common.set_override)
     kw = case.inputs()
     b, d, n, L = case.batch, case.dim, case.dstate, case.seqlen
@@ -387,6 +401,14 @@ def test_segments_add_no_guards():
     assert segments(96, 2048, few) == segments(96, 2048, dataclasses.replace(few, min_split=2))
     n_seg, _ = segments(batch * 256, seqlen, few)
     assert not env.guards, env.guards
+    # the backward's cap (at most a wave of programs unless chained), as its launcher forms it
+    programs = batch * 256
+    chained = torch.sym_min(1, programs // 1056)
+    n_seg, _ = segments(programs, seqlen, cfg, torch.sym_max(chained * (1 << 30), 1056 // programs))
+    assert not env.guards, env.guards
+    bwd = ScanConfig(BD=8, T=8, N_B=4, num_warps=1, target=4096, min_seg=1024)
+    assert segments(512, 65536, bwd, 1056 // 512) == (2, 32768)
+    assert segments(512, 65536, bwd) == (8, 8192)
 
 
 def test_backward_deterministic_bitwise():

@@ -113,6 +113,59 @@ def publish(flag_ptr):
 
 
 @triton.jit
+def _boundary(j, first, per):
+    """Where segment j starts, in chunks counted in look-back order: segment 0 has `first`
+    chunks, the others `per`."""
+    return tl.minimum(j, 1) * (first + (j - 1) * per)
+
+
+@triton.jit
+def local_range(k, n_seg, first, per, balance):
+    """(lo, mid, hi): the chunks [lo, hi) (look-back order) that the program of look-back
+    position k scans from the zero state before the chain, and mid, where its own segment
+    starts (lo <= mid <= hi).
+
+    The chain needs the aggregate of everything before the last segment: chunks [0, total),
+    total = the start of segment n_seg - 1. Balanced (balance = 1): the programs share it
+    evenly, each about (n_seg - 1) / n_seg of a segment, program k's share straddling its own
+    segment's start (the tail of segment k - 1, the head of segment k), so all of them reach
+    the chain together. Otherwise program k scans segment k - 1 and program 0 nothing (the
+    look-back until the seventeenth session, whose program 0 idled through the others' scans)."""
+    total = _boundary(n_seg - 1, first, per)
+    mid = _boundary(k, first, per)
+    prev = _boundary(tl.maximum(k - 1, 0), first, per)
+    nxt = tl.minimum(_boundary(k + 1, first, per), total)
+    if balance != 0:
+        lo = tl.minimum(tl.maximum(k * total // n_seg, prev), mid)
+        hi = tl.minimum(tl.maximum((k + 1) * total // n_seg, mid), nxt)
+    else:
+        lo = prev
+        hi = mid
+    return lo, mid, hi
+
+
+@triton.jit
+def chain(k, first, h_a, dsum_a, h_b, dsum_b, A2_3, carry_ptr, step, smask3, flag, prev_flag):
+    """The look-back's chain, after the local pass of `local_range`: h_a, h_b the end states
+    of its chunks [lo, mid) and [mid, hi) from the zero state, dsum_a, dsum_b (1, BD) their ΣΔ.
+    Waits for program k - 1 to publish the true state at lo (`first`, the state before
+    everything, for k = 0), publishes the true state at hi for program k + 1, and returns the
+    one at mid: this program's start state. States pass as exp2(A·log2e·ΣΔ)·h + h_loc.
+
+    carry_ptr carries the program's (batch, state) offsets, step (int64) is one row of them.
+    The read of another program's store goes through L2 (".cg"): the L1 is not coherent."""
+    x = first
+    if k > 0:
+        wait_for(prev_flag)
+        x = tl.load(carry_ptr + (k - 1) * step, mask=smask3, other=0.0, cache_modifier=".cg")
+    start = tl.exp2(A2_3 * dsum_a[:, :, None]) * x + h_a
+    end = tl.exp2(A2_3 * dsum_b[:, :, None]) * start + h_b
+    tl.store(carry_ptr + k * step, end, mask=smask3)
+    publish(flag)
+    return start
+
+
+@triton.jit
 def _shfl_xor(x, M: tl.constexpr, LANE: tl.constexpr, FAST: tl.constexpr):
     """x (A0, A1, BD, N_B) as held by channel d ^ M. FAST: one butterfly shuffle with lane mask
     LANE (the lanes of a warp hold (BD, N_B) with N_B fastest, so channel bit M is lane bit
@@ -261,6 +314,9 @@ class ScanConfig:
     # forward, N_B = 2: each state lane computes the softplus of half of a chunk's steps and the
     # two share them (scan_forward._delta_split), instead of both computing all of them
     sp_split: bool = False
+    # segments: the look-back's local pass shared evenly by all of a block's programs
+    # (`local_range`), instead of program k scanning segment k - 1
+    balance: bool = True
 
 
 def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:
@@ -275,12 +331,15 @@ def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:
     return options
 
 
-def segments(programs, seqlen, cfg: ScanConfig):
+def segments(programs, seqlen, cfg: ScanConfig, cap=None):
     """(n_seg, seg_len): the number of segments and their length in steps (a multiple of cfg.T),
-    for `programs` = batch · channel blocks. Integer arithmetic on sizes only (torch.sym_min /
-    sym_max add no guards): batch and seqlen may be symbolic under torch.compile and export."""
+    for `programs` = batch · channel blocks, at most `cap` segments when given. Integer
+    arithmetic on sizes only (torch.sym_min / sym_max add no guards): batch and seqlen may be
+    symbolic under torch.compile and export."""
     want = cdiv(cfg.target, programs)
     want = want * torch.sym_min(1, want // cfg.min_split)  # 0 (one segment) under min_split
+    if cap is not None:
+        want = torch.sym_min(want, cap)
     n_seg = torch.sym_max(1, torch.sym_min(want, cdiv(seqlen, cfg.min_seg)))
     seg_len = torch.sym_max(cdiv(cdiv(seqlen, n_seg), cfg.T) * cfg.T, cfg.T)
     return torch.sym_max(1, cdiv(seqlen, seg_len)), seg_len

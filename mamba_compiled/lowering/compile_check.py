@@ -3,8 +3,9 @@
     python -m mamba_compiled.lowering.compile_check [--arch 90] [--res] [--sass DIR]
 
 Uses Triton's bundled ptxas, so it runs on any machine with triton installed (not under
-TRITON_INTERPRET=1). Compiles each kernel as the JIT specializes it for the first ANCHORS row and
-for a one-step sequence at batch 1 (value-1 arguments become constants). Prints each kernel's
+TRITON_INTERPRET=1). Compiles each kernel as the JIT specializes it for the first ANCHORS row, for
+a one-step sequence at batch 1 (value-1 arguments become constants) and, for the scans, for the
+fourth row (segments). Prints each kernel's
 configuration; --res adds registers, stack (spills)
 and shared memory (from the bundled cuobjdump); --sass writes each kernel's SASS to DIR.
 
@@ -39,8 +40,8 @@ from .scan_backward import _scan_bwd_kernel
 from .scan_forward import _scan_fwd_kernel
 
 F32_PTRS = {
-    "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "carry_ptr", "dlast_ptr", "dA_ptr",
-    "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
+    "A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "carry_ptr", "dlast_ptr",
+    "dA_ptr", "dD_ptr", "dbias_ptr", "dh0_ptr", "dBp_ptr", "dCp_ptr", "state_ptr", "seg_ptr",
     "xdbl_ptr", "part_ptr", "res_ptr", "cw_ptr", "dcw_ptr",
 }  # fmt: skip
 F32_SCALARS = {"eps"}
@@ -126,7 +127,7 @@ def jobs(dim: int = 4096, dstate: int = 16):
 # specialized as Triton's JIT does at launch: value 1 -> a constant, multiples of 16 -> known
 # divisible (pointers are 16-byte aligned), which is what lets unmasked loads vectorize.
 ROW1_INTS = dict(
-    batch=8, dim=4096, dstate=16, seqlen=2048, n_seg=1, seg_len=2048, B_per_group=4096,
+    batch=8, dim=4096, dstate=16, seqlen=2048, n_seg=1, seg_len=2048, chained=1, B_per_group=4096,
     C_per_group=4096, s_ub=4096 * 2048, s_ud=2048, s_db=4096 * 2048, s_dd=2048, s_zb=4096 * 2048,
     s_zd=2048, s_ob=4096 * 2048, s_od=2048, s_ot=1, s_Bb=16 * 2048, s_Bg=16 * 2048, s_Bn=2048,
     s_Cb=16 * 2048, s_Cg=16 * 2048, s_Cn=2048,
@@ -143,6 +144,15 @@ ROW1_INTS = dict(
 ONE_INTS = dict(ROW1_INTS, batch=1, seqlen=1, n_ck=1, seg_len=8, s_ub=4096, s_ud=1, s_db=4096,
                 s_dd=1, s_zb=4096, s_zd=1, s_ob=4096, s_od=1, s_Bb=16, s_Bg=16, s_Bn=1, s_Cb=16,
                 s_Cg=16, s_Cn=1)  # fmt: skip
+
+
+# The fourth ANCHORS row (1 x 4096 x 65536 x 16): segments chained by the look-back, whose code
+# the first row's n_seg = 1 (a constant) compiles away. The backward's look-back (`chained` 0).
+_L4 = 65536
+ROW4_INTS = dict(ROW1_INTS, batch=1, seqlen=_L4, n_seg=4, seg_len=_L4 // 4, balance=1, chained=0,
+                 s_ub=4096 * _L4, s_ud=_L4, s_db=4096 * _L4, s_dd=_L4, s_zb=4096 * _L4, s_zd=_L4,
+                 s_ob=4096 * _L4, s_od=_L4, s_Bb=16 * _L4, s_Bg=16 * _L4, s_Bn=_L4,
+                 s_Cb=16 * _L4, s_Cg=16 * _L4, s_Cn=_L4)  # fmt: skip
 
 
 def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int, dtype: str = "bf16",
@@ -201,6 +211,9 @@ def main() -> int:
     for name, kernel, constexprs, num_warps in jobs():
         maxnreg = cap if kernel is _scan_fwd_kernel else None
         compile_kernel(kernel, constexprs, num_warps, args.arch, ints=ONE_INTS, maxnreg=maxnreg)
+        if kernel in (_scan_fwd_kernel, _scan_bwd_kernel):
+            compile_kernel(kernel, constexprs, num_warps, args.arch, ints=ROW4_INTS,
+                           maxnreg=maxnreg)  # fmt: skip
         compiled = compile_kernel(kernel, constexprs, num_warps, args.arch, maxnreg=maxnreg)
         meta = compiled.metadata
         print(f"{name}: {constexprs} warps={num_warps} maxnreg={maxnreg} shared={meta.shared}B")

@@ -21,9 +21,11 @@ before it, scanned from that chunk's checkpoint.
 
 When batch x blocks is small the sequence is cut into segments, run by separate programs
 chained by a look-back (`common.segments`): segment s needs the adjoint flowing out of segment
-s + 1. With few programs, each segment but the first first runs the adjoint alone over its
-steps, so that s - 1 can start at once; once a segment's programs outnumber those resident on
-the GPU (`common.bwd_resident`), segments instead publish after their full backward, which the
+s + 1. With few programs, every program first runs the adjoint alone over its share of the
+segments after the first (`common.local_range`, as the forward's look-back but backwards in
+time), so that the chain reaches each segment at once; their number is then capped at one wave
+of programs (`common.bwd_resident`), as that pass grows with them. Once a segment's programs
+outnumber the resident ones, segments instead publish after their full backward, which the
 programs of s - 1 (later tickets, hence a wave later) seldom wait for.
 
 Sums over time stay in registers; sums over batch are written per batch element and summed by
@@ -48,11 +50,13 @@ from .common import (
     bwd_config,
     bwd_resident,
     cdiv,
+    chain,
     checkpoint_interval,
     interpreting,
     launcher,
     linear_combine,
     next_power_of_2,
+    local_range,
     publish,
     segments,
     shifted_combine,
@@ -274,11 +278,49 @@ def _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
 
 
 @triton.jit
+def _adjoint_span(
+    carry, r_lo, r_hi, n_chunks, tail, seqlen, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs,
+    z_ptrs, C_ptrs, dout_ptrs, s_ot, A2, bias, C_sh, ones,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, C_SHARED: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, T: tl.constexpr, FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    """The adjoint alone over chunks [r_lo, r_hi) counted from the sequence's end (r = 0 is its
+    partial last chunk when `tail`), from `carry`: the carry out of the span and its ΣΔ (1, BD)."""
+    dsum = tl.zeros(dmask2.shape, dtype=tl.float32)
+    for _tail in range(0, tail * (r_lo == 0) * (r_hi > 0)):
+        t0 = (n_chunks - 1) * T
+        m2 = (t0 + t2 < seqlen) & dmask2
+        raw, _, z, _, C_raw = _load_chunk(
+            t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, C_ptrs, C_ptrs,
+            HAS_Z, True, True, C_SHARED, True, EVEN_D, EVEN_N,
+        )  # fmt: skip
+        dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=m2, other=0.0)
+        carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
+                                     HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, True, m2, T,
+                                     FAST_MATH)  # fmt: skip
+    for r in range(tl.maximum(r_lo, tail), r_hi):
+        t0 = (n_chunks - 1 - r) * T
+        raw, _, z, _, C_raw = _load_chunk(
+            t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, C_ptrs, C_ptrs,
+            HAS_Z, True, True, C_SHARED, False, EVEN_D, EVEN_N,
+        )  # fmt: skip
+        if EVEN_D:
+            dout = tl.load(dout_ptrs + (t0 + t2) * s_ot)
+        else:
+            dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=dmask2, other=0.0)
+        carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
+                                     HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, False, dmask2, T,
+                                     FAST_MATH)  # fmt: skip
+    return carry, dsum
+
+
+@triton.jit
 def _scan_bwd_kernel(
     dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ck_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     sync_ptr, seg_ptr,
-    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, chained, B_per_group, C_per_group,
+    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, balance, chained, B_per_group,
+    C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od, s_ot,
     s_gb, s_gd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
@@ -357,53 +399,43 @@ def _scan_bwd_kernel(
     ck_base = ck_ptr + pid_b * (n_ck + 1) * slab + state_off3
     ones = tl.full((T, N_A, BD, N_B), 1.0, dtype=tl.float32)
     flag = sync_ptr + 1 + (seg * batch + pid_b) * n_dblk + pid_d  # (segment, batch, block)
-    seg_state = seg_ptr + (seg * batch + pid_b) * slab + state_off3  # its carry, when published
+    seg_state = seg_ptr + (seg * batch + pid_b) * slab + state_off3  # its carry, when chained
 
     # 1.-3. the carry into the segment's last step (decoupled look-back, as in the forward but
-    # backwards: segment s waits for s + 1 and publishes the carry out of its first step, which
-    # it computes first in an adjoint-only pass). `chained` (when every segment's programs
-    # outnumber the resident ones): no such pass; s publishes after its full backward (4.),
-    # which s - 1, started only once every program of s had started, seldom waits for.
+    # backwards in time: segment s needs the adjoint flowing out of segment s + 1). Not chained:
+    # the local pass (`common.local_range` in ticket order, chunks counted from the sequence's
+    # end) runs the adjoint alone over this program's share from a zero carry, and the chain
+    # gives this segment's carry from the one program k_seg - 1 publishes. `chained` (when every
+    # segment's programs outnumber the resident ones): no such pass; s publishes after its full
+    # backward (4.), which s - 1, started only once every program of s had started, seldom
+    # waits for.
     carry = dlast
-    c_loc = dlast
-    dsum = tl.zeros((1, BD), dtype=tl.float32)
-    if (seg > 0) & (chained == 0):
-        if seg < n_seg - 1:
-            carry = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-        for _tail in range(0, has_tail):  # the sequence's partial last chunk
-            t0 = t_begin + n_full * T
-            m2 = (t0 + t2 < seqlen) & dmask2
-            raw, _, z, _, C_raw = _load_chunk(
-                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-                HAS_Z, True, True, C_SHARED, True, EVEN_D, EVEN_N,
+    if chained == 0:
+        if n_seg > 1:
+            # chunks counted from the sequence's end (r = 0: its last, partial chunk, if any):
+            # segment n_seg - 1 has n_last of them, the others seg_chunks
+            n_chunks = tl.cdiv(seqlen, T)
+            tail = n_chunks - seqlen // T
+            seg_chunks = seg_len // T
+            n_last = n_chunks - (n_seg - 1) * seg_chunks
+            lo, mid, hi = local_range(k_seg, n_seg, n_last, seg_chunks, balance)
+            zero = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
+            c_a, dsum_a = _adjoint_span(
+                zero, lo, mid, n_chunks, tail, seqlen, t2, t3, t4, dmask2, ntmask3, delta_ptrs,
+                u_ptrs, z_ptrs, C_ptrs, dout_ptrs, s_ot, A2, bias, C_sh, ones, HAS_Z, HAS_BIAS,
+                SOFTPLUS, C_SHARED, EVEN_D, EVEN_N, T, FAST_MATH,
             )  # fmt: skip
-            dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=m2, other=0.0)
-            carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4,
-                                         ones, HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, True, m2, T,
-                                         FAST_MATH)  # fmt: skip
-        for c in range(0, n_full):
-            t0 = t_begin + (n_full - 1 - c) * T
-            raw, _, z, _, C_raw = _load_chunk(
-                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-                HAS_Z, True, True, C_SHARED, False, EVEN_D, EVEN_N,
+            c_b, dsum_b = _adjoint_span(
+                zero, mid, hi, n_chunks, tail, seqlen, t2, t3, t4, dmask2, ntmask3, delta_ptrs,
+                u_ptrs, z_ptrs, C_ptrs, dout_ptrs, s_ot, A2, bias, C_sh, ones, HAS_Z, HAS_BIAS,
+                SOFTPLUS, C_SHARED, EVEN_D, EVEN_N, T, FAST_MATH,
             )  # fmt: skip
-            if EVEN_D:
-                dout = tl.load(dout_ptrs + (t0 + t2) * s_ot)
-            else:
-                dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=dmask2, other=0.0)
-            carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4,
-                                         ones, HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, False,
-                                         dmask2, T, FAST_MATH)  # fmt: skip
-        c_loc = carry
-        carry = dlast
-    if seg < n_seg - 1:
+            carry = chain(k_seg, dlast, c_a, dsum_a, c_b, dsum_b, A2_3,
+                          seg_ptr + pid_b * slab + state_off3, (pid_b * 0 + batch) * slab,
+                          smask3, flag, flag + batch * n_dblk)  # fmt: skip
+    elif seg < n_seg - 1:
         wait_for(flag + batch * n_dblk)  # segment s + 1 of this (batch, block)
         carry = tl.load(seg_state + batch * slab, mask=smask3, other=0.0, cache_modifier=".cg")
-    if (seg > 0) & (chained == 0):
-        if seg < n_seg - 1:
-            c_loc += tl.exp2(A2_3 * dsum[:, :, None]) * carry
-        tl.store(seg_state, c_loc, mask=smask3)
-        publish(flag)
 
     # 4. the full backward over the segment, chunks in reverse: the partial last chunk (masked),
     # then whole chunks with the loads of the chunk before issued before the math of this one.
@@ -561,11 +593,13 @@ def scan_bwd(
     )
     n_dblk = cdiv(dim, cfg.BD)
     # segments start on a checkpoint (a chunk's start state is its checkpoint or comes from the
-    # chunk before it, in the same segment)
-    n_seg, seg_len = segments(batch * n_dblk, seqlen, dataclasses.replace(cfg, T=ck))
-    # segments chained without the adjoint-only pass once a segment's programs fill the GPU
-    # (1 or 0, from sizes alone: no guard)
-    chained = torch.sym_min(1, (batch * n_dblk) // bwd_resident(u.device))
+    # chunk before it, in the same segment). Chained (1 or 0, from sizes alone: no guard) once a
+    # segment's programs fill the GPU: no adjoint-only pass. Otherwise the balanced look-back
+    # (cfg.balance) takes at most one wave of programs: its local pass grows with the segments.
+    programs, resident = batch * n_dblk, bwd_resident(u.device)
+    chained = torch.sym_min(1, programs // resident)
+    cap = torch.sym_max(chained * (1 << 30), resident // programs) if cfg.balance else None
+    n_seg, seg_len = segments(programs, seqlen, dataclasses.replace(cfg, T=ck), cap)
     dev, f32 = u.device, torch.float32
     # du, ddelta, dz in u's layout (as the op's fake says), unit stride in time: a model that
     # keeps (channels, batch, L) memory gets its gradients that way, with no transposing copy
@@ -608,7 +642,8 @@ def scan_bwd(
         delta_bias if delta_bias is not None else A, checkpoints,
         du, ddelta, dz if z is not None else du, dA_part, dB_part, dC_part, dD_part, dbias_part,
         dinitial_state, sync, seg_carry,
-        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, chained, B_per_group, C_per_group,
+        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, int(cfg.balance), chained, B_per_group,
+        C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         dout.stride(0), dout.stride(1), dout.stride(2),
         du.stride(0), du.stride(1),

@@ -12,17 +12,20 @@ Segments (when batch · channel blocks alone would leave the GPU idle, e.g. batc
 the sequence is cut into n_seg segments processed by separate programs, chained by a decoupled
 look-back in the same launch. The program of segment s
 
-    1. (s < last) scans its segment from the zero state (from h0 when s = 0): the local end state
-       h_loc and ΣΔ over the segment;
-    2. (s > 0) waits for segment s - 1 to publish its true end state, its own start state;
-    3. (s < last) publishes its true end state exp2(A·log2e·ΣΔ)·h_start + h_loc (for s = 0 the
-       local scan already started from h0): the checkpoint at the start of segment s + 1;
-    4. runs the full forward over its segment from h_start.
+    1. scans its share of the chunks before the last segment from the zero state
+       (`common.local_range`): about (n_seg - 1) / n_seg of a segment, from inside segment
+       s - 1 to inside segment s, with a snapshot where segment s starts;
+    2. waits for the program of segment s - 1 to publish the true state where its share ends;
+    3. from it, its own start state and the true state at the end of its share (h =
+       exp2(A·log2e·ΣΔ)·h_start + h_loc), which it publishes;
+    4. runs the full forward over its segment from its start state.
 
-Programs take tickets from an atomic counter, segment-major, so a program only waits for programs
-that started before it (no deadlock whatever order the hardware starts programs in). Inside a
-segment, full chunks run without time masks (vectorized loads); the sequence's last, partial
-chunk runs masked.
+All programs scan the same number of steps in 1., so they reach the chain together; with the
+local pass by segment (program s scanning segment s - 1: balance=False in the config, for
+comparison) program 0 idles through it. Programs take tickets from an atomic counter,
+segment-major, so a program only waits for programs that started before it (no deadlock
+whatever order the hardware starts programs in). Inside a segment, full chunks run without time
+masks (vectorized loads); the sequence's last, partial chunk runs masked.
 """
 
 from __future__ import annotations
@@ -39,17 +42,17 @@ from .common import (
     checkpoint_interval,
     fwd_config,
     interpreting,
+    chain,
     launch_options,
     launcher,
     linear_combine,
     next_power_of_2,
-    publish,
+    local_range,
     segments,
     sigmoid,
     softplus,
     stage_bc,
     take_ticket,
-    wait_for,
 )
 
 
@@ -227,10 +230,30 @@ def _fwd_chunk(
 
 
 @triton.jit
+def _local_span(
+    h, c_lo, c_hi, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2, B_sh,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr, T: tl.constexpr, FAST_MATH: tl.constexpr, PIPE: tl.constexpr,
+    SP_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The states alone over the whole chunks [c_lo, c_hi) from h: the end state and ΣΔ (1, BD)."""
+    dsum = tl.zeros(dmask2.shape, dtype=tl.float32)
+    for c in tl.range(c_lo, c_hi, num_stages=PIPE):  # PIPE > 1: cp.async stages
+        delta, u, _, B_raw, _ = _load_chunk(
+            c * T, 0, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, u_ptrs, B_ptrs, B_ptrs,
+            False, False, B_SHARED, True, False, EVEN_D, EVEN_N,
+        )  # fmt: skip
+        delta = _delta_of(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH, SP_SPLIT)
+        dsum += tl.sum(delta, 0)[None, :]
+        h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
+    return h, dsum
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, ck_ptr, carry_ptr, sync_ptr,
-    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
+    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, balance, B_per_group, C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
@@ -298,37 +321,24 @@ def _scan_fwd_kernel(
     # pass then carries them without a layout exchange per chunk (Triton 3.6: 459 -> 428
     # instructions per chunk there)
     h0 = _last(tl.zeros((T, N_A, BD, N_B), dtype=tl.float32) + h0[None], t4, T)
-    # 1.-3. the segment's start state (decoupled look-back; nothing to do when n_seg = 1)
     h = h0
-    h_loc = h0
-    dsum = tl.zeros((1, BD), dtype=tl.float32)
-    if seg < n_seg - 1:  # the segment is whole chunks inside the sequence: no time masks
-        if seg > 0:
-            h = tl.zeros((N_A, BD, N_B), dtype=tl.float32)
-        for c in tl.range(0, n_full, num_stages=PIPE):  # PIPE > 1: cp.async stages
-            t0 = t_begin + c * T
-            delta, u, _, B_raw, _ = _load_chunk(
-                t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
-                False, False, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
-            )  # fmt: skip
-            delta = _delta_of(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH, SP_SPLIT)
-            dsum += tl.sum(delta, 0)[None, :]
-            h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
-        h_loc = h
-        h = h0
-    # the true end states pass between segments in fp32 (`carry`, one slab per segment and
-    # batch element), whatever the checkpoints' dtype; each segment checkpoints its own start
-    carry_base = carry_ptr + pid_b * slab + state_off3
-    if seg > 0:
-        wait_for(flag - batch * n_dblk)  # segment s - 1 of this (batch, block)
-        # written by another program: read it from L2 (".cg"), the L1 is not coherent
-        h = tl.load(carry_base + ((seg - 1) * batch).to(tl.int64) * slab, mask=smask3,
-                    other=0.0, cache_modifier=".cg")  # fmt: skip
-    if seg < n_seg - 1:
-        if seg > 0:
-            h_loc += tl.exp2(A2_3 * dsum[:, :, None]) * h
-        tl.store(carry_base + (seg * batch).to(tl.int64) * slab, h_loc, mask=smask3)
-        publish(flag)
+    if n_seg > 1:
+        # 1. the local pass (segments 0 .. n_seg - 2 are whole chunks inside the sequence: no
+        # time masks): chunks [lo, mid) and [mid, hi), each from the zero state
+        seg_chunks = seg_len // T
+        lo, mid, hi = local_range(seg, n_seg, seg_chunks, seg_chunks, balance)
+        zero = _last(tl.zeros((T, N_A, BD, N_B), dtype=tl.float32), t4, T)
+        h_a, dsum_a = _local_span(
+            zero, lo, mid, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2,
+            B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T, FAST_MATH, PIPE, SP_SPLIT,
+        )  # fmt: skip
+        h_b, dsum_b = _local_span(
+            zero, mid, hi, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2,
+            B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T, FAST_MATH, PIPE, SP_SPLIT,
+        )  # fmt: skip
+        # 2.-3. the chain: this segment's start state
+        h = chain(seg, h0, h_a, dsum_a, h_b, dsum_b, A2_3, carry_ptr + pid_b * slab + state_off3,
+                  (pid_b * 0 + batch) * slab, smask3, flag, flag - batch * n_dblk)  # fmt: skip
 
     # 4. the full forward over the segment, whole chunks first. PIPE > 1: Triton's pipeliner
     # copies the tiles of the next PIPE - 1 chunks into shared memory (cp.async) while this one
@@ -437,7 +447,7 @@ def scan_fwd(
         (batch, n_ck + 1 if save_checkpoints else 0, dim, dstate),
         dtype=checkpoint_dtype(u.dtype), device=u.device,
     )  # fmt: skip
-    # the segments' end states in fp32, read by the next segment (transient; n_seg + 1 rows, as
+    # the true states the look-back's programs publish, in fp32 (transient; n_seg + 1 rows, as
     # the partial sums' buffers: a size that is never 1, and no comparison of a symbolic n_seg)
     carry = torch.empty((n_seg + 1, batch, dim, dstate), dtype=torch.float32, device=u.device)
     # ticket counter, then one flag per (segment, batch, channel block)
@@ -459,7 +469,8 @@ def scan_fwd(
         # (without checkpoints the kernel stores none: A stands in, as for absent inputs; an
         # empty tensor's null pointer would fail the launcher's check)
         out, last_state, checkpoints if save_checkpoints else A, carry, sync,
-        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, B_per_group, C_per_group,
+        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, int(cfg.balance), B_per_group,
+        C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         out.stride(0), out.stride(1),
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
