@@ -67,26 +67,19 @@ def sweep_space():
     from mamba_compiled.lowering.common import ScanConfig as S
 
     seg = dict(target=1024, min_seg=128, min_split=3)  # the default's segments
-    fwd = dict(bc_f32=True, pipe=3)  # the default's pipeline and fp32 B/C
-    bwd = dict(target=4096, min_seg=1024)  # the default's segments (BD8 T8 N_B4, one warp)
+    fwd = dict(bc_f32=True, pipe=3, sp_split=True)  # the default's pipeline, B/C, softplus
     return [
         ("default", {}),
-        # the look-back as until the seventeenth session: program s + 1 scans segment s before
-        # the chain, the last segment's program idles meanwhile (8 backward segments at
-        # 1 x 4096 x 65536: no cap at a wave of programs)
-        ("fwd look-back by segment", dict(fwd=S(16, 16, 2, 1, **seg, **fwd, balance=False))),
-        ("bwd look-back by segment", dict(bwd=S(8, 8, 4, 1, **bwd, rs=True, balance=False))),
-        # the balanced look-back with 3 / 5 / 8 forward segments at batch 1 x 4096 (4 by default)
-        *((f"fwd balanced, {k} segments at 256 blocks",
-           dict(fwd=S(16, 16, 2, 1, target=256 * k, min_seg=128, min_split=3, **fwd)))
-          for k in (3, 5, 8)),
-        # the backward's balanced look-back on two waves (4 segments at 1 x 4096 x 65536; also
-        # unchains rows 2 and 3, whose 2048 and 3072 programs are then under the "resident")
-        ("bwd balanced, two waves", dict(bwd_resident=2 * 1056)),
-        # each softplus computed by one of a channel's two state lanes, not both (triton 3.6:
-        # 176 -> 160 MUFU operations, 1204 -> 1177 instructions per 16-step chunk)
-        ("fwd softplus split over the state lanes",
-         dict(fwd=S(16, 16, 2, 1, **seg, **fwd, sp_split=True))),
+        # exp2(Δ·A) of some (step, state) elements per thread and chunk by a polynomial on the
+        # FMA pipe (triton 3.6 static counts, issue / MUFU cycles per 16-step chunk: the
+        # segments' local pass 829 / 1152 -> 989 / 1024 with 16, the full pass 1211 / 1280 ->
+        # 1252 / 1248 with 4)
+        ("fwd FMA exp2: 16 in the local pass", dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp=16))),
+        ("fwd FMA exp2: 16 local, 4 full pass",
+         dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp=16, fma_exp_main=4))),
+        ("fwd FMA exp2: 4 in the full pass",
+         dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp_main=4))),
+        ("fwd FMA exp2: 32 in the local pass", dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp=32))),
         ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 

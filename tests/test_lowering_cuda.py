@@ -200,6 +200,7 @@ def test_2pow20_tokens_dim2048():
     common.set_override(
         fwd=dataclasses.replace(common.fwd_config(dim, 16, (1, 1)), **pin),
         bwd=dataclasses.replace(common.bwd_config(dim, 16, (1, 1)), **pin),
+        bwd_resident=1 << 20,  # no cap of the backward's segments at a wave of programs
     )
     try:
         _check_2pow20(L, dim, half)

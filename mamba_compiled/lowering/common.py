@@ -53,6 +53,27 @@ def softplus(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def exp2_fma(x):
+    """2^x without the special-function unit, for kernels whose MUFU pipe is the limit while
+    their issue slots are not (FlashAttention-4's trick): round x to an integer j with the
+    1.5·2^23 shifter (two FADDs, no conversion instruction), 2^(x - j) by a degree-5 polynomial
+    on [-1/2, 1/2] (relative error 2.3e-7, as ex2.approx's), then j added to the exponent bits.
+    About 12 instructions against one MUFU.EX2 (a warp every 8 cycles per scheduler). x is
+    clamped to [-125, 126]: 2^-125 stands for anything smaller (ex2.approx.ftz gives 0), 2^126
+    for anything larger (inf); NaN comes out as 2^-125."""
+    x = tl.minimum(tl.maximum(x, -125.0), 126.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.0013276468962430954 * f + 0.009675540961325169
+    p = p * f + 0.05550713464617729
+    p = p * f + 0.24022120237350464
+    p = p * f + 0.6931469440460205
+    p = p * f + 1.0000001192092896
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def sigmoid(x):
     return tl.fdiv(1.0, 1.0 + tl.exp2(-x * LOG2E))
 
@@ -317,6 +338,12 @@ class ScanConfig:
     # segments: the look-back's local pass shared evenly by all of a block's programs
     # (`local_range`), instead of program k scanning segment k - 1
     balance: bool = True
+    # forward: exp2(Δ·A) of this many of a thread's (step, state) elements per chunk on the FMA
+    # pipe (`exp2_fma`, ~10 instructions each) instead of the MUFU, in the segments' local pass
+    # (MUFU-bound: triton 3.6, 16-step chunks: 829 instructions against 144 MUFU operations,
+    # 1152 cycles of it; 16 elements: 989 and 128) and in the full pass (1211 and 160)
+    fma_exp: int = 0
+    fma_exp_main: int = 0
 
 
 def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:
@@ -464,9 +491,12 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # at 128 registers, prefetch into registers): 0.596 -> 0.477 ms at 8x4096x2048, 0.368 ->
     # 0.251 at 8x2048x2048, 0.911 -> 0.756 at 16x1536x4096, 4.53 -> 3.73 at 1x4096x65536.
     # 16 steps only up to 16 states (8 per thread), where the registers hold them.
+    # Eighteenth session (Run 21): each softplus computed by one of a channel's two state lanes
+    # (sp_split; 3.52 -> 3.05 ms at 1x4096x65536, 0.487 -> 0.462 at 8x4096x2048), the
+    # look-back's local pass shared evenly by a block's programs (`local_range`: 3.70 -> 3.52).
     return ScanConfig(BD=_block_d(16, dim, groups), T=2 * T if n <= 16 else T, N_B=min(n, 2),
                       num_warps=1, target=1024, min_seg=128, min_split=3, bc_f32=True,
-                      pipe=3)  # fmt: skip
+                      pipe=3, sp_split=True)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:

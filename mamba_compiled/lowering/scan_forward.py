@@ -41,6 +41,7 @@ from .common import (
     chain,
     checkpoint_dtype,
     checkpoint_interval,
+    exp2_fma,
     fwd_config,
     interpreting,
     launch_options,
@@ -148,14 +149,22 @@ def _delta_of(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 
 
 @triton.jit
-def _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED: tl.constexpr):
+def _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED: tl.constexpr,
+                FMA_EXP: tl.constexpr = 0):  # fmt: skip
     """h_t over the chunk, (T, N_A, BD, N_B), from the state h before it and Δ (T, BD).
-    Zero Δ (masked steps) gives Ā = 1, B̄u = 0: the state carries on."""
+    Zero Δ (masked steps) gives Ā = 1, B̄u = 0: the state carries on. FMA_EXP: Ā of that many
+    of a thread's (step, in-thread state row) elements, row-major, by `exp2_fma` (both indices
+    are constants per register: the select folds away)."""
     if B_SHARED:
         Bt = B_sh
     else:
         Bt = B_raw.to(tl.float32)[:, :, None, :]
-    dA = tl.exp2(delta[:, None, :, None] * A2)  # Ā
+    x = delta[:, None, :, None] * A2
+    if FMA_EXP > 0:
+        row = tl.arange(0, A2.shape[1])[None, :, None, None]
+        dA = tl.where(row * t4.shape[0] + t4 < FMA_EXP, exp2_fma(x), tl.exp2(x))  # Ā
+    else:
+        dA = tl.exp2(x)  # Ā
     dBu = (delta * u.to(tl.float32))[:, None, :, None] * Bt  # B̄u
     dBu = tl.where(t4 == 0, dBu + dA * h[None], dBu)
     _, hs = tl.associative_scan((dA, dBu), 0, linear_combine)
@@ -185,7 +194,7 @@ def _fwd_chunk(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
     T: tl.constexpr, CK: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
-    SP_SPLIT: tl.constexpr,
+    SP_SPLIT: tl.constexpr, FMA_EXP: tl.constexpr,
 ):  # fmt: skip
     """The full forward over one chunk (c: its index, t0 its first step): checkpoints (when
     STORE_CK), output. Returns the state after the chunk."""
@@ -194,7 +203,7 @@ def _fwd_chunk(
         m2 = (t0 + t2 < seqlen) & dmask2
         delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0
     u = u.to(tl.float32)
-    hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED)
+    hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED, FMA_EXP)
     # checkpoints: the state before steps t0, t0 + CK, ... (CK < T), or before this chunk when
     # it starts one of every CK // T chunks (CK >= T)
     if not STORE_CK:
@@ -234,7 +243,7 @@ def _local_span(
     h, c_lo, c_hi, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2, B_sh,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr, T: tl.constexpr, FAST_MATH: tl.constexpr, PIPE: tl.constexpr,
-    SP_SPLIT: tl.constexpr,
+    SP_SPLIT: tl.constexpr, FMA_EXP: tl.constexpr,
 ):  # fmt: skip
     """The states alone over the whole chunks [c_lo, c_hi) from h: the end state and ΣΔ (1, BD)."""
     dsum = tl.zeros(dmask2.shape, dtype=tl.float32)
@@ -245,7 +254,7 @@ def _local_span(
         )  # fmt: skip
         delta = _delta_of(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH, SP_SPLIT)
         dsum += tl.sum(delta, 0)[None, :]
-        h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
+        h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED, FMA_EXP), t4, T)
     return h, dsum
 
 
@@ -260,7 +269,8 @@ def _scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, CK: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
-    PIPE: tl.constexpr, SP_SPLIT: tl.constexpr,
+    PIPE: tl.constexpr, SP_SPLIT: tl.constexpr, FMA_EXP: tl.constexpr,
+    FMA_EXP_MAIN: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
     n_dblk = tl.cdiv(dim, BD)
@@ -331,10 +341,12 @@ def _scan_fwd_kernel(
         h_a, dsum_a = _local_span(
             zero, lo, mid, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2,
             B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T, FAST_MATH, PIPE, SP_SPLIT,
+            FMA_EXP,
         )  # fmt: skip
         h_b, dsum_b = _local_span(
             zero, mid, hi, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2,
             B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T, FAST_MATH, PIPE, SP_SPLIT,
+            FMA_EXP,
         )  # fmt: skip
         # 2.-3. the chain: this segment's start state
         h = chain(seg, h0, h_a, dsum_a, h_b, dsum_b, A2_3, carry_ptr + pid_b * slab + state_off3,
@@ -370,7 +382,7 @@ def _scan_fwd_kernel(
             h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
             t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
             HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK, FAST_MATH,
-            STORE_CK, SP_SPLIT,
+            STORE_CK, SP_SPLIT, FMA_EXP_MAIN,
         )  # fmt: skip
     for c in range(n_full, tl.cdiv(t_end - t_begin, T)):  # the partial last chunk, if any
         t0 = t_begin + c * T
@@ -382,7 +394,7 @@ def _scan_fwd_kernel(
             h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
             t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
             HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, True, EVEN_D, T, CK, FAST_MATH,
-            STORE_CK, SP_SPLIT,
+            STORE_CK, SP_SPLIT, FMA_EXP_MAIN,
         )  # fmt: skip
 
     if seg == n_seg - 1:
@@ -481,6 +493,7 @@ def scan_fwd(
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         STORE_CK=bool(save_checkpoints), PIPE=cfg.pipe,
         SP_SPLIT=cfg.sp_split and cfg.N_B == 2 and cfg.T % 2 == 0,
+        FMA_EXP=cfg.fma_exp, FMA_EXP_MAIN=cfg.fma_exp_main,
         **launch_options(cfg, u, n_seg * batch * n_dblk),
     )  # fmt: skip
     return out, last_state, checkpoints
