@@ -70,16 +70,12 @@ def sweep_space():
     fwd = dict(bc_f32=True, pipe=3, sp_split=True)  # the default's pipeline, B/C, softplus
     return [
         ("default", {}),
-        # exp2(Δ·A) of some (step, state) elements per thread and chunk by a polynomial on the
-        # FMA pipe (triton 3.6 static counts, issue / MUFU cycles per 16-step chunk: the
-        # segments' local pass 829 / 1152 -> 989 / 1024 with 16, the full pass 1211 / 1280 ->
-        # 1252 / 1248 with 4)
-        ("fwd FMA exp2: 16 in the local pass", dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp=16))),
-        ("fwd FMA exp2: 16 local, 4 full pass",
-         dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp=16, fma_exp_main=4))),
-        ("fwd FMA exp2: 4 in the full pass",
-         dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp_main=4))),
-        ("fwd FMA exp2: 32 in the local pass", dict(fwd=S(16, 16, 2, 1, **seg, **fwd, fma_exp=32))),
+        # the look-back with a long first segment (head / 10 times the others), whose program
+        # publishes its state during its full forward; the other programs each scan the segment
+        # before theirs (1 x 4096 x 65536: ~7 % less time than the balanced look-back predicted
+        # for a local pass 0.9 times as slow per chunk as the full one, ~5 % for 0.66)
+        *((f"fwd head segment {h / 10:.1f} times the others",
+           dict(fwd=S(16, 16, 2, 1, **seg, **fwd, head=h))) for h in (15, 17, 19, 21)),
         ("default again (run-to-run noise)", {}),
     ]  # fmt: skip
 

@@ -28,17 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-if importlib.util.find_spec("triton") is not None:
-    import triton
-    import triton.language as tl
-
-    from mamba_compiled.lowering.common import exp2_fma
-
-    @triton.jit
-    def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, exp2_fma(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
-
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
@@ -81,7 +70,7 @@ class Case:
     ck: int | None = None  # checkpoint interval (8: two chunks of 4 per checkpoint)
     balance: bool = True  # look-back: local pass shared evenly (else by segment)
     bwd_resident: int | None = None  # backward programs resident at once (interpreter: 4)
-    fma_exp: tuple[int, int] = (0, 0)  # forward: exp2 on the FMA pipe (local pass, full pass)
+    head: int = 0  # forward: a long first segment (head / 10 times the others), else balanced
 
     def bc(self, layout: str) -> torch.Tensor:
         b, d, n, L = self.batch, self.dim, self.dstate, self.seqlen
@@ -152,17 +141,18 @@ CASES = [
     # B/C, segments
     pytest.param(Case(batch=1, seqlen=45, dtype=torch.bfloat16, pipe=3, bc_f32=True, fwd_t2=True),
                  id="segments-t2-pipe3-bc-fp32"),
-    # a checkpoint every two chunks: odd chunks start from the state after the even one
-    # 8 segments of 13 chunks, each cut into 8 pieces of 1-2 chunks (the balanced look-back),
-    # and the look-back by segment
-    pytest.param(Case(batch=1, seqlen=403, dtype=torch.bfloat16), id="segments8-pieces"),
+    # 8 segments of 13 chunks: the balanced look-back (each program scans 11-12 chunks before
+    # the chain), and the look-back by segment
+    pytest.param(Case(batch=1, seqlen=403, dtype=torch.bfloat16), id="segments8-balanced"),
     pytest.param(Case(batch=1, seqlen=403, balance=False), id="segments8-by-segment"),
     # the backward's balanced look-back takes at most a wave (`bwd_resident`) of programs: here
     # 8 segments for its 2 programs per segment (4 under the interpreter's default)
     pytest.param(Case(batch=1, seqlen=403, bwd_resident=16, deterministic=True),
-                 id="segments8-bwd-pieces"),
-    # exp2 by the polynomial for some of each thread's (step, state) elements, fp32 tolerances
-    pytest.param(Case(batch=1, seqlen=403, fma_exp=(6, 3)), id="segments8-fma-exp2"),
+                 id="segments8-bwd-balanced"),
+    # the forward's look-back with a long first segment (1.8 times the others')
+    pytest.param(Case(batch=1, seqlen=403, head=18), id="segments8-head"),
+    pytest.param(Case(batch=1, seqlen=38, head=18, dtype=torch.bfloat16), id="segments5-head"),
+    # a checkpoint every two chunks: odd chunks start from the state after the even one
     pytest.param(Case(ck=8), id="ck2chunks-L13-tail-odd"),
     pytest.param(Case(ck=8, seqlen=21, B="shared", deterministic=True), id="ck2chunks-shared-B"),
     pytest.param(Case(ck=8, batch=1, seqlen=38, dtype=torch.bfloat16), id="ck2chunks-segments"),
@@ -250,25 +240,6 @@ def test_forward_without_checkpoints():
     assert torch.equal(out_ng, out) and torch.equal(last_ng, last)
 
 
-def test_exp2_fma():
-    """`exp2_fma` (2^x on the FMA pipe) against float64: relative error within ex2.approx's
-    (2^-21) on [-125, 126], every integer and half-integer point included; clamped outside."""
-    import triton
-
-    kernel = _exp2_fma_kernel
-    x = torch.cat([torch.arange(-125.0, 126.5, 0.5), torch.empty(4000).uniform_(-125, 126),
-                   torch.empty(1000).uniform_(-2, 2)]).to(DEVICE)  # fmt: skip
-    y = torch.empty_like(x)
-    kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
-    ref = torch.exp2(x.double())
-    assert ((y.double() - ref).abs() / ref).max().item() < 2**-21
-    outside = torch.tensor([-1000.0, -126.0, 127.0, 1000.0], device=DEVICE)
-    y = torch.empty_like(outside)
-    kernel[(1,)](outside, y, 4, BLOCK=4)
-    clamped = torch.tensor([2.0**-125, 2.0**-125, 2.0**126, 2.0**126])
-    torch.testing.assert_close(y.cpu(), clamped, rtol=2**-21, atol=0)
-
-
 def test_softplus_split_is_exact(request):
     """The forward with each softplus computed by one of a channel's two state lanes and shared
     (`ScanConfig.sp_split`) returns the same output, last state and checkpoints, bit for bit
@@ -299,15 +270,14 @@ def test_scan_forward_backward(case: Case, request):
         request.addfinalizer(common.set_override)
     if DEVICE == "cpu" and (
         not case.bwd_rs or case.bc_f32 or case.pipe > 1 or case.fwd_t2 or not case.balance
-        or case.fma_exp != (0, 0)
+        or case.head
     ):
         fwd = common.fwd_config(case.dim, case.dstate, (1, 1))
         bwd = common.bwd_config(case.dim, case.dstate, (1, 1))
         common.set_override(
             fwd=dataclasses.replace(fwd, bc_f32=case.bc_f32, pipe=case.pipe,
                                     T=2 * fwd.T if case.fwd_t2 else fwd.T,
-                                    balance=case.balance, fma_exp=case.fma_exp[0],
-                                    fma_exp_main=case.fma_exp[1]),
+                                    balance=case.balance, head=case.head),
             bwd=dataclasses.replace(bwd, rs=case.bwd_rs, bc_f32=case.bc_f32,
                                     balance=case.balance),
             ck=case.ck, bwd_resident=case.bwd_resident,

@@ -53,27 +53,6 @@ def softplus(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def exp2_fma(x):
-    """2^x without the special-function unit, for kernels whose MUFU pipe is the limit while
-    their issue slots are not (FlashAttention-4's trick): round x to an integer j with the
-    1.5·2^23 shifter (two FADDs, no conversion instruction), 2^(x - j) by a degree-5 polynomial
-    on [-1/2, 1/2] (relative error 2.3e-7, as ex2.approx's), then j added to the exponent bits.
-    About 12 instructions against one MUFU.EX2 (a warp every 8 cycles per scheduler). x is
-    clamped to [-125, 126]: 2^-125 stands for anything smaller (ex2.approx.ftz gives 0), 2^126
-    for anything larger (inf); NaN comes out as 2^-125."""
-    x = tl.minimum(tl.maximum(x, -125.0), 126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 0.0013276468962430954 * f + 0.009675540961325169
-    p = p * f + 0.05550713464617729
-    p = p * f + 0.24022120237350464
-    p = p * f + 0.6931469440460205
-    p = p * f + 1.0000001192092896
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def sigmoid(x):
     return tl.fdiv(1.0, 1.0 + tl.exp2(-x * LOG2E))
 
@@ -338,12 +317,11 @@ class ScanConfig:
     # segments: the look-back's local pass shared evenly by all of a block's programs
     # (`local_range`), instead of program k scanning segment k - 1
     balance: bool = True
-    # forward: exp2(Δ·A) of this many of a thread's (step, state) elements per chunk on the FMA
-    # pipe (`exp2_fma`, ~10 instructions each) instead of the MUFU, in the segments' local pass
-    # (MUFU-bound: triton 3.6, 16-step chunks: 829 instructions against 144 MUFU operations,
-    # 1152 cycles of it; 16 elements: 989 and 128) and in the full pass (1211 and 160)
-    fma_exp: int = 0
-    fma_exp_main: int = 0
+    # forward, segments: a first segment of head / 10 times the others' length, whose program
+    # publishes its state during its full forward where the second's local pass (the other
+    # segments' programs each scan the segment before theirs) starts; 0: the look-back of
+    # `local_range` (balance)
+    head: int = 0
 
 
 def launch_options(cfg: ScanConfig, like: Tensor, programs: int) -> dict:
@@ -370,6 +348,19 @@ def segments(programs, seqlen, cfg: ScanConfig, cap=None):
     n_seg = torch.sym_max(1, torch.sym_min(want, cdiv(seqlen, cfg.min_seg)))
     seg_len = torch.sym_max(cdiv(cdiv(seqlen, n_seg), cfg.T) * cfg.T, cfg.T)
     return torch.sym_max(1, cdiv(seqlen, seg_len)), seg_len
+
+
+def segments_with_head(programs, seqlen, cfg: ScanConfig):
+    """(n_seg, seg_len, head_len): `segments`, and with cfg.head the forward's long first
+    segment: head_len ≈ cfg.head / 10 · seg_len steps (multiples of cfg.T) and the others
+    seg_len, the last one ending at seqlen. Without cfg.head, head_len = seg_len."""
+    n_seg, seg_len = segments(programs, seqlen, cfg)
+    if not cfg.head:
+        return n_seg, seg_len, seg_len
+    n_chunks = cdiv(seqlen, cfg.T)
+    per = torch.sym_max(1, n_chunks * 10 // (cfg.head + (n_seg - 1) * 10))
+    per = torch.sym_min(per, n_chunks // n_seg)  # (n_seg = 1: head_len = seqlen rounded up)
+    return n_seg, per * cfg.T, (n_chunks - (n_seg - 1) * per) * cfg.T
 
 
 # The checkpoint interval: the forward writes the state at the start of every CK steps, the

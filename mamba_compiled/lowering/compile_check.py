@@ -62,24 +62,21 @@ def jobs(dim: int = 4096, dstate: int = 16):
     return [
         ("scan_fwd", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B, STORE_CK=True,
-              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, FMA_EXP=fwd.fma_exp,
-              FMA_EXP_MAIN=fwd.fma_exp_main), fwd.num_warps),
+              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, HEAD=fwd.head > 0), fwd.num_warps),
         ("scan_fwd_inference", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B, STORE_CK=False,
-              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, FMA_EXP=fwd.fma_exp,
-              FMA_EXP_MAIN=fwd.fma_exp_main), fwd.num_warps),
-        # the softplus split and one state row's exp2 on the FMA pipe in the look-back
-        ("scan_fwd_sp_split_fma_exp", _scan_fwd_kernel,
+              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, HEAD=fwd.head > 0), fwd.num_warps),
+        # the forward's other look-back (a long first segment)
+        ("scan_fwd_head", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=ck, N_B=fwd.N_B, STORE_CK=True,
-              PIPE=fwd.pipe, SP_SPLIT=True, FMA_EXP=16, FMA_EXP_MAIN=4), fwd.num_warps),
+              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, HEAD=not fwd.head), fwd.num_warps),
         ("scan_bwd", _scan_bwd_kernel,
          dict(scan, HAS_DLAST=True, ATOMIC_BC=True, RS=bwd.rs, BD=bwd.BD, T=bwd.T, R=1,
               N_B=bwd.N_B),
          bwd.num_warps),
         ("scan_fwd_ck2chunks", _scan_fwd_kernel,
          dict(scan, HAS_H0=True, BD=fwd.BD, T=fwd.T, CK=2 * fwd.T, N_B=fwd.N_B, STORE_CK=True,
-              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, FMA_EXP=fwd.fma_exp,
-              FMA_EXP_MAIN=fwd.fma_exp_main), fwd.num_warps),
+              PIPE=fwd.pipe, SP_SPLIT=fwd.sp_split, HEAD=fwd.head > 0), fwd.num_warps),
         ("scan_bwd_ck2chunks", _scan_bwd_kernel,
          dict(scan, HAS_DLAST=True, ATOMIC_BC=True, RS=bwd.rs, BD=bwd.BD, T=bwd.T, R=2,
               N_B=bwd.N_B), bwd.num_warps),
@@ -130,9 +127,10 @@ def jobs(dim: int = 4096, dstate: int = 16):
 # specialized as Triton's JIT does at launch: value 1 -> a constant, multiples of 16 -> known
 # divisible (pointers are 16-byte aligned), which is what lets unmasked loads vectorize.
 ROW1_INTS = dict(
-    batch=8, dim=4096, dstate=16, seqlen=2048, n_seg=1, seg_len=2048, chained=1, B_per_group=4096,
-    C_per_group=4096, s_ub=4096 * 2048, s_ud=2048, s_db=4096 * 2048, s_dd=2048, s_zb=4096 * 2048,
-    s_zd=2048, s_ob=4096 * 2048, s_od=2048, s_ot=1, s_Bb=16 * 2048, s_Bg=16 * 2048, s_Bn=2048,
+    batch=8, dim=4096, dstate=16, seqlen=2048, n_seg=1, seg_len=2048, head_len=2048, chained=1,
+    B_per_group=4096, C_per_group=4096, s_ub=4096 * 2048, s_ud=2048, s_db=4096 * 2048,
+    s_dd=2048, s_zb=4096 * 2048, s_zd=2048, s_ob=4096 * 2048, s_od=2048, s_ot=1,
+    s_Bb=16 * 2048, s_Bg=16 * 2048, s_Bn=2048,
     s_Cb=16 * 2048, s_Cg=16 * 2048, s_Cn=2048,
     N=8192, K=2048, s_xb=2048, s_wn=2048, s_rb=8192,  # decode_linear: 1.4B's in_proj
     M=64, k_per_split=2048, s_xm=2048, s_rm=8192, s_om=8192, s_op=64 * 8192,  # at batch 64
@@ -144,15 +142,16 @@ ROW1_INTS = dict(
 
 # A one-step sequence at batch 1 (L = 1, n_ck = 1): arguments equal to 1 become Python ints in
 # the kernel, which the interpreter never shows (e.g. `n_ck.to(...)` fails to compile).
-ONE_INTS = dict(ROW1_INTS, batch=1, seqlen=1, n_ck=1, seg_len=8, s_ub=4096, s_ud=1, s_db=4096,
-                s_dd=1, s_zb=4096, s_zd=1, s_ob=4096, s_od=1, s_Bb=16, s_Bg=16, s_Bn=1, s_Cb=16,
-                s_Cg=16, s_Cn=1)  # fmt: skip
+ONE_INTS = dict(ROW1_INTS, batch=1, seqlen=1, n_ck=1, seg_len=8, head_len=8, s_ub=4096, s_ud=1,
+                s_db=4096, s_dd=1, s_zb=4096, s_zd=1, s_ob=4096, s_od=1, s_Bb=16, s_Bg=16, s_Bn=1,
+                s_Cb=16, s_Cg=16, s_Cn=1)  # fmt: skip
 
 
 # The fourth ANCHORS row (1 x 4096 x 65536 x 16): segments chained by the look-back, whose code
 # the first row's n_seg = 1 (a constant) compiles away. The backward's look-back (`chained` 0).
 _L4 = 65536
-ROW4_INTS = dict(ROW1_INTS, batch=1, seqlen=_L4, n_seg=4, seg_len=_L4 // 4, balance=1, chained=0,
+ROW4_INTS = dict(ROW1_INTS, batch=1, seqlen=_L4, n_seg=4, seg_len=_L4 // 4, head_len=_L4 // 4,
+                 balance=1, chained=0,
                  s_ub=4096 * _L4, s_ud=_L4, s_db=4096 * _L4, s_dd=_L4, s_zb=4096 * _L4, s_zd=_L4,
                  s_ob=4096 * _L4, s_od=_L4, s_Bb=16 * _L4, s_Bg=16 * _L4, s_Bn=_L4,
                  s_Cb=16 * _L4, s_Cg=16 * _L4, s_Cn=_L4)  # fmt: skip

@@ -41,7 +41,6 @@ from .common import (
     chain,
     checkpoint_dtype,
     checkpoint_interval,
-    exp2_fma,
     fwd_config,
     interpreting,
     launch_options,
@@ -49,7 +48,8 @@ from .common import (
     linear_combine,
     local_range,
     next_power_of_2,
-    segments,
+    publish,
+    segments_with_head,
     sigmoid,
     softplus,
     stage_bc,
@@ -149,22 +149,14 @@ def _delta_of(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 
 
 @triton.jit
-def _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED: tl.constexpr,
-                FMA_EXP: tl.constexpr = 0):  # fmt: skip
+def _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED: tl.constexpr):
     """h_t over the chunk, (T, N_A, BD, N_B), from the state h before it and Δ (T, BD).
-    Zero Δ (masked steps) gives Ā = 1, B̄u = 0: the state carries on. FMA_EXP: Ā of that many
-    of a thread's (step, in-thread state row) elements, row-major, by `exp2_fma` (both indices
-    are constants per register: the select folds away)."""
+    Zero Δ (masked steps) gives Ā = 1, B̄u = 0: the state carries on."""
     if B_SHARED:
         Bt = B_sh
     else:
         Bt = B_raw.to(tl.float32)[:, :, None, :]
-    x = delta[:, None, :, None] * A2
-    if FMA_EXP > 0:
-        row = tl.arange(0, A2.shape[1])[None, :, None, None]
-        dA = tl.where(row * t4.shape[0] + t4 < FMA_EXP, exp2_fma(x), tl.exp2(x))  # Ā
-    else:
-        dA = tl.exp2(x)  # Ā
+    dA = tl.exp2(delta[:, None, :, None] * A2)  # Ā
     dBu = (delta * u.to(tl.float32))[:, None, :, None] * Bt  # B̄u
     dBu = tl.where(t4 == 0, dBu + dA * h[None], dBu)
     _, hs = tl.associative_scan((dA, dBu), 0, linear_combine)
@@ -194,7 +186,7 @@ def _fwd_chunk(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
     T: tl.constexpr, CK: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
-    SP_SPLIT: tl.constexpr, FMA_EXP: tl.constexpr,
+    SP_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """The full forward over one chunk (c: its index, t0 its first step): checkpoints (when
     STORE_CK), output. Returns the state after the chunk."""
@@ -203,7 +195,7 @@ def _fwd_chunk(
         m2 = (t0 + t2 < seqlen) & dmask2
         delta = tl.where(m2, delta, 0.0)  # past the end: Ā = 1, B̄u = 0
     u = u.to(tl.float32)
-    hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED, FMA_EXP)
+    hs = _scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED)
     # checkpoints: the state before steps t0, t0 + CK, ... (CK < T), or before this chunk when
     # it starts one of every CK // T chunks (CK >= T)
     if not STORE_CK:
@@ -243,7 +235,7 @@ def _local_span(
     h, c_lo, c_hi, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2, B_sh,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr, T: tl.constexpr, FAST_MATH: tl.constexpr, PIPE: tl.constexpr,
-    SP_SPLIT: tl.constexpr, FMA_EXP: tl.constexpr,
+    SP_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """The states alone over the whole chunks [c_lo, c_hi) from h: the end state and ΣΔ (1, BD)."""
     dsum = tl.zeros(dmask2.shape, dtype=tl.float32)
@@ -254,7 +246,7 @@ def _local_span(
         )  # fmt: skip
         delta = _delta_of(delta, bias, HAS_BIAS, SOFTPLUS, FAST_MATH, SP_SPLIT)
         dsum += tl.sum(delta, 0)[None, :]
-        h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED, FMA_EXP), t4, T)
+        h = _last(_scan_chunk(h, delta, u, B_raw, A2, B_sh, t4, B_SHARED), t4, T)
     return h, dsum
 
 
@@ -262,22 +254,23 @@ def _local_span(
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, ck_ptr, carry_ptr, sync_ptr,
-    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, balance, B_per_group, C_per_group,
+    batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, head_len, balance, B_per_group,
+    C_per_group,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, B_SHARED: tl.constexpr, C_SHARED: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, CK: tl.constexpr, N: tl.constexpr, N_B: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST_MATH: tl.constexpr, STORE_CK: tl.constexpr,
-    PIPE: tl.constexpr, SP_SPLIT: tl.constexpr, FMA_EXP: tl.constexpr,
-    FMA_EXP_MAIN: tl.constexpr,
+    PIPE: tl.constexpr, SP_SPLIT: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
     N_A: tl.constexpr = N // N_B
     n_dblk = tl.cdiv(dim, BD)
     pid_d, pid_b, seg = take_ticket(sync_ptr, n_seg, n_dblk, batch)
     d0 = pid_d * BD
-    t_begin = seg * seg_len  # a multiple of T (and CK)
-    t_end = tl.minimum(t_begin + seg_len, seqlen)
+    # segment 0 has head_len steps (seg_len unless HEAD), the others seg_len (multiples of T)
+    t_begin = tl.minimum(seg, 1) * (head_len + (seg - 1) * seg_len)
+    t_end = tl.minimum(head_len + seg * seg_len, seqlen)
     n_full = (t_end - t_begin) // T  # chunks of the segment that need no time mask
 
     # (T, BD) frame for per-(channel, step) values
@@ -332,21 +325,36 @@ def _scan_fwd_kernel(
     # instructions per chunk there)
     h0 = _last(tl.zeros((T, N_A, BD, N_B), dtype=tl.float32) + h0[None], t4, T)
     h = h0
-    if n_seg > 1:
+    zero = _last(tl.zeros((T, N_A, BD, N_B), dtype=tl.float32), t4, T)
+    pub_c = -1  # HEAD: the chunk of segment 0 before which its program publishes its state
+    if HEAD:
+        # 1.-3. (segment s > 0) the seg_len steps before the segment from the zero state, then
+        # the true state where they start: segment s - 1's start state, or for s = 1 the state
+        # segment 0's program publishes seg_len steps before its end, during its full forward
+        if seg > 0:
+            c_mid = t_begin // T
+            h_a, dsum_a = _local_span(
+                zero, c_mid - seg_len // T, c_mid, t2, t3, t4, dmask2, ntmask3, delta_ptrs,
+                u_ptrs, B_ptrs, bias, A2, B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T,
+                FAST_MATH, PIPE, SP_SPLIT,
+            )  # fmt: skip
+            h = chain(seg, h0, h_a, dsum_a, zero, tl.zeros(dmask2.shape, dtype=tl.float32), A2_3,
+                      carry_ptr + pid_b * slab + state_off3, (pid_b * 0 + batch) * slab, smask3,
+                      flag, flag - batch * n_dblk)  # fmt: skip
+        elif n_seg > 1:
+            pub_c = (head_len - seg_len) // T
+    elif n_seg > 1:
         # 1. the local pass (segments 0 .. n_seg - 2 are whole chunks inside the sequence: no
         # time masks): chunks [lo, mid) and [mid, hi), each from the zero state
         seg_chunks = seg_len // T
         lo, mid, hi = local_range(seg, n_seg, seg_chunks, seg_chunks, balance)
-        zero = _last(tl.zeros((T, N_A, BD, N_B), dtype=tl.float32), t4, T)
         h_a, dsum_a = _local_span(
             zero, lo, mid, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2,
             B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T, FAST_MATH, PIPE, SP_SPLIT,
-            FMA_EXP,
         )  # fmt: skip
         h_b, dsum_b = _local_span(
             zero, mid, hi, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs, B_ptrs, bias, A2,
             B_sh, HAS_BIAS, SOFTPLUS, B_SHARED, EVEN_D, EVEN_N, T, FAST_MATH, PIPE, SP_SPLIT,
-            FMA_EXP,
         )  # fmt: skip
         # 2.-3. the chain: this segment's start state
         h = chain(seg, h0, h_a, dsum_a, h_b, dsum_b, A2_3, carry_ptr + pid_b * slab + state_off3,
@@ -365,6 +373,10 @@ def _scan_fwd_kernel(
         )  # fmt: skip
     for c in tl.range(0, n_full, num_stages=PIPE):
         t0 = t_begin + c * T
+        if HEAD:
+            if c == pub_c:  # (segment 0) the state segment 1's program waits for
+                tl.store(carry_ptr + pid_b * slab + state_off3, h, mask=smask3)
+                publish(flag)
         if PIPE > 1:
             delta, u, z, B_raw, C_raw = _load_chunk(
                 t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
@@ -382,7 +394,7 @@ def _scan_fwd_kernel(
             h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
             t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
             HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK, FAST_MATH,
-            STORE_CK, SP_SPLIT, FMA_EXP_MAIN,
+            STORE_CK, SP_SPLIT,
         )  # fmt: skip
     for c in range(n_full, tl.cdiv(t_end - t_begin, T)):  # the partial last chunk, if any
         t0 = t_begin + c * T
@@ -394,7 +406,7 @@ def _scan_fwd_kernel(
             h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2, B_sh, C_sh,
             t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
             HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, True, EVEN_D, T, CK, FAST_MATH,
-            STORE_CK, SP_SPLIT, FMA_EXP_MAIN,
+            STORE_CK, SP_SPLIT,
         )  # fmt: skip
 
     if seg == n_seg - 1:
@@ -449,7 +461,7 @@ def scan_fwd(
     cfg = fwd_config(dim, dstate, groups_of(B, C))
     assert cfg.T % ck == 0 or ck % cfg.T == 0, "chunks and checkpoint intervals must nest"
     n_dblk = cdiv(dim, cfg.BD)
-    n_seg, seg_len = segments(batch * n_dblk, seqlen, cfg)
+    n_seg, seg_len, head_len = segments_with_head(batch * n_dblk, seqlen, cfg)
     B, C = stage_bc(B, cfg), stage_bc(C, cfg)
     # out in u's layout when u is dense (a model that keeps (channels, batch, L) in memory gets
     # its output that way too, ready for the next GEMM), else contiguous; unit stride along L.
@@ -481,8 +493,8 @@ def scan_fwd(
         # (without checkpoints the kernel stores none: A stands in, as for absent inputs; an
         # empty tensor's null pointer would fail the launcher's check)
         out, last_state, checkpoints if save_checkpoints else A, carry, sync,
-        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, int(cfg.balance), B_per_group,
-        C_per_group,
+        batch, dim, dstate, seqlen, n_ck, n_seg, seg_len, head_len, int(cfg.balance),
+        B_per_group, C_per_group,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         out.stride(0), out.stride(1),
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
@@ -493,7 +505,7 @@ def scan_fwd(
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         STORE_CK=bool(save_checkpoints), PIPE=cfg.pipe,
         SP_SPLIT=cfg.sp_split and cfg.N_B == 2 and cfg.T % 2 == 0,
-        FMA_EXP=cfg.fma_exp, FMA_EXP_MAIN=cfg.fma_exp_main,
+        HEAD=cfg.head > 0,
         **launch_options(cfg, u, n_seg * batch * n_dblk),
     )  # fmt: skip
     return out, last_state, checkpoints
