@@ -152,6 +152,7 @@ CASES = [
     # the forward's look-back with a long first segment (1.8 times the others')
     pytest.param(Case(batch=1, seqlen=403, head=18), id="segments8-head"),
     pytest.param(Case(batch=1, seqlen=38, head=18, dtype=torch.bfloat16), id="segments5-head"),
+    pytest.param(Case(batch=1, seqlen=403, head=18, pipe=3), id="segments8-head-pipe3"),
     # a checkpoint every two chunks: odd chunks start from the state after the even one
     pytest.param(Case(ck=8), id="ck2chunks-L13-tail-odd"),
     pytest.param(Case(ck=8, seqlen=21, B="shared", deterministic=True), id="ck2chunks-shared-B"),

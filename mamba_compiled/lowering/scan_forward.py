@@ -371,12 +371,34 @@ def _scan_fwd_kernel(
             t_begin, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
             HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
-    for c in tl.range(0, n_full, num_stages=PIPE):
-        t0 = t_begin + c * T
-        if HEAD:
-            if c == pub_c:  # (segment 0) the state segment 1's program waits for
+    c_first = 0
+    if HEAD:
+        if PIPE > 1:  # (PIPE = 1: in the loop below)
+            # segment 0's program: the chunks before it publishes in a loop of their own (a
+            # publication inside the pipelined loop costs every chunk registers)
+            c_first = tl.maximum(pub_c, 0)
+            for c in tl.range(0, c_first, num_stages=PIPE):
+                t0 = t_begin + c * T
+                delta, u, z, B_raw, C_raw = _load_chunk(
+                    t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs,
+                    C_ptrs, HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
+                )  # fmt: skip
+                h = _fwd_chunk(
+                    h, c_begin + c, t0, seqlen, n_ck, delta, u, z, B_raw, C_raw, bias, Dv, A2,
+                    B_sh, C_sh, t2, t4, dmask2, n3, smask3, ck_base, slab, out_ptrs,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_SHARED, C_SHARED, False, EVEN_D, T, CK,
+                    FAST_MATH, STORE_CK, SP_SPLIT,
+                )  # fmt: skip
+            if pub_c >= 0:  # the state segment 1's program waits for
                 tl.store(carry_ptr + pid_b * slab + state_off3, h, mask=smask3)
                 publish(flag)
+    for c in tl.range(c_first, n_full, num_stages=PIPE):
+        t0 = t_begin + c * T
+        if HEAD:
+            if PIPE == 1:
+                if c == pub_c:
+                    tl.store(carry_ptr + pid_b * slab + state_off3, h, mask=smask3)
+                    publish(flag)
         if PIPE > 1:
             delta, u, z, B_raw, C_raw = _load_chunk(
                 t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
