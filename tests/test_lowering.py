@@ -138,9 +138,11 @@ CASES = [
     pytest.param(Case(dtype=torch.bfloat16, B="g2", seqlen=10, bc_f32=True), id="bf16-bc-fp32"),
     pytest.param(Case(batch=1, seqlen=38, pipe=3), id="segments5-pipe3"),
     # the GPU default's forward: a checkpoint in the middle of each chunk, the pipeline, fp32
-    # B/C, segments
+    # B/C, segments (balanced, and with a long first segment)
     pytest.param(Case(batch=1, seqlen=45, dtype=torch.bfloat16, pipe=3, bc_f32=True, fwd_t2=True),
                  id="segments-t2-pipe3-bc-fp32"),
+    pytest.param(Case(batch=1, seqlen=203, dtype=torch.bfloat16, pipe=3, bc_f32=True, fwd_t2=True,
+                      head=17), id="segments-t2-pipe3-bc-fp32-head"),
     # 8 segments of 13 chunks: the balanced look-back (each program scans 11-12 chunks before
     # the chain), and the look-back by segment
     pytest.param(Case(batch=1, seqlen=403, dtype=torch.bfloat16), id="segments8-balanced"),

@@ -351,16 +351,18 @@ def segments(programs, seqlen, cfg: ScanConfig, cap=None):
 
 
 def segments_with_head(programs, seqlen, cfg: ScanConfig):
-    """(n_seg, seg_len, head_len): `segments`, and with cfg.head the forward's long first
-    segment: head_len ≈ cfg.head / 10 · seg_len steps (multiples of cfg.T) and the others
-    seg_len, the last one ending at seqlen. Without cfg.head, head_len = seg_len."""
+    """(n_seg, seg_len, head_len, head): `segments`, and the forward's look-back with a long
+    first segment (head, the kernel's HEAD) where cfg.head asks for it and there are several
+    segments: head_len ≈ cfg.head / 10 · seg_len steps (multiples of cfg.T), the others
+    seg_len, the last one ending at seqlen. Otherwise head_len = seg_len. Only for a number of
+    segments known here: under torch.compile with a dynamic batch or seqlen (symbolic n_seg)
+    the kernel takes the balanced look-back, which needs no branch on sizes."""
     n_seg, seg_len = segments(programs, seqlen, cfg)
-    if not cfg.head:
-        return n_seg, seg_len, seg_len
+    if not (cfg.head and isinstance(n_seg, int) and n_seg > 1):
+        return n_seg, seg_len, seg_len, False
     n_chunks = cdiv(seqlen, cfg.T)
-    per = torch.sym_max(1, n_chunks * 10 // (cfg.head + (n_seg - 1) * 10))
-    per = torch.sym_min(per, n_chunks // n_seg)  # (n_seg = 1: head_len = seqlen rounded up)
-    return n_seg, per * cfg.T, (n_chunks - (n_seg - 1) * per) * cfg.T
+    per = min(max(1, n_chunks * 10 // (cfg.head + (n_seg - 1) * 10)), n_chunks // n_seg)
+    return n_seg, per * cfg.T, (n_chunks - (n_seg - 1) * per) * cfg.T, True
 
 
 # The checkpoint interval: the forward writes the state at the start of every CK steps, the
@@ -483,11 +485,13 @@ def fwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:
     # 0.251 at 8x2048x2048, 0.911 -> 0.756 at 16x1536x4096, 4.53 -> 3.73 at 1x4096x65536.
     # 16 steps only up to 16 states (8 per thread), where the registers hold them.
     # Eighteenth session (Run 21): each softplus computed by one of a channel's two state lanes
-    # (sp_split; 3.52 -> 3.05 ms at 1x4096x65536, 0.487 -> 0.462 at 8x4096x2048), the
-    # look-back's local pass shared evenly by a block's programs (`local_range`: 3.70 -> 3.52).
+    # (sp_split; 3.52 -> 3.05 ms at 1x4096x65536, 0.487 -> 0.462 at 8x4096x2048); the
+    # look-back's local pass shared evenly by a block's programs (`local_range`: 3.70 -> 3.52),
+    # and where the segments are known at launch a first segment 1.7 times the others whose
+    # program publishes mid-way (`head`: 3.05 -> 2.84; 1.5 / 1.9 / 2.1 times: 2.94 / 2.84 / 2.97).
     return ScanConfig(BD=_block_d(16, dim, groups), T=2 * T if n <= 16 else T, N_B=min(n, 2),
                       num_warps=1, target=1024, min_seg=128, min_split=3, bc_f32=True,
-                      pipe=3, sp_split=True)  # fmt: skip
+                      pipe=3, sp_split=True, head=17)  # fmt: skip
 
 
 def bwd_config(dim: int, dstate: int, groups: tuple[int, ...]) -> ScanConfig:

@@ -483,7 +483,7 @@ def scan_fwd(
     cfg = fwd_config(dim, dstate, groups_of(B, C))
     assert cfg.T % ck == 0 or ck % cfg.T == 0, "chunks and checkpoint intervals must nest"
     n_dblk = cdiv(dim, cfg.BD)
-    n_seg, seg_len, head_len = segments_with_head(batch * n_dblk, seqlen, cfg)
+    n_seg, seg_len, head_len, head = segments_with_head(batch * n_dblk, seqlen, cfg)
     B, C = stage_bc(B, cfg), stage_bc(C, cfg)
     # out in u's layout when u is dense (a model that keeps (channels, batch, L) in memory gets
     # its output that way too, ready for the next GEMM), else contiguous; unit stride along L.
@@ -527,7 +527,7 @@ def scan_fwd(
         EVEN_D=dim % cfg.BD == 0, EVEN_N=dstate == N, FAST_MATH=not interpreting(),
         STORE_CK=bool(save_checkpoints), PIPE=cfg.pipe,
         SP_SPLIT=cfg.sp_split and cfg.N_B == 2 and cfg.T % 2 == 0,
-        HEAD=cfg.head > 0,
+        HEAD=head,
         **launch_options(cfg, u, n_seg * batch * n_dblk),
     )  # fmt: skip
     return out, last_state, checkpoints
