@@ -138,8 +138,13 @@ def nvtx_range(name: str, color: str = "orange", domain: str | None = None) -> I
 
 
 def _scan_ops() -> tuple:
+    import mamba_compiled.ops.pdl  # noqa: F401  (registers the decode step's PDL twin)
+
     ops = torch.ops.mamba_compiled
-    packets = (ops.selective_scan_fwd, ops.selective_state_update, ops.ssm_decode_step)
+    # the decode step's PDL twin too: the generator opens PDL on sm_90+ GPUs, and without it
+    # CUDA decoding had no scan range (test_profiling_cuda's decode case, eighteenth session)
+    packets = (ops.selective_scan_fwd, ops.selective_state_update, ops.ssm_decode_step,
+               ops.ssm_decode_step_pdl)  # fmt: skip
     return packets + tuple(p.default for p in packets)
 
 
