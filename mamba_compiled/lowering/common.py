@@ -317,10 +317,10 @@ class ScanConfig:
     # segments: the look-back's local pass shared evenly by all of a block's programs
     # (`local_range`), instead of program k scanning segment k - 1
     balance: bool = True
-    # forward, segments: a first segment of head / 10 times the others' length, whose program
-    # publishes its state during its full forward where the second's local pass (the other
-    # segments' programs each scan the segment before theirs) starts; 0: the look-back of
-    # `local_range` (balance)
+    # forward, segments: the first segment head / 10 times as long as the others; its program
+    # publishes its state seg_len steps before its end, during its full forward, and each other
+    # program scans the seg_len steps before its own segment (`segments_with_head`). 0: the
+    # look-back of `local_range`
     head: int = 0
 
 

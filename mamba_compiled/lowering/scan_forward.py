@@ -22,10 +22,20 @@ look-back in the same launch. The program of segment s
 
 All programs scan the same number of steps in 1., so they reach the chain together; with the
 local pass by segment (program s scanning segment s - 1: balance=False in the config, for
-comparison) program 0 idles through it. Programs take tickets from an atomic counter,
-segment-major, so a program only waits for programs that started before it (no deadlock
-whatever order the hardware starts programs in). Inside a segment, full chunks run without time
-masks (vectorized loads); the sequence's last, partial chunk runs masked.
+comparison) program 0 idles through it.
+
+Where the number of segments is known at launch (eager, or static shapes) the default is the
+HEAD look-back instead (`common.segments_with_head`): segment 0 is 1.7 times as long as the
+others and its program scans nothing before its full forward, during which it publishes its
+state seg_len steps before its end; program s > 0 scans the seg_len steps before its segment
+meanwhile, waits for program s - 1's state where they start, and publishes its own start
+state. Less local work than the balanced look-back, and all programs still end together
+(perf/NOTES.md, Run 21: 3.05 -> 2.84 ms at 1 x 4096 x 65536).
+
+Programs take tickets from an atomic counter, segment-major, so a program only waits for
+programs that started before it (no deadlock whatever order the hardware starts programs in).
+Inside a segment, full chunks run without time masks (vectorized loads); the sequence's last,
+partial chunk runs masked.
 """
 
 from __future__ import annotations
