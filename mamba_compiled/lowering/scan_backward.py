@@ -278,6 +278,19 @@ def _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
 
 
 @triton.jit
+def _load_dout(dout_ptrs, t0, t2, s_ot, seqlen, dmask2, MASKED: tl.constexpr,
+               EVEN_D: tl.constexpr):  # fmt: skip
+    """dout's (T, BD) tile of the chunk at t0 (MASKED: zero past seqlen)."""
+    ptrs = dout_ptrs + (t0 + t2) * s_ot
+    if MASKED:
+        return tl.load(ptrs, mask=(t0 + t2 < seqlen) & dmask2, other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=dmask2, other=0.0)
+
+
+@triton.jit
 def _adjoint_span(
     carry, r_lo, r_hi, n_chunks, tail, seqlen, t2, t3, t4, dmask2, ntmask3, delta_ptrs, u_ptrs,
     z_ptrs, C_ptrs, dout_ptrs, s_ot, A2, bias, C_sh, ones,
@@ -294,7 +307,7 @@ def _adjoint_span(
             t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, C_ptrs, C_ptrs,
             HAS_Z, True, True, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
-        dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=m2, other=0.0)
+        dout = _load_dout(dout_ptrs, t0, t2, s_ot, seqlen, dmask2, True, EVEN_D)
         carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
                                      HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, True, m2, T,
                                      FAST_MATH)  # fmt: skip
@@ -304,10 +317,7 @@ def _adjoint_span(
             t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, C_ptrs, C_ptrs,
             HAS_Z, True, True, C_SHARED, False, EVEN_D, EVEN_N,
         )  # fmt: skip
-        if EVEN_D:
-            dout = tl.load(dout_ptrs + (t0 + t2) * s_ot)
-        else:
-            dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=dmask2, other=0.0)
+        dout = _load_dout(dout_ptrs, t0, t2, s_ot, seqlen, dmask2, False, EVEN_D)
         carry, dsum = _adjoint_chunk(carry, dsum, raw, z, C_raw, dout, A2, bias, C_sh, t4, ones,
                                      HAS_Z, HAS_BIAS, SOFTPLUS, C_SHARED, False, dmask2, T,
                                      FAST_MATH)  # fmt: skip
@@ -451,7 +461,7 @@ def _scan_bwd_kernel(
             t0, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
             HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
         )  # fmt: skip
-        dout = tl.load(dout_ptrs + (t0 + t2) * s_ot, mask=(t0 + t2 < seqlen) & dmask2, other=0.0)
+        dout = _load_dout(dout_ptrs, t0, t2, s_ot, seqlen, dmask2, True, EVEN_D)
         h_start = tl.load(ck_base + (ci // R).to(tl.int64) * slab, mask=smask3, other=0.0)
         if R == 2:
             h_start = h_start.to(tl.float32)  # (one type on both sides of the branch)
@@ -480,7 +490,7 @@ def _scan_bwd_kernel(
         t_n, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
         HAS_Z, True, B_SHARED, C_SHARED, True, EVEN_D, EVEN_N,
     )  # fmt: skip
-    dout_n = tl.load(dout_ptrs + (t_n + t2) * s_ot, mask=(t_n + t2 < seqlen) & dmask2, other=0.0)
+    dout_n = _load_dout(dout_ptrs, t_n, t2, s_ot, seqlen, dmask2, True, EVEN_D)
     h_start_n = tl.load(ck_base + (t_n // T // R).to(tl.int64) * slab, mask=smask3, other=0.0)
     for c in range(0, n_full):
         ci = c_begin + n_full - 1 - c
@@ -491,10 +501,7 @@ def _scan_bwd_kernel(
             tp, seqlen, t2, t3, dmask2, ntmask3, delta_ptrs, u_ptrs, z_ptrs, B_ptrs, C_ptrs,
             HAS_Z, True, B_SHARED, C_SHARED, False, EVEN_D, EVEN_N,
         )  # fmt: skip
-        if EVEN_D:
-            dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot)
-        else:
-            dout_n = tl.load(dout_ptrs + (tp + t2) * s_ot, mask=dmask2, other=0.0)
+        dout_n = _load_dout(dout_ptrs, tp, t2, s_ot, seqlen, dmask2, False, EVEN_D)
         h_start_n = tl.load(ck_base + (tp // T // R).to(tl.int64) * slab, mask=smask3, other=0.0)
         if R == 2:
             h_start = h_start.to(tl.float32)
